@@ -1,11 +1,17 @@
 """The resbench command line: a thin Click layer that parses, builds a spec and calls one function."""
 from __future__ import annotations
 
+import functools
+import sys
+import tomllib
+from pathlib import Path
+
 import click
 
 import resnet
+from bench.data import DATASETS, DataError
 
-CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True)
+CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
 
 @click.group(context_settings=CONTEXT)
@@ -14,40 +20,224 @@ def main() -> None:
     """resbench: the degradation problem of He et al. 2015, on your hardware.
 
     \b
-    Example:
-      resbench models --depths 20,56
+    Train plain and residual twins at several depths, record accuracy and
+    throughput to parquet, and plot degradation curves:
+      resbench sweep --preset smoke --data-root ~/data
+      resbench report results/smoke
     """
 
 
-def csv_ints(_ctx, _param, value: str | None) -> list[int] | None:
-    if value is None:
+def friendly_errors(fn):
+    """Turn the library's expected errors into a one-line message and exit code 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, DataError, PermissionError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def csv_list(cast):
+    def callback(_ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list such as 20,32,44, got {value!r}") from None
+
+    return callback
+
+
+def load_config(ctx: click.Context, _param, path: str | None):
+    """--config FILE.toml: its keys are option names (dashes or underscores) and become defaults."""
+    if not path:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 20,32,44, got {value!r}") from None
+        conf = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise click.BadParameter(f"{path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise click.BadParameter(f"{path} is not valid TOML: {e}") from None
+    # lists become the comma-separated text the options parse
+    conf = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in conf.items()}
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(conf) - known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys are the options of "
+                                 f"'resbench {ctx.info_name}' (see --help)")
+    ctx.default_map = {**(ctx.default_map or {}), **conf}
+    return path
+
+
+def recipe_options(fn):
+    """Options that override fields of the preset's recipe (unset = the preset's value)."""
+    for name, typ, text in reversed([
+        ("--iterations", int, "Total optimizer steps."),
+        ("--batch-size", int, "Training batch size."),
+        ("--lr", float, "Base learning rate."),
+        ("--milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
+        ("--train-size", int, "Train on the first N images of the 45k training split."),
+        ("--val-size", int, "Validation images held out of the training set."),
+        ("--test-size", int, "Evaluate on the first N test images."),
+        ("--eval-every", int, "Steps between evaluation points (curve rows and checkpoints)."),
+    ]):
+        fn = click.option(name, type=typ, default=None, help=text + "  [default: from the preset]")(fn)
+    return fn
+
+
+def exec_options(fn):
+    for decorator in reversed([
+        click.option("--data-root", type=click.Path(path_type=Path), default=None,
+                     help="Folder or archive with the data set  [default: $RESBENCH_DATA]"),
+        click.option("--download", is_flag=True, help="Fetch the data set with torchvision if not found."),
+        click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
+        click.option("--amp/--no-amp", default=None, help="bf16 autocast  [default: on for CUDA]"),
+        click.option("--channels-last/--no-channels-last", default=None, help="[default: on for CUDA]"),
+        click.option("--compile", "compile_", is_flag=True, help="torch.compile the model."),
+        click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
+        click.option("--width", type=float, default=None, help="Channel multiplier  [default: from the preset]"),
+        click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _recipe(preset: str, o: dict):
+    from bench.specs import PRESETS, recipe
+
+    milestones = o.get("milestones")
+    if milestones is not None:
+        milestones = csv_list(int)(None, None, milestones) or ()
+    return recipe(PRESETS[preset]["recipe"], iterations=o["iterations"], batch_size=o["batch_size"], lr=o["lr"],
+                  milestones=milestones, train_size=o["train_size"], val_size=o["val_size"],
+                  test_size=o["test_size"], eval_every=o["eval_every"])
+
+
+def _execution(o: dict):
+    from bench.specs import Execution
+
+    return Execution.for_device(o["device"], compile=o["compile_"], amp=o["amp"], channels_last=o["channels_last"])
+
+
+PRESET = click.option("--preset", type=click.Choice(["he2015", "quick", "smoke"]), default="smoke",
+                      help="Recipe and grid defaults (see README).")
 
 
 @main.command()
-@click.option("--depths", callback=csv_ints, default="20,32,44,56,110", help="CIFAR depths (6n+2).")
+@click.argument("model")
+@PRESET
+@click.option("--seed", type=int, default=0)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
+@recipe_options
+@exec_options
+@friendly_errors
+def run(model, preset, seed, out, **o):
+    """Train one network and record it (resumes an interrupted run of the same spec).
+
+    \b
+    Example:
+      resbench run plain20 --preset smoke --seed 1 --data-root ~/data
+    """
+    from bench.specs import PRESETS, RunSpec
+    from bench.sweep import check_writable, run_local
+
+    spec = RunSpec(model=model, recipe=_recipe(preset, o), seed=seed, dataset=o["dataset"],
+                   width=o["width"] if o["width"] is not None else PRESETS[preset]["width"],
+                   shortcut=o["shortcut"].upper(), sweep=preset)
+    out = out or Path("results") / preset
+    ex = _execution(o)
+    check_writable(out)
+    run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=sys.stderr.isatty(),
+              log=click.echo)
+
+
+@main.command()
+@click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
+              help="TOML file of option values (keys as option names); explicit options win.")
+@PRESET
+@click.option("--models", callback=csv_list(str), default=None, help="Kinds: plain, resnet, preresnet, preplain  [default: plain,resnet]")
+@click.option("--depths", callback=csv_list(int), default=None, help="CIFAR depths (6n+2)  [default: from the preset]")
+@click.option("--seeds", callback=csv_list(int), default=None, help="[default: 0]")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
+@click.option("--name", default=None, help="Sweep name in the records  [default: the preset]")
+@click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
+@click.option("--jobs", type=int, default=None, help="CPU: runs at a time (each in its own process).")
+@click.option("--runs-per-gpu", type=int, default=1, help="CUDA: runs packed onto each GPU at a time.")
+@recipe_options
+@exec_options
+@friendly_errors
+def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, **o):
+    """Train the grid kinds x depths x seeds; rerun the same command to resume.
+
+    Finished runs are skipped, an interrupted run continues from its checkpoint.
+
+    \b
+    Examples:
+      resbench sweep --preset smoke
+      resbench sweep --preset he2015 --depths 20,56,110 --seeds 0,1,2 --device cuda
+      resbench sweep --config my-sweep.toml --seeds 3
+    """
+    from bench import sweep as sw
+    from bench.specs import PRESETS, SweepSpec
+
+    p = PRESETS[preset]
+    spec = SweepSpec(name=name or preset, recipe=_recipe(preset, o), models=models or p["models"],
+                     depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
+                     width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
+                     dataset=o["dataset"])
+    runs = spec.runs()  # validates every model name before anything is written
+    out = out or Path("results") / spec.name
+    ex = _execution(o)
+    sw.check_writable(out)
+    sw.write_sweep_toml(spec, out)
+    todo = sw.pending(runs, out)
+    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
+               f"{len(todo)} to train on {ex.device} -> {out}")
+    if executor == "slurm":
+        raise click.ClickException("the slurm executor is not available yet")
+    slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
+    kw = dict(data_root=o["data_root"], download=o["download"], log=click.echo)
+    if len(slots) > 1:
+        sw.run_parallel(todo, out, ex, slots, **kw)
+    else:
+        sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), **kw)
+    click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command(hidden=True)
+@click.argument("spec_file", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def worker(spec_file, out):
+    """Run one spec written by the sweep (internal)."""
+    from bench.sweep import worker as run_worker
+
+    sys.exit(run_worker(spec_file, out))
+
+
+@main.command()
+@click.option("--depths", callback=csv_list(int), default="20,32,44,56,110", help="CIFAR depths (6n+2).")
 @click.option("--width", type=float, default=1.0, help="Channel multiplier.")
 @click.option("--imagenet/--no-imagenet", default=True, help="Also list resnet18..152.")
-def models(depths: list[int], width: float, imagenet: bool) -> None:
+@friendly_errors
+def models(depths, width, imagenet):
     """Print parameters and multiply-adds (32x32 input) of plain and residual twins.
 
     \b
     Example:
       resbench models --depths 20,32,44,56,110,1202
     """
-    names = [f"{k}{d}" for d in depths for k in ("plain", "resnet")]
+    from bench.specs import model_name
+
+    names = [model_name(k, d) for d in depths for k in ("plain", "resnet")]
     if imagenet:
         names += [f"resnet{d}" for d in resnet.IMAGENET_DEPTHS]
-    try:
-        nets = {name: resnet.build(name, width=width) for name in names}
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    click.echo(f"{'model':<14}{'family':<10}{'params':>12}{'MACs':>14}")
+    nets = {name: resnet.build(name, width=width) for name in names}
+    click.echo(f"{'model':<16}{'family':<10}{'params':>12}{'MACs':>14}")
     for name, net in nets.items():
-        spec = resnet.parse(name)
+        family = resnet.parse(name).family
         params, macs = resnet.count_params(net), resnet.count_macs(net)
-        click.echo(f"{name:<14}{spec.family:<10}{params / 1e6:>11.3f}M{macs / 1e6:>13.1f}M")
+        click.echo(f"{name:<16}{family:<10}{params / 1e6:>11.3f}M{macs / 1e6:>13.1f}M")

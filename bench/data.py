@@ -1,0 +1,412 @@
+"""Data: find a data set, decode it once into a uint8 cache, and serve it from the training device.
+
+Where data is looked for, in order: ``--data-root`` (a folder or an archive), else the environment
+variable ``RESBENCH_DATA``, else torchvision's download into the cache folder when
+``--download`` is given. Accepted layouts:
+
+  cifar10   cifar-10-batches-py/ or cifar-10-python.tar.gz (the official "python version"),
+            or an ImageFolder tree train/<class>/*.jpg|png + test/<class>/... (or a .tar.gz of one)
+  cifar100  cifar-100-python/ or cifar-100-python.tar.gz
+  fashion-mnist  the four IDX .gz files (Debian's dataset-fashion-mnist puts them in
+            /usr/share/datasets/fashion-mnist, which is also searched)
+  synthetic random images and labels of CIFAR-10's shape (no files; for tests and throughput)
+
+The decoded arrays are cached (``RESBENCH_CACHE``, default ~/.cache/resbench) under a key made of
+the source's path, size and modification time, so later runs start in about a second.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import re
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
+IMAGE_EXT = (".jpg", ".jpeg", ".png")
+
+
+class DataError(Exception):
+    """Data missing or unreadable; the message says where we looked and how to fix it."""
+
+
+@dataclass
+class Arrays:
+    """A decoded data set: uint8 images (N, C, H, W) and int64 labels, on the CPU."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    source: str  # where it came from (a path, or "synthetic")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RESBENCH_CACHE") or Path.home() / ".cache" / "resbench")
+
+
+def data_root(root: str | os.PathLike | None) -> Path | None:
+    """The root the user gave: the option, else RESBENCH_DATA, else None."""
+    root = root or os.environ.get("RESBENCH_DATA")
+    return Path(root).expanduser() if root else None
+
+
+def load(dataset: str, root: str | os.PathLike | None = None, download: bool = False) -> Arrays:
+    """Find, decode (once; then cached) and return a data set."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset == "synthetic":
+        return synthetic()
+    base = data_root(root)
+    source = find(dataset, base)
+    if source is None and download:
+        source = _download(dataset, base or cache_dir() / "download")
+    if source is None:
+        raise DataError(_missing_message(dataset, base))
+    return _cached(dataset, source)
+
+
+def synthetic(n_train: int = 50_000, n_test: int = 10_000, seed: int = 0) -> Arrays:
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, 32, 32)
+    return Arrays(
+        torch.randint(0, 256, (n_train, *shape), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_train,), generator=g),
+        torch.randint(0, 256, (n_test, *shape), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n_test,), generator=g),
+        tuple(f"class{i}" for i in range(10)),
+        "synthetic",
+    )
+
+
+# -- finding ---------------------------------------------------------------------------------------
+
+def _tar_kind(path: Path) -> str | None:
+    """What a .tar.gz holds: 'python10', 'python100', 'folder' or None (by its member names only)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for i, name in enumerate(tar.getnames()):
+                if "cifar-10-batches-py/" in name + "/":
+                    return "python10"
+                if "cifar-100-python/" in name + "/":
+                    return "python100"
+                if re.search(r"(^|/)train/[^/]+/[^/]+\.(jpe?g|png)$", name, re.I):
+                    return "folder"
+                if i > 200_000:
+                    break
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return None
+
+
+def find(dataset: str, base: Path | None) -> tuple[str, Path] | None:
+    """(layout, path) of the first usable source under ``base``, or None."""
+    if dataset == "fashion-mnist":
+        for folder in [p for p in (base, base / "fashion-mnist" if base else None, base / "FashionMNIST" / "raw" if base else None) if p] + [DEBIAN_FASHION]:
+            if folder.is_dir() and all((folder / f).exists() for f in FASHION_FILES):
+                return "idx", folder
+        return None
+    if base is None or not base.exists():
+        return None
+    py_dir, py_tar, kind = {
+        "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "python10"),
+        "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "python100"),
+    }[dataset]
+    if base.is_file():
+        found = _tar_kind(base)
+        if found == kind or (found == "folder" and dataset == "cifar10"):
+            return found, base
+        return None
+    for cand in (base / py_dir, base):
+        if (cand / ("data_batch_1" if dataset == "cifar10" else "train")).exists() and cand.name == py_dir:
+            return "pydir", cand
+    if (base / py_tar).exists():
+        return kind, base / py_tar
+    if dataset == "cifar10":
+        if (base / "train").is_dir() and (base / "test").is_dir():
+            return "folderdir", base
+        for tar in sorted(base.glob("*.tar.gz")) + sorted(base.glob("*.tgz")):
+            found = _tar_kind(tar)
+            if found in ("python10", "folder"):
+                return found, tar
+    return None
+
+
+def _missing_message(dataset: str, base: Path | None) -> str:
+    looked = f"under {base}" if base else "nowhere: no --data-root given and RESBENCH_DATA is not set"
+    if dataset == "fashion-mnist":
+        looked += f" and in {DEBIAN_FASHION}"
+        how = "apt-get install dataset-fashion-mnist, "
+    else:
+        how = ""
+    return (
+        f"{dataset} not found: looked {looked}. Fix: {how}pass --data-root PATH (a folder or archive "
+        f"holding the official python-version files or an ImageFolder train/ + test/ tree), set "
+        f"RESBENCH_DATA=PATH, or add --download to fetch it with torchvision."
+    )
+
+
+def _download(dataset: str, root: Path) -> tuple[str, Path] | None:
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion-mnist": tvd.FashionMNIST}[dataset]
+    try:
+        cls(str(root), train=True, download=True)
+    except Exception as e:  # network errors come in many types
+        raise DataError(f"--download of {dataset} into {root} failed ({e}); pass --data-root or RESBENCH_DATA instead") from e
+    return find(dataset, root)
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+def _cached(dataset: str, source: tuple[str, Path]) -> Arrays:
+    layout, path = source
+    st = path.stat()
+    key = hashlib.sha1(f"{dataset}|{layout}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{dataset}-{key}.pt"
+    if cached.exists():
+        try:
+            d = torch.load(cached, weights_only=True)
+            return Arrays(d["train_x"], d["train_y"], d["test_x"], d["test_y"], tuple(d["classes"]), str(path))
+        except Exception:
+            cached.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
+    try:
+        arrays = _decode(dataset, layout, path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not read {dataset} from {path}: {type(e).__name__}: {e}. The file may be corrupt or incomplete; fetch it again or point --data-root / RESBENCH_DATA elsewhere.") from e
+    _check(arrays, dataset, path)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    torch.save({k: getattr(arrays, k) for k in ("train_x", "train_y", "test_x", "test_y")} | {"classes": list(arrays.classes)}, tmp)
+    os.replace(tmp, cached)
+    return arrays
+
+
+def _check(a: Arrays, dataset: str, path: Path) -> None:
+    classes = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}[dataset]
+    problems = []
+    if a.num_classes != classes:
+        problems.append(f"{a.num_classes} classes instead of {classes}")
+    for split, x, y in (("train", a.train_x, a.train_y), ("test", a.test_x, a.test_y)):
+        if len(x) == 0 or len(x) != len(y):
+            problems.append(f"{len(x)} {split} images with {len(y)} labels")
+        elif int(y.min()) < 0 or int(y.max()) >= classes:
+            problems.append(f"{split} labels outside 0..{classes - 1}")
+    if problems:
+        raise DataError(f"{path} does not look like {dataset}: {'; '.join(problems)}")
+
+
+def _decode(dataset: str, layout: str, path: Path) -> Arrays:
+    if layout in ("python10", "python100", "pydir"):
+        return _decode_python(dataset, path)
+    if layout in ("folder", "folderdir"):
+        return _decode_folder(path)
+    return _decode_idx(path)
+
+
+def _unpickle(f) -> dict:
+    # latin1 gives str keys for the official Python-2 pickles and for the re-packed copy alike
+    return pickle.load(f, encoding="latin1")
+
+
+def _decode_python(dataset: str, path: Path) -> Arrays:
+    ten = dataset == "cifar10"
+    wanted = {f"data_batch_{i}" for i in range(1, 6)} | {"test_batch", "batches.meta"} if ten else {"train", "test", "meta"}
+    blobs: dict[str, dict] = {}
+    if path.is_dir():
+        for name in wanted:
+            with open(path / name, "rb") as f:
+                blobs[name] = _unpickle(f)
+    else:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                base = m.name.rsplit("/", 1)[-1]
+                if m.isfile() and base in wanted:
+                    blobs[base] = _unpickle(tar.extractfile(m))
+    missing = wanted - blobs.keys()
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(sorted(missing))}: not a complete {dataset} python-version archive")
+
+    def xy(names, label_key):
+        x = np.concatenate([np.asarray(blobs[n]["data"], dtype=np.uint8) for n in names])
+        y = np.concatenate([np.asarray(blobs[n][label_key], dtype=np.int64) for n in names])
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(y)
+
+    if ten:
+        tx, ty = xy([f"data_batch_{i}" for i in range(1, 6)], "labels")
+        vx, vy = xy(["test_batch"], "labels")
+        classes = tuple(blobs["batches.meta"]["label_names"])
+    else:
+        tx, ty = xy(["train"], "fine_labels")
+        vx, vy = xy(["test"], "fine_labels")
+        classes = tuple(blobs["meta"]["fine_label_names"])
+    return Arrays(tx, ty, vx, vy, classes, str(path))
+
+
+def _decode_folder(path: Path) -> Arrays:
+    """An ImageFolder tree (a folder or a .tar.gz of one): split/class/image, sorted for determinism."""
+    from PIL import Image
+
+    files: dict[tuple[str, str, str], bytes | Path] = {}
+    pat = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+\.(?:jpe?g|png))$", re.I)
+    if path.is_dir():
+        for p in path.glob("*/*/*"):
+            m = pat.search(p.relative_to(path).as_posix())
+            if m:
+                files[m.groups()] = p
+    else:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                m = pat.search(member.name)
+                if m and member.isfile():
+                    files[m.groups()] = tar.extractfile(member).read()
+    classes = tuple(sorted({c for s, c, _ in files if s == "train"}))
+    out = {}
+    for split in ("train", "test"):
+        keys = sorted(k for k in files if k[0] == split)
+        if not keys:
+            raise DataError(f"{path} has no {split}/<class>/*.jpg|png images")
+        x = np.empty((len(keys), 32, 32, 3), dtype=np.uint8)
+        for i, k in enumerate(keys):
+            src = files[k]
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+                x[i] = np.asarray(im.convert("RGB").resize((32, 32)) if im.size != (32, 32) else im.convert("RGB"))
+        y = torch.tensor([classes.index(k[1]) for k in keys])
+        out[split] = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), y)
+    return Arrays(*out["train"], *out["test"], classes, str(path))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _decode_idx(folder: Path) -> Arrays:
+    tx, ty, vx, vy = (_read_idx(folder / f) for f in FASHION_FILES)
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    t = lambda a: torch.from_numpy(a.copy())  # noqa: E731
+    return Arrays(t(tx)[:, None], t(ty).long(), t(vx)[:, None], t(vy).long(), classes, str(folder))
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+def split(arrays: Arrays, val_size: int, train_size: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The deterministic train/val split (He et al. 2015: 45k/5k of the 50k training images).
+
+    The permutation is fixed (seed 0), independent of the run's seed, so every run of a sweep
+    validates on the same images. ``train_size`` takes the first images of the training part.
+    """
+    n = len(arrays.train_x)
+    if val_size >= n:
+        raise ValueError(f"val_size {val_size} leaves no training images (the set has {n})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    val, train = perm[:val_size], perm[val_size:]
+    if train_size is not None:
+        train = train[:train_size]
+    return {
+        "train": (arrays.train_x[train], arrays.train_y[train]),
+        "val": (arrays.train_x[val], arrays.train_y[val]),
+        "test": (arrays.test_x, arrays.test_y),
+    }
+
+
+class DeviceLoader:
+    """The whole training set as uint8 on the device; batches are cut and augmented there.
+
+    Augmentation (He et al. 2015, sec. 4.2): per-pixel mean subtracted, 4 pixels of zero padding
+    on each side, a random crop of the original size and a random horizontal flip, all as batched
+    tensor ops. Every random choice of an epoch comes from a generator seeded by (seed, epoch), so
+    batch ``i`` is a pure function of (seed, i): resuming needs only the iteration number, and the
+    same seed gives the same batches on any device.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, *, batch_size: int, seed: int,
+                 device: torch.device, augment: bool = True, channels_last: bool = False, pad: int = 4):
+        if len(x) < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({len(x)} images)")
+        self.x, self.y = x.to(device), y.to(device)
+        self.mean = mean.to(device)  # (C, H, W) float, in [0, 1] units
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.augment, self.channels_last, self.pad = augment, channels_last, pad
+        self.steps_per_epoch = len(x) // batch_size  # the last partial batch is dropped
+        self._epoch, self._plan = -1, None
+
+    def _epoch_plan(self, epoch: int):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            n = len(self.x)
+            perm = torch.randperm(n, generator=g)
+            shift = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g)
+            flip = torch.rand(n, generator=g) < 0.5
+            self._plan = tuple(t.to(self.device) for t in (perm, shift, flip))
+            self._epoch = epoch
+        return self._plan
+
+    def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``it`` (counting from 0 over the whole run)."""
+        epoch, i = divmod(it, self.steps_per_epoch)
+        perm, shift, flip = self._epoch_plan(epoch)
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        idx = perm[sl]
+        x = self.normalize(self.x[idx])
+        if self.augment:
+            x = torch.where(flip[sl, None, None, None], x.flip(3), x)
+            x = crop(x, shift[0, sl], shift[1, sl], self.pad)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.y[idx]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div_(255).sub_(self.mean)
+
+
+def crop(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad by ``pad`` and take, per image, the window at offset (dy, dx) in the padded image."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[bi, ci, rows, cols]
+
+
+def pixel_mean(x: torch.Tensor) -> torch.Tensor:
+    """The per-pixel mean image of a uint8 set, in [0, 1] units (He et al. 2015: 'per-pixel mean subtracted')."""
+    return x.float().mean(0).div_(255)
+
+
+def eval_batches(x: torch.Tensor, mean: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False):
+    """Yield normalized, un-augmented batches of ``x`` (already on ``device`` or moved per batch)."""
+    mean = mean.to(device)
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(device, non_blocking=True).float().div_(255).sub_(mean)
+        yield xb.contiguous(memory_format=torch.channels_last) if channels_last else xb

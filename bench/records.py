@@ -1,0 +1,116 @@
+"""Records: the parquet schema, atomic writes, environment metadata and load(results_dir).
+
+Layout of a results folder (each worker writes only its own files):
+
+    sweep.toml                the spec that made it
+    runs/<run_id>.parquet     one row per finished run (status ok | diverged | failed)
+    curves/<run_id>.parquet   one row per evaluation point
+    weights/<run_id>.pt       final weights (state_dict + spec)
+    ckpt/<run_id>.pt          in-progress checkpoint, deleted when the run finishes
+
+Every file is written to a temporary name in the same folder and renamed into place
+(``os.replace`` is atomic on POSIX), so a killed process never leaves a half-written table.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import bench
+
+# columns of a curves row, in order
+CURVE_COLUMNS = ["run_id", "iteration", "epoch", "lr", "train_loss", "train_err", "val_err", "test_err",
+                 "train_time_s", "img_per_s"]
+STATUSES = ("ok", "diverged", "failed")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename tmp onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def save_torch(obj, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def paths(out: Path, run_id: str) -> dict[str, Path]:
+    out = Path(out)
+    return {
+        "run": out / "runs" / f"{run_id}.parquet",
+        "curves": out / "curves" / f"{run_id}.parquet",
+        "weights": out / "weights" / f"{run_id}.pt",
+        "ckpt": out / "ckpt" / f"{run_id}.pt",
+    }
+
+
+@functools.cache
+def _git() -> tuple[str | None, bool | None]:
+    """(sha, dirty) of the checkout resbench runs from, or (None, None) outside git."""
+    root = Path(bench.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode:
+            return None, None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip(), bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment(device: str) -> dict:
+    """Hardware and software of this process. Deliberately no hostname."""
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    sha, dirty = _git()
+    return dict(
+        device=device,
+        gpu_name=torch.cuda.get_device_name(torch.device(device)) if cuda else None,
+        cpu=platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda,
+        cudnn_version=torch.backends.cudnn.version() if cuda else None,
+        python_version=platform.python_version(),
+        resbench_version=bench.__version__,
+        git_sha=sha,
+        git_dirty=dirty,
+        utc_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _read_folder(folder: Path) -> pd.DataFrame:
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    frames = [pd.read_parquet(f) for f in files]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves) of a results folder as DataFrames (empty frames where nothing is recorded)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results folder {root} does not exist")
+    return _read_folder(root / "runs"), _read_folder(root / "curves")
+
+
+def finished(out: Path) -> dict[str, str]:
+    """run_id -> status of every recorded run in ``out``."""
+    runs = _read_folder(Path(out) / "runs")
+    return dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}

@@ -1,0 +1,201 @@
+"""Specs: named recipes, one frozen RunSpec per training run, and the SweepSpec grid.
+
+A run is a pure function of its RunSpec (plus hardware), so ``run_id`` is a hash of the spec:
+rerunning a sweep finds the runs it already finished. How a run executes (device, precision,
+memory format, compile) is an ``Execution``: recorded in every row but not part of the identity,
+so a sweep started on one machine can be resumed on another.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import resnet
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. Iterations count optimizer steps; errors are fractions."""
+
+    name: str
+    batch_size: int = 128
+    lr: float = 0.1  # base learning rate
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # applied to every parameter, BN included, as in the paper
+    iterations: int = 64_000  # total optimizer steps
+    milestones: tuple[int, ...] = (32_000, 48_000)  # lr *= lr_decay at each of these steps
+    lr_decay: float = 0.1
+    warmup_lr: float = 0.01  # used for the first warmup_iters steps of deep nets only
+    warmup_iters: int = 400  # He et al.: 0.01 "until the training error is below 80% (about 400 iterations)"
+    warmup_min_depth: int = 110  # nets at least this deep get the warm-up
+    val_size: int = 5_000  # held out of the 50k training images (the paper's 45k/5k split)
+    train_size: int | None = None  # train on the first N of the remaining images; None = all
+    test_size: int | None = None  # evaluate on the first N test images; None = all 10k
+    eval_every: int = 1_000  # steps between evaluation points (curve rows, checkpoints)
+
+    def lr_at(self, it: int, depth: int) -> float:
+        """Learning rate for step ``it`` (0-based) of a net of ``depth`` layers."""
+        if depth >= self.warmup_min_depth and it < self.warmup_iters:
+            return self.warmup_lr
+        return self.lr * self.lr_decay ** sum(it >= m for m in self.milestones)
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.iterations >= 1, "iterations must be >= 1"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.lr > 0, "lr must be positive"),
+            (self.val_size >= 0, "val_size must be >= 0"),
+            (self.train_size is None or self.train_size >= self.batch_size, "train_size must be at least batch_size"),
+            (self.test_size is None or self.test_size >= 1, "test_size must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"recipe {self.name!r}: {msg}")
+
+
+RECIPES = {
+    # He et al. 2015, sec. 4.2, exactly: SGD 0.9 / 1e-4, batch 128, 0.1 -> /10 at 32k and 48k,
+    # stop at 64k, 45k/5k split, warm-up at 0.01 for 400 steps for ResNet-110 and deeper.
+    "he2015": Recipe("he2015"),
+    # A tenth of the paper's schedule, same shape (decay at 1/2 and 3/4): about 23 epochs.
+    # The degradation shows from the first epochs on (He et al. Fig. 6), so the ordering of the
+    # training curves is already clear; absolute errors are a few points above the paper's.
+    "quick": Recipe("quick", iterations=6_400, milestones=(3_200, 4_800), eval_every=400),
+    # CPU scale: narrow twins (width 0.5, set by the preset), 5k training images, batch 64,
+    # constant lr 0.05 (the short run never reaches the decay), 1k validation and 2k test images.
+    # Chosen so the 6-run smoke sweep takes about 5 minutes on 2 CPU cores and still shows the
+    # degradation (see README).
+    "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=480, milestones=(), val_size=1_000,
+                    train_size=5_000, test_size=2_000, eval_every=80),
+}
+
+
+def recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: what to train, on what, how and with which seed. Its identity."""
+
+    model: str  # a resnet.build name, e.g. "plain56"
+    recipe: Recipe
+    seed: int = 0
+    width: float = 1.0  # channel multiplier
+    shortcut: str = "A"  # A / B / C (resnet.blocks)
+    dataset: str = "cifar10"
+    sweep: str = ""  # the sweep this run belongs to (a name, not part of the identity)
+
+    def __post_init__(self):
+        resnet.parse(self.model)  # ValueError with the naming rules
+
+    @property
+    def arch(self) -> resnet.ModelName:
+        return resnet.parse(self.model)
+
+    def identity(self) -> dict:
+        d = asdict(self)
+        d.pop("sweep")
+        return d
+
+    @property
+    def run_id(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.model}-{self.dataset}-{self.recipe.name}-s{self.seed}-{digest}"
+
+    def flat(self) -> dict:
+        """The spec as flat record columns (recipe fields inlined; milestones as text)."""
+        a = self.arch
+        row = dict(run_id=self.run_id, sweep=self.sweep, model=self.model, family=a.family, kind=a.kind,
+                   depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
+                   dataset=self.dataset, seed=self.seed)
+        for f in fields(Recipe):
+            v = getattr(self.recipe, f.name)
+            row["recipe" if f.name == "name" else f.name] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+        return row
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        r = dict(d["recipe"])
+        r["milestones"] = tuple(r["milestones"])
+        return cls(**{**d, "recipe": Recipe(**r)})
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run executes. Recorded in each row; not part of the run's identity."""
+
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    amp: bool = False  # bf16 autocast (BN parameters and statistics stay fp32)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    cudnn_benchmark: bool = False
+    eval_batch_size: int = 1000
+
+    @classmethod
+    def for_device(cls, device: str = "auto", compile: bool = False, **overrides) -> "Execution":
+        """Defaults per device: everything fast on CUDA, plain fp32 on the CPU."""
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+        if device not in ("cpu",) and not device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        cuda = device.startswith("cuda")
+        base = cls(device=device, amp=cuda, channels_last=cuda, compile=compile, cudnn_benchmark=cuda,
+                   eval_batch_size=2000 if cuda else 500)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def model_name(kind: str, depth: int) -> str:
+    """The CIFAR-family name of a grid cell (depths 50 and 152 need the cifar_ prefix)."""
+    name = f"{kind}{depth}"
+    return f"cifar_{name}" if resnet.parse(name).family == "imagenet" and (depth - 2) % 6 == 0 else name
+
+
+# The presets of `resbench sweep`: a recipe plus the grid's defaults.
+PRESETS = {
+    "he2015": dict(recipe="he2015", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
+    "quick": dict(recipe="quick", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
+    "smoke": dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5),
+}
+MODEL_KINDS = ("plain", "resnet", "preresnet", "preplain")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A grid: model kinds x depths x seeds, all with one recipe."""
+
+    name: str
+    recipe: Recipe
+    models: tuple[str, ...] = ("plain", "resnet")
+    depths: tuple[int, ...] = (20, 32, 44, 56)
+    seeds: tuple[int, ...] = (0,)
+    width: float = 1.0
+    shortcut: str = "A"
+    dataset: str = "cifar10"
+    extra: dict = field(default_factory=dict)  # free-form notes written to sweep.toml
+
+    def __post_init__(self):
+        bad = [m for m in self.models if m not in MODEL_KINDS]
+        if bad:
+            raise ValueError(f"unknown model kind(s) {', '.join(bad)}; choose from {', '.join(MODEL_KINDS)}")
+        if not (self.models and self.depths and self.seeds):
+            raise ValueError("a sweep needs at least one model kind, one depth and one seed")
+
+    def runs(self) -> list[RunSpec]:
+        """Every run of the grid, shallow first (so partial sweeps show the whole depth range early)."""
+        return [
+            RunSpec(model=model_name(kind, depth), recipe=self.recipe, seed=seed, width=self.width,
+                    shortcut=self.shortcut, dataset=self.dataset, sweep=self.name)
+            for seed in self.seeds for depth in self.depths for kind in self.models
+        ]

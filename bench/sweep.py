@@ -1,0 +1,176 @@
+"""Sweeps: expand the grid, skip what is recorded, run the rest on an executor, summarise.
+
+Executors:
+  local, one slot   in this process, one run after another (a failing run is recorded and the
+                    sweep goes on)
+  local, N slots    one subprocess per run, N at a time; on GPUs each slot is pinned to one
+                    device with CUDA_VISIBLE_DEVICES (``runs_per_gpu`` slots per device)
+  slurm             see bench.slurm
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pandas as pd
+
+from bench import records
+from bench.specs import Execution, RunSpec, SweepSpec
+from bench.train import failed_row, run_one
+
+DONE = ("ok", "diverged")  # a failed run is tried again when the sweep is rerun
+
+
+def pending(runs: list[RunSpec], out: Path) -> list[RunSpec]:
+    done = records.finished(out)
+    return [r for r in runs if done.get(r.run_id) not in DONE]
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any training if ``out`` cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write results to {out}: {e.strerror or e}; choose another --out") from e
+
+
+def write_sweep_toml(sweep: SweepSpec, out: Path) -> None:
+    """Record the spec that made this folder (TOML written by hand: the stdlib only reads TOML)."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    top = {k: v for k, v in asdict(sweep).items() if k not in ("recipe", "extra")}
+    lines = [f"{k} = {val(v)}" for k, v in top.items()]
+    lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(sweep.recipe).items() if v is not None]
+    if sweep.extra:
+        lines += ["", "[extra]"] + [f"{k} = {val(v)}" for k, v in sweep.extra.items() if v is not None]
+    records.atomic_write(out / "sweep.toml", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    tomllib.loads((out / "sweep.toml").read_text())  # what we write must read back
+
+
+def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, download=False,
+              progress=True, log=print) -> None:
+    """One run after another in this process."""
+    for i, spec in enumerate(runs, 1):
+        t = time.perf_counter()
+        try:
+            row = run_one(spec, out, ex, data_root=data_root, download=download, progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one run's failure never stops the sweep
+            row = failed_row(spec, ex, e)
+            records.write_parquet(pd.DataFrame([row]), records.paths(out, spec.run_id)["run"])
+        log(_line(i, len(runs), row, time.perf_counter() - t))
+
+
+def _line(i: int, n: int, row: dict, seconds: float) -> str:
+    if row["status"] == "failed":
+        return f"[{i}/{n}] {row['run_id']}: failed ({row['error']})"
+    return (f"[{i}/{n}] {row['model']:<12} seed {row['seed']}: {row['status']}, train err "
+            f"{row['final_train_err']:.3f}, test err {row['final_test_err']:.3f}, "
+            f"{row['train_img_per_s']:.0f} img/s, {seconds:.0f} s")
+
+
+def worker_slots(device: str, jobs: int | None, runs_per_gpu: int, visible: list[str] | None = None) -> list[dict]:
+    """Environment overrides for each parallel slot.
+
+    On CUDA, one slot per visible GPU times ``runs_per_gpu``, each pinned with
+    CUDA_VISIBLE_DEVICES; on the CPU, ``jobs`` slots sharing the cores.
+    """
+    if device.startswith("cuda"):
+        if visible is None:
+            env = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if env is not None:
+                visible = [v for v in env.split(",") if v.strip()]
+            else:
+                import torch
+
+                visible = [str(i) for i in range(torch.cuda.device_count())]
+        return [{"CUDA_VISIBLE_DEVICES": g} for g in visible for _ in range(runs_per_gpu)]
+    n = jobs or 1
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
+
+
+def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, data_root=None,
+                 download=False, log=print, poll_s: float = 0.2) -> None:
+    """Each run in its own subprocess (`python -m bench worker`), len(slots) at a time."""
+    queue = list(runs)
+    active: dict[int, tuple[subprocess.Popen, RunSpec, float]] = {}
+    n, done = len(runs), 0
+    spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
+    # a pinned worker sees its GPU as cuda:0
+    wex = replace(ex, device="cuda" if ex.device.startswith("cuda") else ex.device)
+    try:
+        while queue or active:
+            for slot, env in enumerate(slots):
+                if slot in active or not queue:
+                    continue
+                spec = queue.pop(0)
+                f = spec_dir / f"{spec.run_id}.json"
+                f.write_text(json.dumps(dict(spec=spec.to_dict(), execution=asdict(wex),
+                                             data_root=str(data_root) if data_root else None, download=download)))
+                cmd = [sys.executable, "-m", "bench", "worker", str(f), "--out", str(out)]
+                active[slot] = (subprocess.Popen(cmd, env=os.environ | env), spec, time.perf_counter())
+            for slot, (proc, spec, t) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                del active[slot]
+                done += 1
+                row = _recorded(out, spec)
+                if row is None:  # the worker died without recording anything (killed, segfault, OOM kill)
+                    row = failed_row(spec, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
+                    records.write_parquet(pd.DataFrame([row]), records.paths(out, spec.run_id)["run"])
+                log(_line(done, n, row, time.perf_counter() - t))
+            time.sleep(poll_s)
+    finally:
+        for proc, _, _ in active.values():
+            proc.terminate()
+        for f in spec_dir.iterdir():
+            f.unlink()
+        spec_dir.rmdir()
+
+
+def _recorded(out: Path, spec: RunSpec) -> dict | None:
+    path = records.paths(out, spec.run_id)["run"]
+    return pd.read_parquet(path).iloc[0].to_dict() if path.exists() else None
+
+
+def worker(spec_file: Path, out: Path) -> int:
+    """Entry point of one subprocess: run one spec and record it (failed rows included)."""
+    job = json.loads(Path(spec_file).read_text())
+    spec, ex = RunSpec.from_dict(job["spec"]), Execution(**job["execution"])
+    try:
+        run_one(spec, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
+    except Exception as e:
+        records.write_parquet(pd.DataFrame([failed_row(spec, ex, e)]), records.paths(out, spec.run_id)["run"])
+        return 1
+    return 0
+
+
+def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
+    """The sweep's table: one line per run of the grid, with its status (missing ones included)."""
+    recorded, _ = records.load(out)
+    ids = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed) for r in runs])
+    cols = ["run_id", "status", "final_train_err", "final_val_err", "final_test_err", "train_img_per_s"]
+    if len(recorded):
+        table = ids.merge(recorded.reindex(columns=cols), on="run_id", how="left")
+    else:
+        table = ids.assign(**{c: None for c in cols[1:]})
+    table["status"] = table["status"].fillna("pending")
+    return table.drop(columns="run_id")

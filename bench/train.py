@@ -1,0 +1,215 @@
+"""Training: run_one(spec) trains one network and writes its records; resumable from a checkpoint.
+
+The step loop never reads a value back to the host: loss and error are summed on the device and
+read at evaluation points, which are also the only places the clock is read (after a
+synchronize), so evaluation is excluded from the throughput figures.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import resnet
+from bench import data, records
+from bench.specs import Execution, RunSpec
+
+class Progress:
+    """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
+                        disable=None if enabled else True, dynamic_ncols=True)
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def show(self, **values) -> None:
+        self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Execution, device) -> float:
+    """Top-1 error (fraction) on un-augmented images, with large batches."""
+    if len(x) == 0:
+        return float("nan")
+    model.eval()
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    y = y.to(device)
+    for i, xb in enumerate(data.eval_batches(x, mean, ex.eval_batch_size, device, ex.channels_last)):
+        with _autocast(ex, device):
+            pred = model(xb).argmax(1)
+        wrong += (pred != y[i * ex.eval_batch_size : i * ex.eval_batch_size + len(xb)]).sum()
+    model.train()
+    return wrong.item() / len(x)
+
+
+def _autocast(ex: Execution, device: torch.device):
+    if ex.amp:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # process-wide peak resident memory (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download: bool = False,
+            progress: bool = True) -> dict:
+    """Train ``spec`` and write runs/, curves/ and weights/ under ``out``; return the run row.
+
+    A checkpoint in ckpt/ (from an interrupted earlier attempt) is resumed. A non-finite loss ends
+    the run with status "diverged". Exceptions propagate (the sweep records them as "failed").
+    """
+    out = Path(out)
+    p = records.paths(out, spec.run_id)
+    device = torch.device(ex.device)
+    torch.backends.cudnn.benchmark = ex.cudnn_benchmark
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    r, arch = spec.recipe, spec.arch
+
+    arrays = data.load(spec.dataset, data_root, download)
+    parts = data.split(arrays, r.val_size, r.train_size)
+    train_x, train_y = parts["train"]
+    mean = data.pixel_mean(train_x)
+    # evaluation sets live on the device too: no host-to-device copies at evaluation points
+    val_x, val_y = (t.to(device) for t in parts["val"])
+    test_x, test_y = (t[: r.test_size].to(device) for t in parts["test"])
+    loader = data.DeviceLoader(train_x, train_y, mean, batch_size=r.batch_size, seed=spec.seed, device=device,
+                               channels_last=ex.channels_last)
+
+    torch.manual_seed(spec.seed)
+    model = resnet.build(spec.model, arrays.num_classes, width=spec.width, shortcut=spec.shortcut,
+                         in_channels=arrays.image_shape[0])
+    params, macs = resnet.count_params(model), resnet.count_macs(model, arrays.image_shape)
+    model = model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
+    opt_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, **opt_kw)
+
+    start, curves, windows, wall_before = 0, [], [], 0.0
+    if p["ckpt"].exists():
+        ck = torch.load(p["ckpt"], map_location=device, weights_only=False)
+        if ck["spec"] != spec.to_dict():
+            raise RuntimeError(f"checkpoint {p['ckpt']} belongs to another spec; delete it to start over")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
+    step_model = torch.compile(model) if ex.compile else model
+
+    bar = Progress(r.iterations, start, spec.model, progress)
+    status, error = "ok", None
+    loss_sum = torch.zeros((), device=device)
+    wrong_sum = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    t_wall = time.perf_counter()
+    _sync(device)
+    t0 = time.perf_counter()
+    train_time = curves[-1]["train_time_s"] if curves else 0.0
+    model.train()
+    for it in range(start, r.iterations):
+        lr = r.lr_at(it, arch.depth)
+        for g in opt.param_groups:
+            g["lr"] = lr  # a Python float: no device sync
+        x, y = loader.batch(it)
+        with _autocast(ex, device):
+            logits = step_model(x)
+            loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.detach().float() * len(y)
+        wrong_sum += (logits.detach().argmax(1) != y).sum()
+        seen += len(y)
+        bar.step()
+        if (it + 1) % r.eval_every and it + 1 != r.iterations:
+            continue
+        # --- evaluation point: the only host syncs of the loop ---
+        _sync(device)
+        window = time.perf_counter() - t0
+        train_time += window
+        train_loss = loss_sum.item() / seen
+        train_err = wrong_sum.item() / seen
+        windows.append(dict(steps=seen // r.batch_size, seconds=window, img_per_s=seen / window))
+        if not math.isfinite(train_loss):
+            status, error = "diverged", f"non-finite training loss at iteration {it + 1}"
+            curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
+                               lr=lr, train_loss=train_loss, train_err=train_err, val_err=float("nan"),
+                               test_err=float("nan"), train_time_s=train_time, img_per_s=seen / window))
+            break
+        val_err = evaluate(step_model, val_x, val_y, mean, ex, device)
+        test_err = evaluate(step_model, test_x, test_y, mean, ex, device)
+        curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch, lr=lr,
+                           train_loss=train_loss, train_err=train_err, val_err=val_err, test_err=test_err,
+                           train_time_s=train_time, img_per_s=seen / window))
+        bar.show(loss=f"{train_loss:.3f}", err=f"{train_err:.3f}", val=f"{val_err:.3f}", img_s=f"{seen / window:.0f}")
+        if it + 1 < r.iterations:
+            records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(),
+                                    rng={"torch": torch.get_rng_state()}, iteration=it + 1, curves=curves,
+                                    windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
+        loss_sum.zero_()
+        wrong_sum.zero_()
+        seen = 0
+        _sync(device)
+        t0 = time.perf_counter()
+    bar.close()
+    wall = wall_before + time.perf_counter() - t_wall
+
+    cdf = pd.DataFrame(curves, columns=records.CURVE_COLUMNS)
+    # the first window holds warm-up (cudnn autotuning, compilation): leave it out when there are others
+    timed = windows[1:] if len(windows) > 1 else windows
+    ok_curve = cdf[cdf["val_err"].notna()]
+    row = spec.flat() | dict(
+        params=params, macs=macs, status=status, error=error,
+        iterations_done=int(cdf["iteration"].max()) if len(cdf) else 0,
+        final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else float("nan"),
+        final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else float("nan"),
+        final_val_err=ok_curve["val_err"].iloc[-1] if len(ok_curve) else float("nan"),
+        final_test_err=ok_curve["test_err"].iloc[-1] if len(ok_curve) else float("nan"),
+        best_train_err=cdf["train_err"].min() if len(cdf) else float("nan"),
+        best_val_err=ok_curve["val_err"].min() if len(ok_curve) else float("nan"),
+        # test error at the best validation point: model selection never looks at the test set
+        test_err_at_best_val=ok_curve.loc[ok_curve["val_err"].idxmin(), "test_err"] if len(ok_curve) else float("nan"),
+        best_test_err=ok_curve["test_err"].min() if len(ok_curve) else float("nan"),
+        train_img_per_s=statistics.median(w["img_per_s"] for w in timed) if timed else float("nan"),
+        step_time_ms=1e3 * statistics.median(w["seconds"] / max(w["steps"], 1) for w in timed) if timed else float("nan"),
+        timed_windows=len(timed),
+        train_time_s=train_time, wall_time_s=wall, peak_memory_bytes=_peak_memory(device),
+        amp=ex.amp, channels_last=ex.channels_last, compile=ex.compile, cudnn_benchmark=ex.cudnn_benchmark,
+        train_path="device-loader", data_source=arrays.source,
+    ) | records.environment(ex.device)
+    # weights and curves first, the run row last: a row in runs/ means the run is complete
+    records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), num_classes=arrays.num_classes,
+                            in_channels=arrays.image_shape[0]), p["weights"])
+    records.write_parquet(cdf, p["curves"])
+    records.write_parquet(pd.DataFrame([row]), p["run"])
+    p["ckpt"].unlink(missing_ok=True)
+    return row
+
+
+def failed_row(spec: RunSpec, ex: Execution, exc: BaseException) -> dict:
+    """The row recorded for a run that raised: its spec, the error text and the environment."""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return spec.flat() | dict(status="failed", error=text) | records.environment(ex.device)

@@ -1,0 +1,178 @@
+"""Data: every accepted layout decodes, the cache is used, missing/corrupt data errors clearly."""
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench import data
+
+
+def _official_python_dir(root, n=20, classes=10, hundred=False):
+    """A tiny data set in the official python layout (Python-2-style pickles, with 'filenames')."""
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True)
+    key = "fine_labels" if hundred else "labels"
+
+    def batch(name, label):
+        d = {"batch_label": label, key: rng.integers(0, classes, n).tolist(),
+             "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+
+    if hundred:
+        batch("train", "train")
+        batch("test", "test")
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
+    else:
+        for i in range(1, 6):
+            batch(f"data_batch_{i}", f"training batch {i} of 5")
+        batch("test_batch", "testing batch 1 of 1")
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump({"label_names": list(data.CIFAR10_CLASSES), "num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+def test_real_cifar10_archive_decodes_with_published_statistics(cifar_root):
+    a = data.load("cifar10", cifar_root)
+    assert a.train_x.shape == (50_000, 3, 32, 32) and a.train_x.dtype == torch.uint8
+    assert a.test_x.shape == (10_000, 3, 32, 32)
+    assert a.train_y[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert a.test_y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    mean = a.train_x.float().mean((0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=1e-4)
+    assert a.classes == data.CIFAR10_CLASSES
+    # the second load comes from the cache, and is identical
+    b = data.load("cifar10", cifar_root)
+    assert torch.equal(a.train_x, b.train_x) and list(data.cache_dir().glob("cifar10-*.pt"))
+
+
+def test_official_python_folder_and_its_tar(tmp_path):
+    folder = _official_python_dir(tmp_path / "dl")
+    a = data.load("cifar10", tmp_path / "dl")
+    assert a.train_x.shape == (100, 3, 32, 32) and a.test_x.shape == (20, 3, 32, 32)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    b = data.load("cifar10", tmp_path / "cifar-10-python.tar.gz")
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+
+
+def test_cifar100_python_layout(tmp_path):
+    _official_python_dir(tmp_path, classes=100, hundred=True)
+    a = data.load("cifar100", tmp_path)
+    assert a.num_classes == 100 and a.train_x.shape == (20, 3, 32, 32)
+
+
+def _image_folder(root, per_class=2):
+    for split in ("train", "test"):
+        for ci, c in enumerate(data.CIFAR10_CLASSES):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (ci * 20, i * 50, 7)).save(d / f"{i:04d}.png")
+
+
+def test_image_folder_tree_and_tar(tmp_path):
+    _image_folder(tmp_path / "tree")
+    a = data.load("cifar10", tmp_path / "tree")
+    assert a.train_x.shape == (20, 3, 32, 32) and a.classes == data.CIFAR10_CLASSES
+    assert a.train_y.tolist() == [c for c in range(10) for _ in range(2)]
+    assert a.train_x[2, 0, 0, 0] == 20  # class 1 ("automobile"), red channel = 20, losslessly stored as PNG
+    with tarfile.open(tmp_path / "jpeg-copy.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "train", arcname="train")
+        tar.add(tmp_path / "tree" / "test", arcname="test")
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "jpeg-copy.tar.gz").rename(tmp_path / "archive" / "jpeg-copy.tar.gz")
+    b = data.load("cifar10", tmp_path / "archive")  # found by content inside a folder
+    assert torch.equal(a.train_x, b.train_x)
+
+
+def _idx(path, arr):
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (30, 28, 28))
+    y = rng.integers(0, 10, 30)
+    for name, arr in zip(data.FASHION_FILES, (x, y, x[:10], y[:10])):
+        _idx(tmp_path / name, arr)
+    a = data.load("fashion-mnist", tmp_path)
+    assert a.train_x.shape == (30, 1, 28, 28) and a.image_shape == (1, 28, 28)
+    assert torch.equal(a.train_x[:, 0], torch.from_numpy(x.astype(np.uint8)))
+
+
+def test_missing_data_names_places_and_fixes(tmp_path, monkeypatch):
+    monkeypatch.delenv("RESBENCH_DATA", raising=False)
+    with pytest.raises(data.DataError, match=r"not found: looked under .*--data-root.*RESBENCH_DATA.*--download"):
+        data.load("cifar10", tmp_path)
+    with pytest.raises(data.DataError, match="no --data-root given and RESBENCH_DATA is not set"):
+        data.load("cifar10")
+
+
+def test_env_variable_is_used(tmp_path, monkeypatch):
+    _official_python_dir(tmp_path)
+    monkeypatch.setenv("RESBENCH_DATA", str(tmp_path))
+    assert len(data.load("cifar10").train_x) == 100
+
+
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    folder = _official_python_dir(tmp_path / "src")
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(data.DataError, match="could not read cifar10 .*corrupt"):
+        data.load("cifar10", tmp_path / "src")
+    (folder / "test_batch").unlink()
+    with pytest.raises(data.DataError, match="test_batch.*incomplete"):
+        data.load("cifar10", tmp_path / "src")
+
+
+def test_truncated_tar_is_a_clear_error(tmp_path):
+    folder = _official_python_dir(tmp_path / "src")
+    good = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    blob = good.read_bytes()
+    good.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(data.DataError):
+        data.load("cifar10", good)
+
+
+def test_split_is_deterministic_and_disjoint(cifar_root):
+    a = data.load("cifar10", cifar_root)
+    s1, s2 = data.split(a, 5000), data.split(a, 5000)
+    assert len(s1["train"][0]) == 45_000 and len(s1["val"][0]) == 5_000 and len(s1["test"][0]) == 10_000
+    assert torch.equal(s1["val"][1], s2["val"][1])
+    small = data.split(a, 5000, train_size=300)
+    assert torch.equal(small["train"][0], s1["train"][0][:300])
+
+
+def test_loader_batches_are_augmented_deterministic_and_mean_free():
+    a = data.synthetic(512, 16)
+    mean = data.pixel_mean(a.train_x)
+    mk = lambda: data.DeviceLoader(a.train_x, a.train_y, mean, batch_size=64, seed=3, device=torch.device("cpu"))  # noqa: E731
+    l1, l2 = mk(), mk()
+    x1, y1 = l1.batch(9)  # epoch 1, batch 1
+    x2, y2 = l2.batch(9)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (64, 3, 32, 32) and x1.dtype == torch.float32
+    assert not torch.equal(l1.batch(0)[0], l1.batch(8)[0])  # a new epoch reshuffles
+    plain = data.DeviceLoader(a.train_x, a.train_y, mean, batch_size=512, seed=0, device=torch.device("cpu"), augment=False)
+    xb, _ = plain.batch(0)
+    assert xb.mean().abs() < 1e-3  # per-pixel mean subtracted
+
+
+def test_crop_pads_with_zeros_and_shifts():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    same = data.crop(x, torch.tensor([2]), torch.tensor([2]), 2)
+    assert torch.equal(same, x)
+    shifted = data.crop(x, torch.tensor([0]), torch.tensor([0]), 2)  # window moved up-left by 2
+    assert shifted[0, 0, :2].abs().sum() == 0 and shifted[0, 0, 2, 2] == x[0, 0, 0, 0]
