@@ -97,7 +97,8 @@ def exec_options(fn):
         click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast  [default: on for CUDA]"),
         click.option("--channels-last/--no-channels-last", default=None, help="[default: on for CUDA]"),
-        click.option("--compile", "compile_", is_flag=True, help="torch.compile the model."),
+        click.option("--execution", type=click.Choice(["eager", "compile", "cudagraph"]), default=None,
+                     help="eager, torch.compile, or one CUDA graph per training step  [default: per device]"),
         click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
         click.option("--width", type=float, default=None, help="Channel multiplier  [default: from the preset]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
@@ -120,7 +121,7 @@ def _recipe(preset: str, o: dict):
 def _execution(o: dict):
     from bench.specs import Execution
 
-    return Execution.for_device(o["device"], compile=o["compile_"], amp=o["amp"], channels_last=o["channels_last"])
+    return Execution.for_device(o["device"], execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"])
 
 
 PRESET = click.option("--preset", type=click.Choice(["he2015", "quick", "smoke"]), default="smoke",
@@ -241,3 +242,30 @@ def models(depths, width, imagenet):
         family = resnet.parse(name).family
         params, macs = resnet.count_params(net), resnet.count_macs(net)
         click.echo(f"{name:<16}{family:<10}{params / 1e6:>11.3f}M{macs / 1e6:>13.1f}M")
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RESULTS_DIR/report]")
+@click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Data set for Figure 7 (layer responses)  [default: $RESBENCH_DATA]")
+@click.option("--responses/--no-responses", default=True, help="Draw Figure 7 (needs the test images).")
+@friendly_errors
+def report(results_dir, out, fmt, data_root, responses):
+    """Figures, the Table 6 comparison, report.md and report.html from a results folder.
+
+    \b
+    Example:
+      resbench report results/smoke --format svg
+    """
+    from bench.report import ReportError, build_report
+
+    try:
+        rep = build_report(results_dir, out, fmt, data_root=data_root, responses=responses)
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    for note in rep.notes:
+        click.echo(f"note: {note}", err=True)
+    for path in rep.files:
+        click.echo(str(path))

@@ -67,8 +67,8 @@ RECIPES = {
     # constant lr 0.05 (the short run never reaches the decay), 1k validation and 2k test images.
     # Chosen so the 6-run smoke sweep takes about 5 minutes on 2 CPU cores and still shows the
     # degradation (see README).
-    "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=480, milestones=(), val_size=1_000,
-                    train_size=5_000, test_size=2_000, eval_every=80),
+    "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=400, milestones=(), val_size=1_000,
+                    train_size=5_000, test_size=2_000, eval_every=100),
 }
 
 
@@ -135,12 +135,12 @@ class Execution:
     device: str = "cpu"  # "cpu" or "cuda[:i]"
     amp: bool = False  # bf16 autocast (BN parameters and statistics stay fp32)
     channels_last: bool = False
-    compile: bool = False  # torch.compile the model
+    execution: str = "eager"  # eager | compile | cudagraph (bench.steps)
     cudnn_benchmark: bool = False
     eval_batch_size: int = 1000
 
     @classmethod
-    def for_device(cls, device: str = "auto", compile: bool = False, **overrides) -> "Execution":
+    def for_device(cls, device: str = "auto", **overrides) -> "Execution":
         """Defaults per device: everything fast on CUDA, plain fp32 on the CPU."""
         import torch
 
@@ -151,7 +151,7 @@ class Execution:
         if device not in ("cpu",) and not device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
         cuda = device.startswith("cuda")
-        base = cls(device=device, amp=cuda, channels_last=cuda, compile=compile, cudnn_benchmark=cuda,
+        base = cls(device=device, amp=cuda, channels_last=cuda, cudnn_benchmark=cuda,
                    eval_batch_size=2000 if cuda else 500)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

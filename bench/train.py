@@ -6,7 +6,6 @@ synchronize), so evaluation is excluded from the throughput figures.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import statistics
@@ -16,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 import resnet
 from bench import data, records
 from bench.specs import Execution, RunSpec
+from bench.steps import TrainStep, autocast, make_optimizer, set_lr
 
 class Progress:
     """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
@@ -55,17 +54,11 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Ex
     wrong = torch.zeros((), device=device, dtype=torch.long)
     y = y.to(device)
     for i, xb in enumerate(data.eval_batches(x, mean, ex.eval_batch_size, device, ex.channels_last)):
-        with _autocast(ex, device):
+        with autocast(ex.amp, device):
             pred = model(xb).argmax(1)
         wrong += (pred != y[i * ex.eval_batch_size : i * ex.eval_batch_size + len(xb)]).sum()
     model.train()
     return wrong.item() / len(x)
-
-
-def _autocast(ex: Execution, device: torch.device):
-    if ex.amp:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -105,8 +98,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
                          in_channels=arrays.image_shape[0])
     params, macs = resnet.count_params(model), resnet.count_macs(model, arrays.image_shape)
     model = model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
-    opt_kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, **opt_kw)
+    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
     start, curves, windows, wall_before = 0, [], [], 0.0
     if p["ckpt"].exists():
@@ -117,32 +109,21 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
-    step_model = torch.compile(model) if ex.compile else model
+    step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device)
 
     bar = Progress(r.iterations, start, spec.model, progress)
     status, error = "ok", None
-    loss_sum = torch.zeros((), device=device)
-    wrong_sum = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
     t_wall = time.perf_counter()
     _sync(device)
     t0 = time.perf_counter()
     train_time = curves[-1]["train_time_s"] if curves else 0.0
     model.train()
+    lr = None
     for it in range(start, r.iterations):
-        lr = r.lr_at(it, arch.depth)
-        for g in opt.param_groups:
-            g["lr"] = lr  # a Python float: no device sync
-        x, y = loader.batch(it)
-        with _autocast(ex, device):
-            logits = step_model(x)
-            loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += loss.detach().float() * len(y)
-        wrong_sum += (logits.detach().argmax(1) != y).sum()
-        seen += len(y)
+        if r.lr_at(it, arch.depth) != lr:
+            lr = r.lr_at(it, arch.depth)
+            set_lr(opt, lr)
+        step(*loader.batch(it))
         bar.step()
         if (it + 1) % r.eval_every and it + 1 != r.iterations:
             continue
@@ -150,8 +131,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         _sync(device)
         window = time.perf_counter() - t0
         train_time += window
-        train_loss = loss_sum.item() / seen
-        train_err = wrong_sum.item() / seen
+        train_loss, train_err, seen = step.read()
         windows.append(dict(steps=seen // r.batch_size, seconds=window, img_per_s=seen / window))
         if not math.isfinite(train_loss):
             status, error = "diverged", f"non-finite training loss at iteration {it + 1}"
@@ -159,8 +139,8 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
                                lr=lr, train_loss=train_loss, train_err=train_err, val_err=float("nan"),
                                test_err=float("nan"), train_time_s=train_time, img_per_s=seen / window))
             break
-        val_err = evaluate(step_model, val_x, val_y, mean, ex, device)
-        test_err = evaluate(step_model, test_x, test_y, mean, ex, device)
+        val_err = evaluate(model, val_x, val_y, mean, ex, device)
+        test_err = evaluate(model, test_x, test_y, mean, ex, device)
         curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch, lr=lr,
                            train_loss=train_loss, train_err=train_err, val_err=val_err, test_err=test_err,
                            train_time_s=train_time, img_per_s=seen / window))
@@ -169,9 +149,6 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
             records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(),
                                     rng={"torch": torch.get_rng_state()}, iteration=it + 1, curves=curves,
                                     windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
-        loss_sum.zero_()
-        wrong_sum.zero_()
-        seen = 0
         _sync(device)
         t0 = time.perf_counter()
     bar.close()
@@ -197,8 +174,8 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         step_time_ms=1e3 * statistics.median(w["seconds"] / max(w["steps"], 1) for w in timed) if timed else float("nan"),
         timed_windows=len(timed),
         train_time_s=train_time, wall_time_s=wall, peak_memory_bytes=_peak_memory(device),
-        amp=ex.amp, channels_last=ex.channels_last, compile=ex.compile, cudnn_benchmark=ex.cudnn_benchmark,
-        train_path="device-loader", data_source=arrays.source,
+        amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
+        train_path=f"device-loader+{ex.execution}", data_source=arrays.source,
     ) | records.environment(ex.device)
     # weights and curves first, the run row last: a row in runs/ means the run is complete
     records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), num_classes=arrays.num_classes,

@@ -1,0 +1,306 @@
+"""Report: figures and tables from a results folder's parquet records (never imports the trainer).
+
+    from bench.report import build_report
+    rep = build_report("results/smoke")   # figures (matplotlib), tables (DataFrames), files written
+
+Figures: Fig. 6-style training curves, the degradation curve (final error against depth),
+throughput, Fig. 7 layer responses (from saved weights, when the data set is at hand) and, when the
+folder holds `resbench profile` output, the profile. Tables: final test error against He et al.
+Table 6, and the runs that are missing, failed or diverged.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from bench import published, records  # noqa: E402
+
+NET = {True: "residual", False: "plain"}
+
+
+class ReportError(Exception):
+    """Nothing to report (an empty folder, or one without results)."""
+
+
+@dataclass
+class Report:
+    figures: dict = field(default_factory=dict)  # name -> matplotlib Figure
+    tables: dict = field(default_factory=dict)  # name -> DataFrame
+    files: list = field(default_factory=list)  # paths written
+    notes: list = field(default_factory=list)  # what could not be drawn, and why
+
+
+def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = runs.copy()
+    runs["net"] = runs["residual"].map(lambda r: NET[bool(r)])
+    return runs
+
+
+def _seeds_note(df: pd.DataFrame, by: list[str]) -> str:
+    n = df.groupby(by)["seed"].nunique()
+    lo, hi = int(n.min()), int(n.max())
+    return f"n = {lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"n = {lo}..{hi} seeds"
+
+
+def training_curves(runs: pd.DataFrame, curves: pd.DataFrame):
+    """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; plain | residual."""
+    ok = runs[runs["status"] != "failed"]
+    df = curves.merge(ok[["run_id", "net", "depth", "seed", "model"]], on="run_id")
+    long = df.melt(id_vars=["iteration", "net", "depth", "seed"], value_vars=["train_err", "test_err"],
+                   var_name="split", value_name="error (%)")
+    long["split"] = long["split"].str.replace("_err", "")
+    long["error (%)"] *= 100
+    g = sns.relplot(data=long, kind="line", x="iteration", y="error (%)", hue="depth", style="split",
+                    style_order=["train", "test"], dashes={"train": (4, 2), "test": ""}, col="net",
+                    col_order=[c for c in ("plain", "residual") if c in set(long["net"])], errorbar="sd",
+                    palette="viridis", height=3.6, aspect=1.15, facet_kws=dict(sharex=True, sharey=True))
+    g.set_titles("{col_name}")
+    g.figure.suptitle(f"Training curves (dashed: training error, solid: test error); {_seeds_note(df, ['model'])}", y=1.03)
+    return g.figure
+
+
+def degradation(runs: pd.DataFrame):
+    """Final training and test error against depth, plain and residual side by side."""
+    ok = runs[runs["status"] == "ok"]
+    long = ok.melt(id_vars=["net", "depth", "seed"], value_vars=["final_train_err", "final_test_err"],
+                   var_name="split", value_name="error (%)")
+    long["split"] = long["split"].map({"final_train_err": "final training error", "final_test_err": "final test error"})
+    long["error (%)"] *= 100
+    g = sns.relplot(data=long, kind="line", x="depth", y="error (%)", hue="net", col="split", marker="o",
+                    hue_order=["plain", "residual"], errorbar="sd", height=3.6, aspect=1.1,
+                    facet_kws=dict(sharey=False))
+    g.set_titles("{col_name}")
+    g.figure.suptitle(f"The degradation problem: error against depth; {_seeds_note(ok, ['model'])}", y=1.03)
+    return g.figure
+
+
+def _device_title(runs: pd.DataFrame) -> str:
+    devs = runs["gpu_name"].dropna().unique().tolist() if "gpu_name" in runs else []
+    if not devs:
+        devs = [f"CPU ({runs['cpu'].iloc[0]}, {int(runs['cpu_threads'].iloc[0])} threads)"] if "cpu" in runs else ["CPU"]
+    batch = ", ".join(map(str, sorted(runs["batch_size"].unique())))
+    return f"{' / '.join(devs)}; batch {batch}; torch {runs['torch_version'].iloc[0]}"
+
+
+def throughput(runs: pd.DataFrame):
+    """Training img/s against depth and against multiply-adds."""
+    ok = runs[runs["status"] == "ok"].copy()
+    ok["MACs (M)"] = ok["macs"] / 1e6
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, x in zip(axes, ["depth", "MACs (M)"]):
+        sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=["plain", "residual"], marker="o",
+                     errorbar="sd", ax=ax)
+        ax.set_ylabel("training img/s")
+    fig.suptitle(f"Training throughput: {_device_title(ok)}")
+    fig.tight_layout()
+    return fig
+
+
+def response_figure(resp: pd.DataFrame, runs: pd.DataFrame):
+    """He et al. Fig. 7: std of layer responses against layer index, plain against residual."""
+    df = resp.merge(runs[["run_id", "net"]], on="run_id")
+    df["model"] = df["net"] + "-" + df["depth"].astype(str)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    sns.lineplot(data=df, x="layer", y="std", hue="model", style="net", errorbar="sd", ax=axes[0])
+    axes[0].set_title("original order")
+    srt = df.sort_values("std", ascending=False).copy()
+    srt["rank"] = srt.groupby("run_id").cumcount() + 1
+    sns.lineplot(data=srt, x="rank", y="std", hue="model", style="net", errorbar="sd", ax=axes[1], legend=False)
+    axes[1].set_title("sorted by magnitude")
+    for ax in axes:
+        ax.set_ylabel("std of response")
+    fig.suptitle("Layer responses on the test set (after BN, before addition/ReLU)")
+    fig.tight_layout()
+    return fig
+
+
+def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Final test error (%) per net and depth against He et al. Table 6; mean +- sd over seeds."""
+    ok = runs[(runs["status"] == "ok") & (runs["family"] == "cifar") & (runs["kind"].isin(["plain", "resnet"]))]
+    rows = []
+    for (kind, depth, recipe, width), g in ok.groupby(["kind", "depth", "recipe", "width"], sort=True):
+        err = g["final_test_err"] * 100
+        mean, sd = err.mean(), (err.std() if len(err) > 1 else float("nan"))
+        paper = published.HE2015_RESNET_TEST_ERR.get(depth) if kind == "resnet" else None
+        comparable = recipe == "he2015" and width == 1.0 and g["dataset"].iloc[0] == "cifar10"
+        rows.append({
+            "net": f"{kind}-{depth}", "recipe": recipe, "width": width, "n": len(err),
+            "test err % (mean ± sd)": f"{mean:.2f} ± {sd:.2f}" if len(err) > 1 else f"{mean:.2f}",
+            "best %": round(err.min(), 2),
+            "He et al. %": ("figure only" if kind == "plain" else (f"{paper:.2f}" if paper is not None else "-"))
+            + (" (best of 5; mean 6.61 ± 0.16)" if kind == "resnet" and depth == 110 else ""),
+            "difference": (f"{mean - paper:+.2f}" if paper is not None else "-")
+            + ("" if comparable or paper is None else " (other recipe)"),
+        })
+    return pd.DataFrame(rows)
+
+
+def expected_runs(results_dir: Path) -> list | None:
+    """The runs the folder's sweep.toml asks for (None without a sweep.toml)."""
+    path = results_dir / "sweep.toml"
+    if not path.exists():
+        return None
+    from bench.specs import Recipe, SweepSpec  # data classes only
+
+    conf = tomllib.loads(path.read_text())
+    rec = conf.pop("recipe")
+    rec["milestones"] = tuple(rec.get("milestones", ()))
+    conf.pop("extra", None)
+    tup = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()}
+    return SweepSpec(recipe=Recipe(**rec), **tup).runs()
+
+
+def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs that are missing (in the sweep spec, no record), failed or diverged."""
+    bad = runs[runs["status"] != "ok"][["run_id", "model", "seed", "status", "error"]] if len(runs) else pd.DataFrame()
+    expected = expected_runs(results_dir) or []
+    have = set(runs["run_id"]) if len(runs) else set()
+    missing = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, status="missing", error="")
+                            for r in expected if r.run_id not in have])
+    frames = [f for f in (bad, missing) if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "model", "seed", "status", "error"])
+
+
+def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in ["device", "gpu_name", "cpu", "cpu_threads", "torch_version", "cuda_version", "cudnn_version",
+                        "python_version", "resbench_version", "git_sha", "git_dirty", "amp", "channels_last",
+                        "execution", "train_path"] if c in runs]
+    return runs[cols].astype(str).drop_duplicates().reset_index(drop=True)
+
+
+def build_report(results_dir, out=None, fmt: str = "png", *, data_root=None, responses: bool = True,
+                 response_images: int = 10_000) -> Report:
+    """Draw every figure and table the records allow; write them, report.md and report.html to ``out``."""
+    results_dir = Path(results_dir)
+    if fmt not in ("png", "svg", "pdf"):
+        raise ValueError(f"format must be png, svg or pdf, got {fmt!r}")
+    if not results_dir.is_dir():
+        raise ReportError(f"{results_dir} is not a folder; give the folder that `resbench sweep --out` wrote")
+    runs, curves = records.load(results_dir)
+    profile = _profile_frame(results_dir)
+    if not len(runs) and profile is None:
+        raise ReportError(f"{results_dir} holds no results (no runs/*.parquet, no profile/*.parquet); "
+                          f"run `resbench sweep --out {results_dir}` or `resbench profile --out {results_dir}` first")
+    out = Path(out) if out else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report()
+    if len(runs):
+        runs = _runs_frame(runs)
+        done = runs[runs["status"] != "failed"]
+        if len(curves) and len(done):
+            rep.figures["training_curves"] = training_curves(runs, curves)
+        if (runs["status"] == "ok").any():
+            rep.figures["degradation"] = degradation(runs)
+            rep.figures["throughput"] = throughput(runs)
+            rep.tables["comparison"] = comparison_table(runs)
+            if responses:
+                _responses(results_dir, runs, rep, data_root, response_images)
+        rep.tables["status"] = status_table(results_dir, runs)
+        rep.tables["environment"] = environment_table(runs)
+    if profile is not None:
+        from bench.profile import profile_figure, profile_table
+
+        rep.figures["profile"] = profile_figure(profile)
+        rep.tables["profile"] = profile_table(profile)
+    for name, fig in rep.figures.items():
+        path = out / f"{name}.{fmt}"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        rep.files.append(path)
+    rep.files += _write_documents(results_dir, out, fmt, rep)
+    return rep
+
+
+def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
+    files = sorted((results_dir / "profile").glob("*.parquet")) if (results_dir / "profile").is_dir() else []
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
+
+
+def _responses(results_dir: Path, runs: pd.DataFrame, rep: Report, data_root, max_images: int) -> None:
+    from bench.analysis import layer_response_std
+    from bench.data import DataError
+
+    cache = results_dir / "analysis" / "responses.parquet"
+    ok_ids = set(runs.loc[runs["status"] == "ok", "run_id"])
+    resp = pd.read_parquet(cache) if cache.exists() else None
+    if resp is None or not ok_ids <= set(resp["run_id"]) | _preact_ids(runs):
+        try:
+            resp = layer_response_std(results_dir, runs, data_root=data_root, max_images=max_images)
+        except DataError as e:
+            rep.notes.append(f"Figure 7 (layer responses) not drawn: the test images are needed ({e})")
+            return
+        if len(resp):
+            records.write_parquet(resp, cache)
+    if resp is not None and len(resp):
+        rep.figures["layer_responses"] = response_figure(resp, runs)
+        rep.tables["responses"] = resp
+
+
+def _preact_ids(runs: pd.DataFrame) -> set:
+    return set(runs.loc[runs["kind"].str.startswith("pre"), "run_id"])
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if not len(df):
+        return "_none_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v).replace("|", "/").replace("\n", " ") for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+CAPTIONS = {
+    "training_curves": "Training curves in the style of He et al. Fig. 6.",
+    "degradation": "Final error against depth: plain nets get worse with depth, residual ones do not.",
+    "throughput": "Training throughput (median over timed windows; warm-up and evaluation excluded).",
+    "layer_responses": "Std of layer responses in the style of He et al. Fig. 7.",
+    "profile": "resbench profile: training img/s by configuration.",
+}
+
+
+def _write_documents(results_dir: Path, out: Path, fmt: str, rep: Report) -> list[Path]:
+    spec = (results_dir / "sweep.toml").read_text() if (results_dir / "sweep.toml").exists() else "(no sweep.toml)"
+    sections = [("Comparison with He et al. 2015, Table 6", "comparison",
+                 f"Final test error. Source of the published numbers: {published.CITATION}. "
+                 "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
+                 "set are not comparable, and are marked so."),
+                ("Missing, failed and diverged runs", "status", ""),
+                ("Hardware and software", "environment", ""),
+                ("Profile", "profile", "")]
+    md = [f"# resbench report: {results_dir.name}\n"]
+    body = [f"<h1>resbench report: {html.escape(results_dir.name)}</h1>"]
+    for name, fig_path in ((n, out / f"{n}.{fmt}") for n in rep.figures):
+        md.append(f"![{name}]({fig_path.name})\n\n{CAPTIONS.get(name, '')}\n")
+        mime = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}[fmt]
+        b64 = base64.b64encode(fig_path.read_bytes()).decode()
+        tag = (f'<img alt="{name}" src="data:{mime};base64,{b64}" style="max-width:100%">' if fmt != "pdf"
+               else f'<embed type="{mime}" src="data:{mime};base64,{b64}" width="100%" height="420">')
+        body.append(f"<figure>{tag}<figcaption>{html.escape(CAPTIONS.get(name, ''))}</figcaption></figure>")
+    for title, key, text in sections:
+        if key not in rep.tables:
+            continue
+        df = rep.tables[key]
+        md.append(f"## {title}\n\n{text}\n\n{_md_table(df)}")
+        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
+                    + (df.to_html(index=False, border=0) if len(df) else "<p><em>none</em></p>"))
+    if rep.notes:
+        md.append("## Notes\n\n" + "\n".join(f"- {n}" for n in rep.notes) + "\n")
+        body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul>")
+    md.append(f"## Sweep spec\n\n```toml\n{spec}```\n")
+    body.append(f"<h2>Sweep spec</h2><pre>{html.escape(spec)}</pre>")
+    md_path, html_path = out / "report.md", out / "report.html"
+    records.atomic_write(md_path, lambda t: t.write_text("\n".join(md)))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>resbench report</title><style>"
+            "body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
+            "td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>" + "\n".join(body) + "</body></html>")
+    records.atomic_write(html_path, lambda t: t.write_text(page))
+    return [md_path, html_path]
