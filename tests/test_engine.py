@@ -195,12 +195,3 @@ def test_he2015_recipe_is_the_paper():
     assert (r.val_size, r.train_size) == (5_000, None)
     assert [r.lr_at(i, 56) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert [r.lr_at(i, 110) for i in (0, 399, 400, 32_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_run_uses_the_fast_path(tmp_path, tiny):
-    ex = Execution.for_device("cuda")
-    assert ex.amp and ex.channels_last and ex.cudnn_benchmark
-    row = run_one(RunSpec("resnet20", tiny, dataset="synthetic"), tmp_path, ex, progress=False)
-    assert row["status"] == "ok" and row["gpu_name"] and row["peak_memory_bytes"] > 0

@@ -1,0 +1,353 @@
+"""Throughput profiling: training-step and inference img/s over a grid of configurations.
+
+Grid: models x batch sizes x precision (fp32, tf32, bf16 autocast) x memory format (nchw,
+channels_last) x execution (eager, compile, cudagraph) x mode (train, infer).
+
+Timing: warm-up steps first (cuDNN autotuning, compilation, graph capture), then ``repeats``
+blocks of steps, each block timed with CUDA events (on the CPU, a wall clock) around the whole
+block, never per step; the number of steps per block is chosen from the warm-up so that a block
+lasts about ``block_s`` seconds. We report the median and the spread over blocks.
+
+MFU = (6 x multiply-adds per image for a training step, 2 x for inference) x img/s / the
+device's dense peak at that precision. Peaks come from the vendor datasheets (table below); an
+unknown device leaves MFU empty.
+
+``pipeline_comparison`` times the usual pipeline (torchvision DataLoader with PIL transforms and
+worker processes, eager fp32, ``.item()`` every step) against ours on the same model and data.
+"""
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+import resnet
+from bench import data, records
+from bench.steps import TrainStep, autocast, make_optimizer
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+FORMATS = ("nchw", "channels_last")
+MODES = ("train", "infer")
+
+# dense peak TFLOP/s by precision (vendor datasheets; SXM parts unless named)
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "tf32": 495.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+
+
+def peak_flops(gpu_name: str | None, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU at a precision, or None when unknown (CPUs included)."""
+    if not gpu_name:
+        return None
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # most specific name first
+        if all(part in gpu_name for part in key.split()):
+            return PEAK_TFLOPS[key][precision] * 1e12
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    batch_size: int
+    precision: str = "bf16"
+    memory_format: str = "channels_last"
+    execution: str = "eager"
+    mode: str = "train"
+
+
+def _set_precision(precision: str) -> None:
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(device: torch.device):
+    """A function that times ``fn`` run ``n`` times, in seconds, around the whole block."""
+    if device.type == "cuda":
+        def timed(fn, n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+    else:
+        def timed(fn, n):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            return time.perf_counter() - t
+    return timed
+
+
+def _inference_fn(net, x, execution: str, amp: bool, device: torch.device):
+    net.eval()
+    fwd = torch.compile(net) if execution == "compile" else net
+
+    def infer():
+        with torch.no_grad(), autocast(amp, device, cache=execution != "cudagraph"):
+            return fwd(x)
+
+    if execution != "cudagraph":
+        return infer
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            infer()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        infer()
+    return graph.replay
+
+
+def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int = 5, block_s: float = 0.2,
+            max_steps: int = 500) -> dict:
+    """Time one configuration; returns a row (status ok / oom / error, never raises for these)."""
+    arch = resnet.parse(cfg.model)
+    row = dict(model=cfg.model, family=arch.family, kind=arch.kind, depth=arch.depth, residual=arch.residual,
+               batch_size=cfg.batch_size, precision=cfg.precision, memory_format=cfg.memory_format,
+               execution=cfg.execution, mode=cfg.mode, status="ok", error=None)
+    fmt = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
+    try:
+        _set_precision(cfg.precision)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        torch.manual_seed(0)
+        net = resnet.build(cfg.model)
+        row.update(params=resnet.count_params(net), macs=resnet.count_macs(net))
+        net = net.to(device, memory_format=fmt)
+        x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        amp = cfg.precision == "bf16"
+        if cfg.mode == "train":
+            step = TrainStep(net, make_optimizer(net, 0.01, 0.9, 1e-4, device), execution=cfg.execution, amp=amp,
+                             device=device)
+            fn = lambda: step(x, y)  # noqa: E731
+        else:
+            fn = _inference_fn(net, x, cfg.execution, amp, device)
+        timed = _timer(device)
+        t_warm = timed(fn, warmup)
+        # estimate from the last warm-up step alone: the first ones include compilation
+        per_step = timed(fn, 1)
+        steps = int(min(max_steps, max(3, block_s / max(per_step, 1e-6))))
+        times = [timed(fn, steps) for _ in range(repeats)]
+    except torch.cuda.OutOfMemoryError as e:
+        row.update(status="oom", error=str(e).splitlines()[0])
+        return row
+    except Exception as e:  # a configuration this torch/device cannot run is a row, not a crash
+        row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return row
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    rates = [steps * cfg.batch_size / t for t in times]
+    flops_per_img = (6 if cfg.mode == "train" else 2) * row["macs"]
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.precision)
+    med = statistics.median(rates)
+    row.update(img_per_s=med, img_per_s_min=min(rates), img_per_s_max=max(rates),
+               step_ms=1e3 * cfg.batch_size / med, steps_per_block=steps, repeats=repeats, warmup_steps=warmup,
+               warmup_s=t_warm, peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+               mfu=flops_per_img * med / peak if peak else None)
+    return row
+
+
+def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",), executions=("eager",),
+            modes=MODES, device: str = "cpu", log=print, **timing) -> pd.DataFrame:
+    """Measure the whole grid. Batch sizes run smallest first; after an OOM the larger ones of that
+    configuration are skipped (recorded as oom) instead of being tried."""
+    dev = torch.device(device)
+    rows, oom = [], set()
+    for model, precision, fmt, execution, mode in itertools.product(models, precisions, formats, executions, modes):
+        for bs in sorted(batch_sizes):
+            key = (model, precision, fmt, execution, mode)
+            cfg = Config(model, bs, precision, fmt, execution, mode)
+            if key in oom:
+                row = dict(model=model, batch_size=bs, precision=precision, memory_format=fmt, execution=execution,
+                           mode=mode, status="oom", error="skipped: a smaller batch ran out of memory")
+            else:
+                row = measure(cfg, dev, **timing)
+                if row["status"] == "oom":
+                    oom.add(key)
+            rows.append(row)
+            log(_line(row))
+    env = records.environment(device)
+    return pd.DataFrame([r | env for r in rows])
+
+
+def _line(r: dict) -> str:
+    head = f"{r['model']:<10} {r['mode']:<5} bs {r['batch_size']:<5} {r['precision']:<4} {r['memory_format']:<13} {r['execution']:<9}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r['error']}"
+    mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+    mem = f"  {r['peak_memory_bytes'] / 2**20:.0f} MiB" if r.get("peak_memory_bytes") else ""
+    return f"{head} {r['img_per_s']:>10.0f} img/s (min {r['img_per_s_min']:.0f}, max {r['img_per_s_max']:.0f}){mfu}{mem}"
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 does per item: uint8 array -> PIL image -> transforms."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform):
+        self.x = x.permute(0, 2, 3, 1).numpy()  # (N, H, W, C) for PIL
+        self.y = y.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.x[i])), self.y[i]
+
+
+def pipeline_comparison(model: str = "resnet20", batch_size: int = 128, device: str = "cpu", *, data_root=None,
+                        workers: int = 2, steps: int = 50, warmup: int = 5, execution: str | None = None,
+                        log=print) -> pd.DataFrame:
+    """img/s of the common pipeline against ours, same model, same data, same batch size."""
+    import torchvision.transforms as T
+
+    from bench.specs import Execution
+
+    dev = torch.device(device)
+    try:
+        arrays, source = data.load("cifar10", data_root), "cifar10"
+    except data.DataError:
+        arrays, source = data.synthetic(), "synthetic"
+    x, y = arrays.train_x[:45_000], arrays.train_y[:45_000]
+    mean = (x.float().mean((0, 2, 3)) / 255).tolist()
+    std = (x.float().std((0, 2, 3)) / 255).tolist()
+    rows = []
+
+    # -- the common pipeline ------------------------------------------------------------------
+    _set_precision("fp32")
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    net = resnet.build(model).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    loader = torch.utils.data.DataLoader(_PILDataset(x, y, tf), batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, pin_memory=dev.type == "cuda",
+                                         persistent_workers=workers > 0)
+    batches = iter(loader)
+
+    def baseline_step():
+        nonlocal batches
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            xb, yb = next(batches)
+        xb, yb = xb.to(dev), yb.to(dev)
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()  # the habitual per-step sync
+
+    rows.append(_time_pipeline("baseline", baseline_step, dev, steps, warmup, batch_size,
+                               "torchvision DataLoader + PIL transforms, "
+                               f"{workers} workers, eager fp32 NCHW, .item() every step"))
+    del loader, batches
+
+    # -- ours -------------------------------------------------------------------------------------
+    ex = Execution.for_device(device, execution=execution)
+    torch.backends.cudnn.benchmark = ex.cudnn_benchmark
+    torch.manual_seed(0)
+    fmt = torch.channels_last if ex.channels_last else torch.contiguous_format
+    net = resnet.build(model).to(dev, memory_format=fmt)
+    dl = data.DeviceLoader(x, y, data.pixel_mean(x), batch_size=batch_size, seed=0, device=dev,
+                           channels_last=ex.channels_last)
+    step = TrainStep(net, make_optimizer(net, 0.01, 0.9, 1e-4, dev), execution=ex.execution, amp=ex.amp, device=dev)
+    counter = itertools.count()
+    rows.append(_time_pipeline("ours", lambda: step(*dl.batch(next(counter))), dev, steps, warmup, batch_size,
+                               f"device-resident uint8 + batched augmentation, {'bf16' if ex.amp else 'fp32'} "
+                               f"{'channels_last' if ex.channels_last else 'NCHW'}, {ex.execution}, no per-step sync"))
+    df = pd.DataFrame(rows)
+    df["speedup"] = df["img_per_s"] / df.loc[df["pipeline"] == "baseline", "img_per_s"].iloc[0]
+    df = df.assign(model=model, batch_size=batch_size, data=source, mode="train-pipeline", status="ok")
+    for r in df.to_dict("records"):
+        log(f"{r['pipeline']:<9} {model} bs {batch_size}: {r['img_per_s']:.0f} img/s (x{r['speedup']:.2f})  [{r['pipeline_desc']}]")
+    env = records.environment(device)
+    return pd.DataFrame([r | env for r in df.to_dict("records")])
+
+
+def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times = []
+    for _ in range(3):  # three blocks; median
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    rates = [steps * batch_size / t for t in times]
+    return dict(pipeline=name, pipeline_desc=desc, img_per_s=statistics.median(rates), img_per_s_min=min(rates),
+                img_per_s_max=max(rates), steps_per_block=steps, repeats=3, warmup_steps=warmup)
+
+
+def save(df: pd.DataFrame, out: Path, name: str) -> Path:
+    path = Path(out) / "profile" / f"{name}.parquet"
+    records.write_parquet(df, path)
+    return path
+
+
+# -- drawn by `resbench report` ----------------------------------------------------------------
+
+def profile_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The best configuration per model and mode, plus the pipeline comparison if present."""
+    grid = df[(df.get("mode") != "train-pipeline") & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
+    cols = ["model", "mode", "batch_size", "precision", "memory_format", "execution", "img_per_s", "mfu",
+            "peak_memory_bytes", "gpu_name"]
+    best = grid.sort_values("img_per_s", ascending=False).groupby(["model", "mode"], sort=False).head(1)
+    out = best.reindex(columns=cols).sort_values(["mode", "model"]).reset_index(drop=True)
+    out["img_per_s"] = out["img_per_s"].round(0)
+    out["mfu"] = (100 * out["mfu"].astype(float)).round(1)
+    out = out.rename(columns={"mfu": "MFU %"})
+    pipe = df[df.get("mode") == "train-pipeline"] if "mode" in df else df.iloc[0:0]
+    if len(pipe):
+        p = pipe.reindex(columns=["model", "pipeline", "batch_size", "img_per_s", "speedup", "pipeline_desc"])
+        p = p.assign(mode="train-pipeline", img_per_s=p["img_per_s"].round(0))
+        out = pd.concat([out, p], ignore_index=True)
+    return out
+
+
+def profile_figure(df: pd.DataFrame):
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    grid = df[(df.get("mode") != "train-pipeline") & (df["status"] == "ok")].copy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, mode in zip(axes, MODES):
+        sub = grid[grid["mode"] == mode]
+        if len(sub):
+            sub = sub.assign(config=sub["precision"] + "/" + sub["memory_format"] + "/" + sub["execution"])
+            best = sub.groupby(["model", "batch_size"], as_index=False)["img_per_s"].max()
+            sns.lineplot(data=best, x="batch_size", y="img_per_s", hue="model", marker="o", ax=ax)
+            ax.set_xscale("log", base=2)
+        ax.set_title(f"{mode}: best configuration per batch size")
+        ax.set_ylabel("img/s")
+    dev = grid["gpu_name"].dropna().unique().tolist() if "gpu_name" in grid else []
+    fig.suptitle(f"resbench profile on {', '.join(dev) or 'CPU'}; torch {df['torch_version'].iloc[0]}")
+    fig.tight_layout()
+    return fig

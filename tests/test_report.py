@@ -1,0 +1,125 @@
+"""The report, drawn from a real small results folder made by actually running tiny runs."""
+import re
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import resnet
+from bench import records
+from bench.cli import main
+from bench.report import ReportError, build_report, comparison_table
+
+TINY = ["--batch-size", "32", "--iterations", "12", "--eval-every", "6", "--train-size", "256", "--val-size", "128",
+        "--test-size", "128", "--width", "0.25", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, cifar_root):
+    out = tmp_path_factory.mktemp("sweep")
+    res = CliRunner().invoke(main, ["sweep", "--models", "plain,resnet", "--depths", "8,14", "--seeds", "0,1",
+                                    "--data-root", str(cifar_root), "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_report_draws_figure6_panels_lines_and_styles(results, cifar_root, tmp_path):
+    rep = build_report(results, tmp_path / "rep", data_root=cifar_root)
+    fig = rep.figures["training_curves"]
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["plain", "residual"]
+    runs, curves = records.load(results)
+    for ax in axes:
+        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+        assert len(lines) == 4  # 2 depths x (train, test)
+        assert {ln.get_linestyle() for ln in lines} == {"-", "--"}  # test solid, train dashed
+        assert sorted(set(map(float, lines[0].get_xdata()))) == [6.0, 12.0]
+        # the mean over 2 seeds is drawn (a band of their sd around it)
+        assert any(len(c.get_paths()) for c in ax.collections)
+    ys = sorted(round(float(v), 6) for ln in axes[0].get_lines() if len(ln.get_xdata()) > 1 for v in ln.get_ydata())
+    plain = curves.merge(runs[["run_id", "kind", "depth"]], on="run_id").query("kind == 'plain'")
+    expect = [100 * plain.groupby(["depth", "iteration"])[c].mean() for c in ("train_err", "test_err")]
+    assert ys == sorted(round(float(v), 6) for e in expect for v in e)
+    assert "n = 2 seeds" in fig._suptitle.get_text()
+
+
+def test_report_degradation_throughput_and_files(results, cifar_root, tmp_path):
+    rep = build_report(results, tmp_path / "rep", "svg", data_root=cifar_root)
+    deg = [ax for ax in rep.figures["degradation"].axes if ax.get_title()]
+    assert [ax.get_title() for ax in deg] == ["final training error", "final test error"]
+    assert sorted(set(float(x) for ln in deg[0].get_lines() for x in ln.get_xdata())) == [8.0, 14.0]
+    assert "CPU" in rep.figures["throughput"]._suptitle.get_text()
+    names = {p.name for p in rep.files}
+    assert {"training_curves.svg", "degradation.svg", "throughput.svg", "layer_responses.svg", "report.md", "report.html"} <= names
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("data:image/svg+xml;base64,") == len(rep.figures)
+    assert "figure only" in page and "Sweep spec" in page and "torch_version" in page
+
+
+def test_comparison_table_numbers(results):
+    runs, _ = records.load(results)
+    table = comparison_table(runs).set_index("net")
+    assert set(table.index) == {"plain-8", "plain-14", "resnet-8", "resnet-14"}
+    errs = 100 * runs[runs["model"] == "resnet14"]["final_test_err"]
+    mean, sd = errs.mean(), errs.std()
+    assert table.loc["resnet-14", "test err % (mean ± sd)"] == f"{mean:.2f} ± {sd:.2f}"
+    assert table.loc["resnet-14", "n"] == 2
+    assert table.loc["plain-8", "He et al. %"] == "figure only"
+    assert table.loc["resnet-14", "He et al. %"] == "-"  # the paper has no ResNet-14
+
+
+def test_comparison_against_table6_values():
+    rows = pd.DataFrame([dict(status="ok", family="cifar", kind="resnet", depth=20, recipe="he2015", width=1.0,
+                              dataset="cifar10", seed=s, final_test_err=e) for s, e in ((0, 0.08), (1, 0.09))])
+    t = comparison_table(rows).iloc[0]
+    assert t["He et al. %"] == "8.75" and t["difference"] == "-0.25" and t["n"] == 2
+    rows["recipe"] = "quick"
+    assert comparison_table(rows).iloc[0]["difference"] == "-0.25 (other recipe)"
+
+
+def test_figure7_responses_from_saved_weights(results, cifar_root, tmp_path):
+    rep = build_report(results, tmp_path / "r7", data_root=cifar_root)
+    resp = rep.tables["responses"]
+    n_layers = len(resnet.stats.response_layers(resnet.build("plain14")))
+    assert n_layers == 13  # the stem conv and 12 block convs: every 3x3 layer of a 14-layer net
+    per_run = resp.groupby("run_id")["layer"].max()
+    runs, _ = records.load(results)
+    assert per_run[runs.loc[runs["model"] == "plain14", "run_id"]].eq(13).all()
+    assert (resp["std"] > 0).all()
+    assert (results / "analysis" / "responses.parquet").exists()  # cached for the next report
+    labels = [t.get_text() for t in rep.figures["layer_responses"].axes[0].get_legend().get_texts()]
+    assert {"plain-8", "residual-14"} <= set(labels)
+
+
+def test_missing_failed_and_single_run(results, tmp_path, cifar_root):
+    # a sweep.toml asking for one seed more than was run: those runs show as missing
+    text = (results / "sweep.toml").read_text()
+    other = tmp_path / "partial"
+    other.mkdir()
+    (other / "sweep.toml").write_text(re.sub(r"seeds = \[.*\]", "seeds = [0, 1, 2]", text))
+    for sub in ("runs", "curves", "weights"):
+        (other / sub).mkdir()
+    runs, _ = records.load(results)
+    one = runs[runs["model"] == "resnet8"].iloc[0]["run_id"]  # a single run
+    for sub, ext in (("runs", "parquet"), ("curves", "parquet"), ("weights", "pt")):
+        (other / sub / f"{one}.{ext}").write_bytes((results / sub / f"{one}.{ext}").read_bytes())
+    rep = build_report(other, data_root=cifar_root)
+    status = rep.tables["status"]
+    assert (status["status"] == "missing").sum() == 11  # 12 runs asked for, 1 recorded
+    assert "training_curves" in rep.figures and "degradation" in rep.figures
+
+
+def test_empty_or_resultless_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="holds no results"):
+        build_report(tmp_path)
+    with pytest.raises(ReportError, match="is not a folder"):
+        build_report(tmp_path / "absent")
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 1 and "holds no results" in res.output and "resbench sweep" in res.output
+
+
+def test_report_cli_writes_files(results, cifar_root, tmp_path):
+    res = CliRunner().invoke(main, ["report", str(results), "--out", str(tmp_path / "c"), "--no-responses"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "c" / "report.html").exists() and (tmp_path / "c" / "training_curves.png").exists()
+    assert not (tmp_path / "c" / "layer_responses.png").exists()
