@@ -64,6 +64,8 @@ def paths(out: Path, run_id: str) -> dict[str, Path]:
 def _git() -> tuple[str | None, bool | None]:
     """(sha, dirty) of the checkout resbench runs from, or (None, None) outside git."""
     root = Path(bench.__file__).resolve().parent.parent
+    if os.environ.get("RESBENCH_GIT_SHA"):  # a copy of the checkout without .git (e.g. a GPU machine)
+        return os.environ["RESBENCH_GIT_SHA"], os.environ.get("RESBENCH_GIT_DIRTY", "0") == "1"
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if sha.returncode:
