@@ -107,7 +107,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
             raise RuntimeError(f"checkpoint {p['ckpt']} belongs to another spec; delete it to start over")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
         start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
     step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device)
 
