@@ -314,6 +314,7 @@ def profile(models, batch_sizes, precisions, formats, executions, modes, device,
     grid = dict(precisions=precisions or (("bf16",) if cuda else ("fp32",)),
                 formats=formats or (("channels_last",) if cuda else prof.FORMATS),
                 executions=executions or (("eager", "cudagraph") if cuda else ("eager",)), modes=modes)
+    grid = {k: tuple(dict.fromkeys(v)) for k, v in grid.items()}  # a repeated value would be timed twice
     for key, allowed in (("precisions", prof.PRECISIONS), ("formats", prof.FORMATS), ("executions", EXECUTIONS),
                          ("modes", prof.MODES)):
         bad = [v for v in grid[key] if v not in allowed]

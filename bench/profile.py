@@ -315,21 +315,24 @@ def save(df: pd.DataFrame, out: Path, name: str) -> Path:
 # -- drawn by `resbench report` ----------------------------------------------------------------
 
 def profile_table(df: pd.DataFrame) -> pd.DataFrame:
-    """The best configuration per model and mode, plus the pipeline comparison if present."""
-    grid = df[(df.get("mode") != "train-pipeline") & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
-    cols = ["model", "mode", "batch_size", "precision", "memory_format", "execution", "img_per_s", "mfu",
-            "peak_memory_bytes", "gpu_name"]
-    best = grid.sort_values("img_per_s", ascending=False).groupby(["model", "mode"], sort=False).head(1)
-    out = best.reindex(columns=cols).sort_values(["mode", "model"]).reset_index(drop=True)
-    out["img_per_s"] = out["img_per_s"].round(0)
-    out["mfu"] = (100 * out["mfu"].astype(float)).round(1)
-    out = out.rename(columns={"mfu": "MFU %"})
-    pipe = df[df.get("mode") == "train-pipeline"] if "mode" in df else df.iloc[0:0]
-    if len(pipe):
-        p = pipe.reindex(columns=["model", "pipeline", "batch_size", "img_per_s", "speedup", "pipeline_desc"])
-        p = p.assign(mode="train-pipeline", img_per_s=p["img_per_s"].round(0))
-        out = pd.concat([out, p], ignore_index=True)
-    return out
+    """Best img/s per model, mode and batch size (with the configuration that gave it)."""
+    grid = df[(df["mode"] != "train-pipeline") & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
+    best = grid.sort_values("img_per_s", ascending=False).groupby(["model", "mode", "batch_size"], sort=False).head(1)
+    out = best.assign(
+        config=best["precision"] + " / " + best["memory_format"] + " / " + best["execution"],
+        img_per_s=best["img_per_s"].round(0).astype(int),
+        mfu=(100 * best["mfu"].astype(float)).round(1),
+        memory_MiB=(best["peak_memory_bytes"].astype(float) / 2**20).round(0),
+    )
+    cols = ["mode", "model", "batch_size", "img_per_s", "config", "mfu", "memory_MiB"]
+    return out[cols].rename(columns={"mfu": "MFU %"}).sort_values(["mode", "model", "batch_size"]).reset_index(drop=True)
+
+
+def pipeline_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The common pipeline against ours (rows of `pipeline_comparison`)."""
+    pipe = df[df["mode"] == "train-pipeline"] if "mode" in df else df.iloc[0:0]
+    cols = ["model", "batch_size", "pipeline", "img_per_s", "speedup", "pipeline_desc", "gpu_name", "utc_time"]
+    return pipe.reindex(columns=cols).assign(img_per_s=pipe["img_per_s"].round(0), speedup=pipe["speedup"].round(2))
 
 
 def profile_figure(df: pd.DataFrame):

@@ -208,10 +208,12 @@ def build_report(results_dir, out=None, fmt: str = "png", *, data_root=None, res
         rep.tables["status"] = status_table(results_dir, runs)
         rep.tables["environment"] = environment_table(runs)
     if profile is not None:
-        from bench.profile import profile_figure, profile_table
+        from bench.profile import pipeline_table, profile_figure, profile_table
 
         rep.figures["profile"] = profile_figure(profile)
         rep.tables["profile"] = profile_table(profile)
+        if (profile["mode"] == "train-pipeline").any():
+            rep.tables["pipeline"] = pipeline_table(profile)
     for name, fig in rep.figures.items():
         path = out / f"{name}.{fmt}"
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -275,7 +277,9 @@ def _write_documents(results_dir: Path, out: Path, fmt: str, rep: Report) -> lis
                  "set are not comparable, and are marked so."),
                 ("Missing, failed and diverged runs", "status", ""),
                 ("Hardware and software", "environment", ""),
-                ("Profile", "profile", "")]
+                ("Profile: best configuration per model, mode and batch size", "profile",
+                 "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),
+                ("Profile: the common pipeline against ours", "pipeline", "")]
     md = [f"# resbench report: {results_dir.name}\n"]
     body = [f"<h1>resbench report: {html.escape(results_dir.name)}</h1>"]
     for name, fig_path in ((n, out / f"{n}.{fmt}") for n in rep.figures):
