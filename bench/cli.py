@@ -171,7 +171,15 @@ def run(model, preset, seed, out, **o):
 @recipe_options
 @exec_options
 @friendly_errors
-def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, **o):
+@click.option("--partition", default=None, help="Slurm: partition.")
+@click.option("--gpus-per-run", type=int, default=1, help="Slurm: GPUs per array task (0 for CPU nodes).")
+@click.option("--time", "time_min", type=int, default=240, help="Slurm: time limit per task, minutes.")
+@click.option("--max-parallel", type=int, default=16, help="Slurm: array tasks running at once.")
+@click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
+              help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
+@click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
+def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, partition, gpus_per_run, time_min,
+          max_parallel, slurm_opt, wait, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
 
     Finished runs are skipped, an interrupted run continues from its checkpoint.
@@ -185,6 +193,8 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     from bench import sweep as sw
     from bench.specs import PRESETS, SweepSpec
 
+    slurm_opts = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
+                      extra=_key_values(slurm_opt), wait=wait)
     p = PRESETS[preset]
     spec = SweepSpec(name=name or preset, recipe=_recipe(preset, o), models=models or p["models"],
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
@@ -192,14 +202,14 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
                      dataset=o["dataset"])
     runs = spec.runs()  # validates every model name before anything is written
     out = out or Path("results") / spec.name
-    ex = _execution(o)
     sw.check_writable(out)
+    if executor == "slurm":  # the device is resolved on the compute node, not on this one
+        return _submit_slurm(spec, runs, out, o, slurm_opts)
+    ex = _execution(o)
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
                f"{len(todo)} to train on {ex.device} -> {out}")
-    if executor == "slurm":
-        raise click.ClickException("the slurm executor is not available yet")
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
     kw = dict(data_root=o["data_root"], download=o["download"], log=click.echo)
     if len(slots) > 1:
@@ -207,6 +217,60 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     else:
         sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), **kw)
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _key_values(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--slurm-opt")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _submit_slurm(spec, runs, out, o, so) -> None:
+    import shutil
+
+    from bench import slurm
+    from bench import sweep as sw
+
+    if shutil.which("sbatch") is None:
+        raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
+    sw.write_sweep_toml(spec, out)
+    todo = sw.pending(runs, out)
+    overrides = dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"])
+    submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
+                             partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
+                             max_parallel=so["max_parallel"], extra=so["extra"])
+    busy = len(todo) - len(submitted)
+    jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
+    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {busy} already queued, "
+               f"{len(submitted)} submitted to Slurm (job {jobs}) -> {out}")
+    if so["wait"] and submitted:
+        slurm.follow(submitted, out, log=click.echo, progress=sys.stderr.isatty())
+        click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@friendly_errors
+def status(results_dir):
+    """Counts of done / running / pending / failed / diverged runs, with Slurm job ids.
+
+    \b
+    Example:
+      resbench status results/he2015
+    """
+    from bench.sweep import status as sweep_status
+
+    table = sweep_status(results_dir)
+    counts = table["status"].value_counts()
+    click.echo(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
+                         ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
+    if len(table):
+        shown = table.drop(columns=[c for c in ("slurm_job", "slurm_state") if table[c].isna().all()])
+        click.echo(shown.to_string(index=False, na_rep="-"))
 
 
 @main.command(hidden=True)

@@ -89,6 +89,7 @@ def environment(device: str) -> dict:
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda,
         cudnn_version=torch.backends.cudnn.version() if cuda else None,
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),  # which GPU a pinned worker had
         python_version=platform.python_version(),
         resbench_version=bench.__version__,
         git_sha=sha,

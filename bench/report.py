@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,17 +146,10 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def expected_runs(results_dir: Path) -> list | None:
     """The runs the folder's sweep.toml asks for (None without a sweep.toml)."""
-    path = results_dir / "sweep.toml"
-    if not path.exists():
-        return None
-    from bench.specs import Recipe, SweepSpec  # data classes only
+    from bench.specs import SweepSpec  # data classes only
 
-    conf = tomllib.loads(path.read_text())
-    rec = conf.pop("recipe")
-    rec["milestones"] = tuple(rec.get("milestones", ()))
-    conf.pop("extra", None)
-    tup = {k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()}
-    return SweepSpec(recipe=Recipe(**rec), **tup).runs()
+    path = results_dir / "sweep.toml"
+    return SweepSpec.from_toml(path.read_text()).runs() if path.exists() else None
 
 
 def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:

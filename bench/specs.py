@@ -215,6 +215,34 @@ class SweepSpec:
         if not (self.models and self.depths and self.seeds):
             raise ValueError("a sweep needs at least one model kind, one depth and one seed")
 
+    def to_toml(self) -> str:
+        """The spec as TOML (written by hand: the standard library only reads TOML)."""
+        def val(v):
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, (int, float)):
+                return repr(v)
+            if isinstance(v, (tuple, list)):
+                return "[" + ", ".join(val(x) for x in v) + "]"
+            return json.dumps(str(v))
+
+        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra")}
+        lines = [f"{k} = {val(v)}" for k, v in top.items()]
+        lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(self.recipe).items() if v is not None]
+        if self.extra:
+            lines += ["", "[extra]"] + [f"{k} = {val(v)}" for k, v in self.extra.items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_toml(cls, text: str) -> "SweepSpec":
+        import tomllib
+
+        conf = tomllib.loads(text)
+        rec = conf.pop("recipe")
+        rec["milestones"] = tuple(rec.get("milestones", ()))
+        extra = conf.pop("extra", {})
+        return cls(recipe=Recipe(**rec), extra=extra, **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
+
     def runs(self) -> list[RunSpec]:
         """Every run of the grid, shallow first (so partial sweeps show the whole depth range early)."""
         return [

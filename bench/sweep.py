@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -44,23 +43,13 @@ def check_writable(out: Path) -> None:
 
 
 def write_sweep_toml(sweep: SweepSpec, out: Path) -> None:
-    """Record the spec that made this folder (TOML written by hand: the stdlib only reads TOML)."""
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (tuple, list)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return json.dumps(str(v))
+    """Record the spec that made this folder."""
+    records.atomic_write(out / "sweep.toml", lambda tmp: tmp.write_text(sweep.to_toml()))
 
-    top = {k: v for k, v in asdict(sweep).items() if k not in ("recipe", "extra")}
-    lines = [f"{k} = {val(v)}" for k, v in top.items()]
-    lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(sweep.recipe).items() if v is not None]
-    if sweep.extra:
-        lines += ["", "[extra]"] + [f"{k} = {val(v)}" for k, v in sweep.extra.items() if v is not None]
-    records.atomic_write(out / "sweep.toml", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    tomllib.loads((out / "sweep.toml").read_text())  # what we write must read back
+
+def read_sweep_toml(out: Path) -> SweepSpec | None:
+    path = Path(out) / "sweep.toml"
+    return SweepSpec.from_toml(path.read_text()) if path.exists() else None
 
 
 def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, download=False,
@@ -174,3 +163,44 @@ def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
         table = ids.assign(**{c: None for c in cols[1:]})
     table["status"] = table["status"].fillna("pending")
     return table.drop(columns="run_id")
+
+
+def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
+    """One row per run of the folder (its sweep.toml's grid plus anything recorded): model, seed,
+    state (ok / diverged / failed / running / pending / interrupted) and Slurm job id if any.
+
+    A run with a checkpoint and no record is "running" while its checkpoint is fresh (written in
+    the last ``fresh_s`` seconds) or its Slurm job is running, else "interrupted" (rerun the sweep).
+    """
+    from bench import slurm
+
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a results folder")
+    spec = read_sweep_toml(out)
+    runs, _ = records.load(out)
+    rows = {r.run_id: dict(run_id=r.run_id, model=r.model, seed=r.seed) for r in (spec.runs() if spec else [])}
+    for r in runs.to_dict("records"):
+        rows.setdefault(r["run_id"], dict(run_id=r["run_id"], model=r["model"], seed=r["seed"]))
+    recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
+    jobs = slurm.read_jobs(out)
+    try:
+        queue = slurm.queue_states(jobs.values()) if jobs else {}
+    except (OSError, RuntimeError):  # no squeue here: report the job ids without their state
+        queue = {}
+    now = time.time()
+    for rid, row in rows.items():
+        ckpt = records.paths(out, rid)["ckpt"]
+        job_state = queue.get(jobs.get(rid, ""))
+        if rid in recorded:
+            state = recorded[rid]
+        elif job_state in ("RUNNING", "COMPLETING"):
+            state = "running"
+        elif job_state in slurm.ALIVE:
+            state = "pending"
+        elif ckpt.exists():
+            state = "running" if now - ckpt.stat().st_mtime < fresh_s else "interrupted"
+        else:
+            state = "pending"
+        row.update(status=state, slurm_job=jobs.get(rid), slurm_state=job_state)
+    return pd.DataFrame(list(rows.values()), columns=["run_id", "model", "seed", "status", "slurm_job", "slurm_state"])

@@ -1,0 +1,132 @@
+"""The Slurm executor: a sweep's pending runs as one job array, through submitit.
+
+Each array task trains one run and writes its own files into the shared results folder. The
+task is checkpointable: when Slurm preempts or times it out, submitit requeues it, and the run
+continues from its own checkpoint (ckpt/<run_id>.pt). Submitting the same sweep again submits only
+the runs that have no record and no job still queued or running.
+
+Job ids are kept in ``<results>/slurm/jobs.json`` (run_id -> job id) for ``resbench status``.
+Whether a job is still alive is asked of ``squeue``; no accounting database is needed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bench import records
+from bench.specs import Execution, RunSpec
+
+ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "PREEMPTED"}
+
+
+class SlurmRun:
+    """The callable each array task runs (pickled by submitit). Checkpointable: on preemption or
+    timeout submitit calls ``checkpoint`` and requeues the same call, which resumes the run."""
+
+    def __init__(self, out: str, device: str, overrides: dict, data_root: str | None):
+        self.out, self.device, self.overrides, self.data_root = out, device, overrides, data_root
+
+    def __call__(self, spec: dict) -> str:
+        from bench.train import failed_row, run_one
+
+        import os
+
+        import torch
+
+        if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the cores Slurm gave us, not every core of the node
+            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        run = RunSpec.from_dict(spec)
+        ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
+        try:
+            return run_one(run, Path(self.out), ex, data_root=self.data_root, progress=False)["status"]
+        except Exception as e:
+            records.write_parquet(pd.DataFrame([failed_row(run, ex, e)]), records.paths(Path(self.out), run.run_id)["run"])
+            return "failed"
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        # nothing to save here: the run checkpoints itself at every evaluation point
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def jobs_file(out: Path) -> Path:
+    return Path(out) / "slurm" / "jobs.json"
+
+
+def read_jobs(out: Path) -> dict[str, str]:
+    path = jobs_file(out)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def queue_states(job_ids) -> dict[str, str]:
+    """job id -> state for the given ids still known to squeue (finished ones are absent)."""
+    ids = sorted({j.split("_")[0] for j in job_ids})
+    if not ids:
+        return {}
+    res = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(ids)], capture_output=True, text=True)
+    if res.returncode and "Invalid job id" not in res.stderr:
+        raise RuntimeError(f"squeue failed: {res.stderr.strip()}")
+    return dict(line.split()[:2] for line in res.stdout.splitlines() if line.strip())
+
+
+def alive(out: Path) -> dict[str, str]:
+    """run_id -> job id of the runs whose job is queued or running."""
+    jobs = read_jobs(out)
+    states = queue_states(jobs.values())
+    return {rid: jid for rid, jid in jobs.items() if states.get(jid) in ALIVE}
+
+
+def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: dict | None = None, data_root=None,
+           partition: str | None = None, gpus_per_run: int = 0, time_min: int = 60, max_parallel: int = 16,
+           cpus_per_task: int | None = None, extra: dict | None = None) -> dict[str, str]:
+    """Submit ``runs`` (already filtered to the pending ones) as one array; returns run_id -> job id."""
+    import submitit
+
+    out = Path(out).resolve()
+    busy = alive(out)
+    todo = [r for r in runs if r.run_id not in busy]
+    if not todo:
+        return {}
+    executor = submitit.AutoExecutor(folder=out / "slurm" / "logs", cluster="slurm")
+    params = dict(timeout_min=time_min, slurm_array_parallelism=max_parallel, tasks_per_node=1, nodes=1,
+                  name=f"resbench-{todo[0].sweep or 'sweep'}", slurm_additional_parameters=dict(extra or {}))
+    if partition:
+        params["slurm_partition"] = partition
+    if gpus_per_run:
+        params["gpus_per_node"] = gpus_per_run
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    executor.update_parameters(**params)
+    task = SlurmRun(str(out), device, dict(overrides or {}), str(data_root) if data_root else None)
+    jobs = executor.map_array(task, [r.to_dict() for r in todo])
+    submitted = {r.run_id: j.job_id for r, j in zip(todo, jobs)}
+    all_jobs = read_jobs(out) | submitted
+    records.atomic_write(jobs_file(out), lambda tmp: tmp.write_text(json.dumps(all_jobs, indent=1)))
+    return submitted
+
+
+def follow(submitted: dict[str, str], out: Path, *, poll_s: float = 2.0, log=print, progress: bool = True) -> None:
+    """Wait until every submitted job has left the queue, with a progress bar of recorded runs."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(submitted), desc="slurm", unit="run", disable=None if progress else True)
+    done_before = 0
+    while True:
+        recorded = records.finished(out)
+        done = sum(rid in recorded for rid in submitted)
+        bar.update(done - done_before)
+        done_before = done
+        states = queue_states(submitted.values())
+        if not any(s in ALIVE for s in states.values()):
+            break
+        time.sleep(poll_s)
+    bar.close()
+    lost = [rid for rid in submitted if rid not in records.finished(out)]
+    if lost:
+        log(f"{len(lost)} job(s) left the queue without a record (cancelled or killed); "
+            f"submit the sweep again to redo them: {', '.join(lost)}")

@@ -1,0 +1,95 @@
+"""Sweeps beyond one process: GPU pinning of the local executor, and a real Slurm through submitit.
+
+The Slurm tests start a one-node cluster on loopback with tests/slurm/start.sh (munged, slurmctld,
+slurmd; Debian's slurm-wlm is installed when missing). If it cannot start, they fail: a skipped
+Slurm test would hide a broken executor.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import records
+from bench.specs import Execution, RunSpec, recipe
+from bench.sweep import run_parallel, worker_slots
+
+START = Path(__file__).parent / "slurm" / "start.sh"
+TINY = ["--dataset", "synthetic", "--depths", "8", "--width", "0.25", "--batch-size", "32", "--train-size", "256",
+        "--val-size", "64", "--test-size", "64", "--eval-every", "4", "--device", "cpu"]
+
+
+def test_local_slots_pin_each_worker_to_one_gpu():
+    slots = worker_slots("cuda", None, 2, visible=["0", "1"])
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "0", "1", "1"]
+    assert len(worker_slots("cpu", 2, 4)) == 2 and worker_slots("cpu", None, 4)[0]["OMP_NUM_THREADS"]
+
+
+def test_parallel_workers_get_their_device(tmp_path):
+    r = recipe("smoke", batch_size=32, iterations=4, eval_every=4, train_size=64, val_size=32, test_size=32)
+    runs = [RunSpec("plain8", r, seed=s, width=0.25, dataset="synthetic") for s in range(4)]
+    slots = [{"CUDA_VISIBLE_DEVICES": g} for g in ("0", "1")]  # a fake two-GPU list; the runs use the CPU
+    run_parallel(runs, tmp_path, Execution.for_device("cpu"), slots, log=lambda s: None)
+    got = records.load(tmp_path)[0]
+    assert len(got) == 4 and (got["status"] == "ok").all()
+    assert set(got["cuda_visible_devices"]) == {"0", "1"}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    res = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        pytest.fail(f"could not start Slurm with {START}:\n{res.stdout}\n{res.stderr}")
+    return True
+
+
+def _sweep(out, *extra, timeout=300):
+    cmd = [sys.executable, "-m", "bench", "sweep", "--executor", "slurm", "--gpus-per-run", "0", "--time", "10",
+           "--out", str(out), *TINY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_lands_every_row(slurm, tmp_path):
+    res = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 submitted to Slurm" in res.stdout
+    runs, curves = records.load(tmp_path)
+    assert len(runs) == 4 and runs["run_id"].is_unique and (runs["status"] == "ok").all()
+    assert len(curves) == 8
+    again = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8")
+    assert "4 recorded" in again.stdout and "0 submitted" in again.stdout
+    status = subprocess.run([sys.executable, "-m", "bench", "status", str(tmp_path)], capture_output=True, text=True)
+    assert "ok: 4" in status.stdout and "_" in status.stdout  # array job ids such as 12_3
+
+
+@pytest.mark.slurm
+def test_scancel_then_resubmit_redoes_only_the_missing_run(slurm, tmp_path):
+    args = ["--seeds", "0,1,2", "--iterations", "100", "--models", "plain"]
+    first = _sweep(tmp_path, *args, "--no-wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    jobs = records_jobs(tmp_path)
+    victim_run, victim_job = sorted(jobs.items())[-1]
+    subprocess.run(["scancel", victim_job], check=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the queue to drain
+        q = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", victim_job.split("_")[0]], capture_output=True, text=True)
+        if not q.stdout.strip():
+            break
+        time.sleep(1)
+    runs, _ = records.load(tmp_path)
+    assert victim_run not in set(runs["run_id"]) and len(runs) == 2
+    second = _sweep(tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 recorded" in second.stdout and "1 submitted" in second.stdout
+    runs, curves = records.load(tmp_path)
+    assert len(runs) == 3 and runs["run_id"].is_unique and (runs["status"] == "ok").all()
+    assert victim_run in set(runs["run_id"])
+    assert not curves.duplicated(["run_id", "iteration"]).any()
+
+
+def records_jobs(out):
+    from bench.slurm import read_jobs
+
+    return read_jobs(out)
