@@ -151,9 +151,28 @@ def run(model, preset, seed, out, **o):
                    shortcut=o["shortcut"].upper(), sweep=preset)
     out = out or Path("results") / preset
     ex = _execution(o)
+    _require_data(o)
     check_writable(out)
     run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=sys.stderr.isatty(),
               log=click.echo)
+    _fail_if_failed([spec], out)
+
+
+def _require_data(o: dict) -> None:
+    """Find and decode the data set before anything is written (and warm the cache for workers)."""
+    from bench import data
+
+    data.load(o["dataset"], o["data_root"], o["download"])
+
+
+def _fail_if_failed(runs, out: Path) -> None:
+    from bench.records import finished
+
+    status = finished(out)
+    failed = [r.run_id for r in runs if status.get(r.run_id) == "failed"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} run(s) failed (their error is in the records; "
+                                   f"`resbench status {out}` lists them): {', '.join(failed)}")
 
 
 @main.command()
@@ -202,10 +221,12 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
                      dataset=o["dataset"])
     runs = spec.runs()  # validates every model name before anything is written
     out = out or Path("results") / spec.name
+    # on Slurm the device is resolved on the compute node, not on this one
+    ex = _execution(o) if executor == "local" else None
+    _require_data(o)
     sw.check_writable(out)
-    if executor == "slurm":  # the device is resolved on the compute node, not on this one
+    if executor == "slurm":
         return _submit_slurm(spec, runs, out, o, slurm_opts)
-    ex = _execution(o)
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
@@ -217,6 +238,7 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     else:
         sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), **kw)
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    _fail_if_failed(todo, out)
 
 
 def _key_values(pairs) -> dict:

@@ -149,10 +149,12 @@ def test_bad_options_give_clear_errors(tmp_path, args, message):
 
 def test_missing_data_fails_before_writing_anything(tmp_path, monkeypatch):
     monkeypatch.delenv("RESBENCH_DATA", raising=False)
-    res = CliRunner().invoke(main, ["run", "resnet8", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
-                                    "--iterations", "2"])
-    assert res.exit_code != 0 or "failed" in res.output
-    assert "not found" in res.output and "--data-root" in res.output
+    for cmd in (["run", "resnet8"], ["sweep"]):
+        res = CliRunner().invoke(main, cmd + ["--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                                              "--iterations", "2"])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert "cifar10 not found: looked under" in res.output and "--data-root" in res.output
+        assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
 def test_unwritable_output_folder(tmp_path):
@@ -195,3 +197,12 @@ def test_he2015_recipe_is_the_paper():
     assert (r.val_size, r.train_size) == (5_000, None)
     assert [r.lr_at(i, 56) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     assert [r.lr_at(i, 110) for i in (0, 399, 400, 32_000)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
+
+
+def test_sweep_with_failed_runs_exits_nonzero_and_keeps_going(tmp_path):
+    # 20k validation images out of synthetic's 10k: every run raises inside training
+    args = SWEEP_ARGS + ["--iterations", "4", "--eval-every", "4", "--val-size", "20000", "--out", str(tmp_path)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "2 run(s) failed" in res.output
+    runs = records.load(tmp_path)[0]
+    assert list(runs["status"]) == ["failed", "failed"] and runs["error"].str.contains("leaves no training").all()
