@@ -109,13 +109,17 @@ def response_figure(resp: pd.DataFrame, runs: pd.DataFrame):
     """He et al. Fig. 7: std of layer responses against layer index, plain against residual."""
     df = resp.merge(runs[["run_id", "net"]], on="run_id")
     df["model"] = df["net"] + "-" + df["depth"].astype(str)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    sns.lineplot(data=df, x="layer", y="std", hue="model", style="net", errorbar="sd", ax=axes[0])
+    # one fixed colour per model in both panels
+    order = sorted(df["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
+    style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd")
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    sns.lineplot(data=df, x="layer", y="std", ax=axes[0], legend=False, **style)
     axes[0].set_title("original order")
     srt = df.sort_values("std", ascending=False).copy()
     srt["rank"] = srt.groupby("run_id").cumcount() + 1
-    sns.lineplot(data=srt, x="rank", y="std", hue="model", style="net", errorbar="sd", ax=axes[1], legend=False)
+    sns.lineplot(data=srt, x="rank", y="std", ax=axes[1], **style)
     axes[1].set_title("sorted by magnitude")
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     for ax in axes:
         ax.set_ylabel("std of response")
     fig.suptitle("Layer responses on the test set (after BN, before addition/ReLU)")

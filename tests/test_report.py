@@ -87,7 +87,7 @@ def test_figure7_responses_from_saved_weights(results, cifar_root, tmp_path):
     assert per_run[runs.loc[runs["model"] == "plain14", "run_id"]].eq(13).all()
     assert (resp["std"] > 0).all()
     assert (results / "analysis" / "responses.parquet").exists()  # cached for the next report
-    labels = [t.get_text() for t in rep.figures["layer_responses"].axes[0].get_legend().get_texts()]
+    labels = [t.get_text() for t in rep.figures["layer_responses"].axes[1].get_legend().get_texts()]
     assert {"plain-8", "residual-14"} <= set(labels)
 
 
