@@ -40,6 +40,9 @@ class SlurmRun:
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the cores Slurm gave us, not every core of the node
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         run = RunSpec.from_dict(spec)
+        done = records.finished(Path(self.out)).get(run.run_id)
+        if done in ("ok", "diverged"):  # a requeued task whose run had already finished
+            return done
         ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
         try:
             return run_one(run, Path(self.out), ex, data_root=self.data_root, progress=False)["status"]

@@ -161,6 +161,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     row = spec.flat() | dict(
         params=params, macs=macs, status=status, error=error,
         iterations_done=int(cdf["iteration"].max()) if len(cdf) else 0,
+        resumed_from=start,  # the iteration this (last) attempt continued from; 0 for an uninterrupted run
         final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else float("nan"),
         final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else float("nan"),
         final_val_err=ok_curve["val_err"].iloc[-1] if len(ok_curve) else float("nan"),

@@ -127,7 +127,8 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
     ref = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(tmp_path / "ref")], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     (k_runs, k_curves), (r_runs, r_curves) = records.load(tmp_path / "killed"), records.load(tmp_path / "ref")
-    assert len(k_runs) == 1 and k_runs.loc[0, "status"] == "ok"
+    assert len(k_runs) == 1 and k_runs.loc[0, "status"] == "ok" and k_runs.loc[0, "resumed_from"] == ck["iteration"]
+    assert r_runs.loc[0, "resumed_from"] == 0
     assert k_curves["iteration"].tolist() == list(range(20, 301, 20))
     pd.testing.assert_frame_equal(k_curves.drop(columns=TIMING), r_curves.drop(columns=TIMING))
     assert not any(ckpt_dir.glob("*.pt"))

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench import records
@@ -93,3 +94,39 @@ def records_jobs(out):
     from bench.slurm import read_jobs
 
     return read_jobs(out)
+
+
+@pytest.mark.slurm
+def test_preempted_task_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path):
+    """USR2 is how Slurm warns of preemption or the time limit: submitit checkpoints and requeues
+    the task, which continues from the run's own checkpoint (Slurm holds a requeued job ~2 min)."""
+    args = ["--seeds", "0", "--iterations", "1500", "--eval-every", "20", "--models", "plain"]
+    first = _sweep(tmp_path / "pre", *args, "--no-wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    (run_id, job), = records_jobs(tmp_path / "pre").items()
+    ckpt = records.paths(tmp_path / "pre", run_id)["ckpt"]
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        if records.paths(tmp_path / "pre", run_id)["run"].exists():
+            break
+        time.sleep(1)
+    runs, curves = records.load(tmp_path / "pre")
+    assert len(runs) == 1 and runs.loc[0, "status"] == "ok", "the requeued task did not finish in time"
+    assert 0 < runs.loc[0, "resumed_from"] < 1500  # continued from the checkpoint, not from scratch
+    info = subprocess.run(["scontrol", "show", "job", job.split("_")[0]], capture_output=True, text=True).stdout
+    logs = "".join(p.read_text() for p in (tmp_path / "pre" / "slurm" / "logs").glob("*_log.out"))
+    assert "Restarts=1" in info or "requeued" in logs.lower()
+    # the same run uninterrupted, in this process: identical curves (CPU training is deterministic)
+    ref = _sweep_local(tmp_path / "ref", *args)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    cols = ["iteration", "lr", "train_loss", "train_err", "val_err", "test_err"]
+    pd.testing.assert_frame_equal(curves[cols], records.load(tmp_path / "ref")[1][cols])
+
+
+def _sweep_local(out, *extra):
+    cmd = [sys.executable, "-m", "bench", "sweep", "--out", str(out), *TINY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
