@@ -361,10 +361,10 @@ def report(results_dir, out, fmt, data_root, responses):
 @click.option("--models", callback=csv_list(str), default=None,
               help="Networks  [default: resnet20 on CPU; resnet20,plain20,resnet56,plain56 on CUDA]")
 @click.option("--batch-sizes", callback=csv_list(int), default=None, help="[default: 32,128 on CPU; 128,512,2048 on CUDA]")
-@click.option("--precisions", callback=csv_list(str), default=None, help="fp32, tf32, bf16  [default: fp32 on CPU; bf16 on CUDA]")
+@click.option("--precisions", callback=csv_list(str), default=None, help="fp32, tf32, bf16  [default: fp32,bf16 on CPU; bf16 on CUDA]")
 @click.option("--formats", callback=csv_list(str), default=None, help="nchw, channels_last  [default: both on CPU; channels_last on CUDA]")
 @click.option("--executions", callback=csv_list(str), default=None, help="eager, compile, cudagraph  [default: eager on CPU; eager,cudagraph on CUDA]")
-@click.option("--modes", callback=csv_list(str), default="train,infer", help="train, infer")
+@click.option("--modes", callback=csv_list(str), default=None, help="train, infer  [default: both]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=int, default=5, help="Timed blocks per configuration (median and spread).")
 @click.option("--warmup", type=int, default=5, help="Untimed steps first.")
@@ -377,8 +377,8 @@ def report(results_dir, out, fmt, data_root, responses):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/profile"))
 @click.option("--name", default=None, help="File name of the parquet  [default: from device and torch version]")
 @friendly_errors
-def profile(models, batch_sizes, precisions, formats, executions, modes, device, repeats, warmup, block_s, baseline,
-            baseline_model, baseline_batch_size, workers, data_root, out, name):
+def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size, data_root, out, name,
+            **given):
     """Training and inference img/s, MFU and memory over a grid of configurations.
 
     \b
@@ -387,36 +387,19 @@ def profile(models, batch_sizes, precisions, formats, executions, modes, device,
       resbench profile --models resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
     """
     import pandas as pd
-    import torch
 
     from bench import profile as prof
     from bench.specs import Execution
-    from bench.steps import EXECUTIONS
     from bench.sweep import check_writable
 
     ex = Execution.for_device(device)
-    cuda = ex.device.startswith("cuda")
-    models = models or (("resnet20", "plain20", "resnet56", "plain56") if cuda else ("resnet20",))
-    grid = dict(precisions=precisions or (("bf16",) if cuda else ("fp32",)),
-                formats=formats or (("channels_last",) if cuda else prof.FORMATS),
-                executions=executions or (("eager", "cudagraph") if cuda else ("eager",)), modes=modes)
-    grid = {k: tuple(dict.fromkeys(v)) for k, v in grid.items()}  # a repeated value would be timed twice
-    for key, allowed in (("precisions", prof.PRECISIONS), ("formats", prof.FORMATS), ("executions", EXECUTIONS),
-                         ("modes", prof.MODES)):
-        bad = [v for v in grid[key] if v not in allowed]
-        if bad:
-            raise click.BadParameter(f"{', '.join(bad)}: choose from {', '.join(allowed)}", param_hint=f"--{key}")
-    for m in models:
-        resnet.parse(m)
-    if "cudagraph" in grid["executions"] and not cuda:
-        raise click.BadParameter("cudagraph needs CUDA", param_hint="--executions")
+    grid = prof.resolve_grid(ex.device, **given)
+    workers = grid.pop("workers")
     check_writable(out)
-    tag = (torch.cuda.get_device_name() if cuda else "cpu").lower().replace("nvidia ", "").replace(" ", "-")
-    name = name or f"profile-{tag}-torch{torch.__version__.split('+')[0]}"
-    df = prof.profile(models, batch_sizes or ((128, 512, 2048) if cuda else (32, 128)), device=ex.device,
-                      log=click.echo, repeats=repeats, warmup=warmup, block_s=block_s, **grid)
+    df = prof.profile(grid.pop("models"), grid.pop("batch_sizes"), device=ex.device, log=click.echo, repeats=repeats,
+                      warmup=warmup, block_s=block_s, **grid)
     if baseline:
         pipe = prof.pipeline_comparison(baseline_model, baseline_batch_size, ex.device, data_root=data_root,
-                                        workers=workers if workers is not None else (8 if cuda else 2), log=click.echo)
+                                        workers=workers, log=click.echo)
         df = pd.concat([df, pipe], ignore_index=True)
-    click.echo(str(prof.save(df, out, name)))
+    click.echo(str(prof.save(df, out, name or prof.default_name(ex.device))))

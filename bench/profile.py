@@ -54,6 +54,47 @@ def peak_flops(gpu_name: str | None, precision: str) -> float | None:
     return None
 
 
+# what `resbench profile` measures when not told: small on the CPU, the interesting grid on CUDA
+DEFAULTS = {
+    "cpu": dict(models=("resnet20",), batch_sizes=(32, 128), precisions=("fp32", "bf16"), formats=FORMATS,
+                executions=("eager",), workers=2),
+    "cuda": dict(models=("resnet20", "plain20", "resnet56", "plain56"), batch_sizes=(128, 512, 2048),
+                 precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), workers=8),
+}
+
+
+def resolve_grid(device: str, **given) -> dict:
+    """The grid to measure: ``given`` values (None = the device's default), de-duplicated and checked.
+
+    Raises ValueError naming the bad value and the valid ones.
+    """
+    from bench.steps import EXECUTIONS
+
+    cuda = device.startswith("cuda")
+    grid = {k: (given.get(k) if given.get(k) is not None else v) for k, v in DEFAULTS["cuda" if cuda else "cpu"].items()}
+    grid.setdefault("modes", MODES)
+    if given.get("modes") is not None:
+        grid["modes"] = given["modes"]
+    for key in ("models", "batch_sizes", "precisions", "formats", "executions", "modes"):
+        grid[key] = tuple(dict.fromkeys(grid[key]))  # a repeated value would be timed twice
+    for key, allowed in (("precisions", PRECISIONS), ("formats", FORMATS), ("executions", EXECUTIONS), ("modes", MODES)):
+        bad = [v for v in grid[key] if v not in allowed]
+        if bad:
+            raise ValueError(f"--{key}: {', '.join(bad)} not one of {', '.join(allowed)}")
+    if "cudagraph" in grid["executions"] and not cuda:
+        raise ValueError("--executions: cudagraph needs CUDA")
+    for m in grid["models"]:
+        resnet.parse(m)
+    return grid
+
+
+def default_name(device: str) -> str:
+    """A file name that says where and with what it was measured, e.g. profile-h200-torch2.11.0."""
+    tag = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    tag = tag.lower().replace("nvidia ", "").replace(" ", "-")
+    return f"profile-{tag}-torch{torch.__version__.split('+')[0]}"
+
+
 @dataclass(frozen=True)
 class Config:
     model: str

@@ -138,3 +138,21 @@ def test_profile_on_cuda_reports_mfu():
     assert (df["status"] == "ok").all(), df[["execution", "mode", "error"]]
     if peak_flops(torch.cuda.get_device_name(), "bf16"):
         assert (df["mfu"] > 0).all()
+
+
+def test_profile_cli_on_cpu(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    args = ["profile", "--device", "cpu", "--models", "resnet8", "--batch-sizes", "4,4", "--precisions", "fp32",
+            "--formats", "nchw", "--modes", "train", "--repeats", "2", "--block-s", "0.01", "--no-baseline",
+            "--out", str(tmp_path), "--name", "p"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(tmp_path / "profile" / "p.parquet")
+    assert len(df) == 1 and df.loc[0, "status"] == "ok"  # the repeated batch size is timed once
+    bad = CliRunner().invoke(main, ["profile", "--device", "cpu", "--executions", "cudagraph", "--out", str(tmp_path)])
+    assert bad.exit_code == 1 and "cudagraph needs CUDA" in bad.output
+    bad = CliRunner().invoke(main, ["profile", "--device", "cpu", "--precisions", "fp8", "--out", str(tmp_path)])
+    assert bad.exit_code == 1 and "fp8 not one of fp32, tf32, bf16" in bad.output
