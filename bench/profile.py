@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import resnet
 from bench import data, records
-from bench.steps import TrainStep, autocast, make_optimizer
+from bench.steps import TrainStep, autocast, make_optimizer, sync
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 FORMATS = ("nchw", "channels_last")
@@ -109,11 +109,6 @@ def _set_precision(precision: str) -> None:
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timer(device: torch.device):
@@ -198,8 +193,7 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
         row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return row
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     rates = [steps * cfg.batch_size / t for t in times]
     flops_per_img = (6 if cfg.mode == "train" else 2) * row["macs"]
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.precision)
@@ -334,13 +328,13 @@ def pipeline_comparison(model: str = "resnet20", batch_size: int = 128, device: 
 def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
     for _ in range(warmup):
         fn()
-    _sync(dev)
+    sync(dev)
     times = []
     for _ in range(3):  # three blocks; median
         t = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t)
     rates = [steps * batch_size / t for t in times]
     return dict(pipeline=name, pipeline_desc=desc, img_per_s=statistics.median(rates), img_per_s_min=min(rates),

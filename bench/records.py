@@ -28,7 +28,6 @@ import bench
 # columns of a curves row, in order
 CURVE_COLUMNS = ["run_id", "iteration", "epoch", "lr", "train_loss", "train_err", "val_err", "test_err",
                  "train_time_s", "img_per_s"]
-STATUSES = ("ok", "diverged", "failed")
 
 
 def atomic_write(path: Path, write) -> None:

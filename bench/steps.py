@@ -23,6 +23,12 @@ def autocast(amp: bool, device: torch.device, cache: bool = True):
     return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if amp else contextlib.nullcontext()
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device: the clock is read only after this (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
                    device: torch.device) -> torch.optim.SGD:
     """SGD; fused on CUDA with the learning rate in a device tensor (graph-capturable)."""

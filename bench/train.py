@@ -19,7 +19,7 @@ import torch
 import resnet
 from bench import data, records
 from bench.specs import Execution, RunSpec
-from bench.steps import TrainStep, autocast, make_optimizer, set_lr
+from bench.steps import TrainStep, autocast, make_optimizer, set_lr, sync
 
 class Progress:
     """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
@@ -39,10 +39,6 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -114,7 +110,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     bar = Progress(r.iterations, start, spec.model, progress)
     status, error = "ok", None
     t_wall = time.perf_counter()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     train_time = curves[-1]["train_time_s"] if curves else 0.0
     model.train()
@@ -128,7 +124,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         if (it + 1) % r.eval_every and it + 1 != r.iterations:
             continue
         # --- evaluation point: the only host syncs of the loop ---
-        _sync(device)
+        sync(device)
         window = time.perf_counter() - t0
         train_time += window
         train_loss, train_err, seen = step.read()
@@ -149,7 +145,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
             records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(),
                                     rng={"torch": torch.get_rng_state()}, iteration=it + 1, curves=curves,
                                     windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
     bar.close()
     wall = wall_before + time.perf_counter() - t_wall
