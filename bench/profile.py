@@ -301,7 +301,8 @@ def pipeline_comparison(model: str = "resnet20", batch_size: int = 128, device: 
     rows.append(_time_pipeline("baseline", baseline_step, dev, steps, warmup, batch_size,
                                "torchvision DataLoader + PIL transforms, "
                                f"{workers} workers, eager fp32 NCHW, .item() every step"))
-    del loader, batches
+    # drop the DataLoader's iterators so its worker processes stop before our path is timed
+    loader = batches = None
 
     # -- ours -------------------------------------------------------------------------------------
     ex = Execution.for_device(device, execution=execution)

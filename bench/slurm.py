@@ -15,8 +15,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pandas as pd
-
 from bench import records
 from bench.specs import Execution, RunSpec
 
@@ -31,7 +29,7 @@ class SlurmRun:
         self.out, self.device, self.overrides, self.data_root = out, device, overrides, data_root
 
     def __call__(self, spec: dict) -> str:
-        from bench.train import failed_row, run_one
+        from bench.train import record_failure, run_one
 
         import os
 
@@ -47,7 +45,7 @@ class SlurmRun:
         try:
             return run_one(run, Path(self.out), ex, data_root=self.data_root, progress=False)["status"]
         except Exception as e:
-            records.write_parquet(pd.DataFrame([failed_row(run, ex, e)]), records.paths(Path(self.out), run.run_id)["run"])
+            record_failure(run, self.out, ex, e)
             return "failed"
 
     def checkpoint(self, *args, **kwargs):

@@ -22,7 +22,7 @@ import pandas as pd
 
 from bench import records
 from bench.specs import Execution, RunSpec, SweepSpec
-from bench.train import failed_row, run_one
+from bench.train import record_failure, run_one
 
 DONE = ("ok", "diverged")  # a failed run is tried again when the sweep is rerun
 
@@ -62,8 +62,7 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, 
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one run's failure never stops the sweep
-            row = failed_row(spec, ex, e)
-            records.write_parquet(pd.DataFrame([row]), records.paths(out, spec.run_id)["run"])
+            row = record_failure(spec, out, ex, e)
         log(_line(i, len(runs), row, time.perf_counter() - t))
 
 
@@ -123,8 +122,7 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
                 done += 1
                 row = _recorded(out, spec)
                 if row is None:  # the worker died without recording anything (killed, segfault, OOM kill)
-                    row = failed_row(spec, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
-                    records.write_parquet(pd.DataFrame([row]), records.paths(out, spec.run_id)["run"])
+                    row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
                 log(_line(done, n, row, time.perf_counter() - t))
             time.sleep(poll_s)
     finally:
@@ -147,7 +145,7 @@ def worker(spec_file: Path, out: Path) -> int:
     try:
         run_one(spec, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
     except Exception as e:
-        records.write_parquet(pd.DataFrame([failed_row(spec, ex, e)]), records.paths(out, spec.run_id)["run"])
+        record_failure(spec, out, ex, e)
         return 1
     return 0
 

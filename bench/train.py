@@ -183,7 +183,9 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     return row
 
 
-def failed_row(spec: RunSpec, ex: Execution, exc: BaseException) -> dict:
-    """The row recorded for a run that raised: its spec, the error text and the environment."""
+def record_failure(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
+    """Write (and return) the row of a run that raised: its spec, the error text and the environment."""
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return spec.flat() | dict(status="failed", error=text) | records.environment(ex.device)
+    row = spec.flat() | dict(status="failed", error=text) | records.environment(ex.device)
+    records.write_parquet(pd.DataFrame([row]), records.paths(Path(out), spec.run_id)["run"])
+    return row

@@ -1,6 +1,5 @@
 """Data: every accepted layout decodes, the cache is used, missing/corrupt data errors clearly."""
 import gzip
-import io
 import pickle
 import struct
 import tarfile
