@@ -104,10 +104,15 @@ def synthetic(n_train: int = 10_000, n_test: int = 2_000, seed: int = 0) -> Arra
 # -- finding ---------------------------------------------------------------------------------------
 
 def _tar_kind(path: Path) -> str | None:
-    """What a .tar.gz holds: 'python10', 'python100', 'folder' or None (by its member names only)."""
+    """What a .tar.gz holds: 'python10', 'python100', 'folder' or None (by its member names only).
+
+    Members are read one at a time and the first telling name decides: the official archives name
+    their folder first, so this decompresses a few kB, not the whole archive, on every load.
+    """
     try:
         with tarfile.open(path, "r:*") as tar:
-            for i, name in enumerate(tar.getnames()):
+            for i, member in enumerate(tar):
+                name = member.name
                 if "cifar-10-batches-py/" in name + "/":
                     return "python10"
                 if "cifar-100-python/" in name + "/":

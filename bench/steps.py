@@ -46,6 +46,61 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             g["lr"] = lr
 
 
+def current_lr(opt: torch.optim.Optimizer) -> float:
+    """The learning rate the optimizer will use next (what the records show, not what was asked for)."""
+    return float(opt.param_groups[0]["lr"])
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict`` that keeps each group's lr in the form this optimizer was built with.
+
+    A checkpoint written on the CPU holds float learning rates, one written on CUDA holds device
+    tensors. Loading replaces the group's lr with the saved object: a CPU checkpoint resumed on
+    CUDA would turn the lr tensor into a float, the captured CUDA graph would bake that one value
+    in, and every later milestone would be silently ignored.
+    """
+    kept = [g["lr"] for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for g, lr in zip(opt.param_groups, kept):
+        value = float(g["lr"])
+        if isinstance(lr, torch.Tensor):
+            lr.fill_(value)
+            g["lr"] = lr
+        else:
+            g["lr"] = value
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window: CUDA's allocator peak, or the process's peak RSS on Linux.
+
+    Without this, a CPU run in an in-process sweep would report the largest peak of all earlier runs.
+    Returns False where the peak cannot be reset (then the peak is unknown, not the lifetime one).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak resident set) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes: CUDA's allocator peak, or the process's peak RSS (VmHWM) since reset_peak_memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
 class TrainStep:
     """``step(x, y)`` does one optimizer step and adds its loss and errors to device counters."""
 

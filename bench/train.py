@@ -7,7 +7,6 @@ synchronize), so evaluation is excluded from the throughput figures.
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
 import traceback
@@ -19,7 +18,8 @@ import torch
 import resnet
 from bench import data, records
 from bench.specs import Execution, RunSpec
-from bench.steps import TrainStep, autocast, make_optimizer, set_lr, sync
+from bench.steps import (TrainStep, autocast, current_lr, load_optimizer_state, make_optimizer, peak_memory,
+                         reset_peak_memory, set_lr, sync)
 
 class Progress:
     """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
@@ -57,11 +57,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Ex
     return wrong.item() / len(x)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    # process-wide peak resident memory (Linux reports KiB)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def timed_windows(windows: list[dict], attempt: int) -> list[dict]:
+    """The timing windows a run's throughput is taken from.
+
+    Only this attempt's (an earlier attempt may have run with another execution, device or
+    machine), and without its first window, which holds the warm-up (cuDNN autotuning,
+    compilation, graph capture), unless it is the only one.
+    """
+    mine = [w for w in windows if w.get("attempt", 0) == attempt]
+    return mine[1:] if len(mine) > 1 else mine
 
 
 def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download: bool = False,
@@ -75,8 +79,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     p = records.paths(out, spec.run_id)
     device = torch.device(ex.device)
     torch.backends.cudnn.benchmark = ex.cudnn_benchmark
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    memory_tracked = reset_peak_memory(device)
     r, arch = spec.recipe, spec.arch
 
     arrays = data.load(spec.dataset, data_root, download)
@@ -96,15 +99,18 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     model = model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
-    start, curves, windows, wall_before = 0, [], [], 0.0
+    start, curves, windows, wall_before, attempt = 0, [], [], 0.0, 0
     if p["ckpt"].exists():
         ck = torch.load(p["ckpt"], map_location=device, weights_only=False)
         if ck["spec"] != spec.to_dict():
             raise RuntimeError(f"checkpoint {p['ckpt']} belongs to another spec; delete it to start over")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        load_optimizer_state(opt, ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
+        if device.type == "cuda" and "cuda" in ck["rng"]:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), device)
         start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
+        attempt = 1 + max((w.get("attempt", 0) for w in windows), default=-1)
     step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device)
 
     bar = Progress(r.iterations, start, spec.model, progress)
@@ -128,22 +134,23 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         window = time.perf_counter() - t0
         train_time += window
         train_loss, train_err, seen = step.read()
-        windows.append(dict(steps=seen // r.batch_size, seconds=window, img_per_s=seen / window))
+        windows.append(dict(attempt=attempt, steps=seen // r.batch_size, seconds=window, img_per_s=seen / window))
         if not math.isfinite(train_loss):
             status, error = "diverged", f"non-finite training loss at iteration {it + 1}"
             curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
-                               lr=lr, train_loss=train_loss, train_err=train_err, val_err=float("nan"),
+                               lr=current_lr(opt), train_loss=train_loss, train_err=train_err, val_err=float("nan"),
                                test_err=float("nan"), train_time_s=train_time, img_per_s=seen / window))
             break
         val_err = evaluate(model, val_x, val_y, mean, ex, device)
         test_err = evaluate(model, test_x, test_y, mean, ex, device)
-        curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch, lr=lr,
+        curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
+                           lr=current_lr(opt),
                            train_loss=train_loss, train_err=train_err, val_err=val_err, test_err=test_err,
                            train_time_s=train_time, img_per_s=seen / window))
         bar.show(loss=f"{train_loss:.3f}", err=f"{train_err:.3f}", val=f"{val_err:.3f}", img_s=f"{seen / window:.0f}")
         if it + 1 < r.iterations:
             records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(),
-                                    rng={"torch": torch.get_rng_state()}, iteration=it + 1, curves=curves,
+                                    rng=_rng_state(device), iteration=it + 1, curves=curves,
                                     windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
         sync(device)
         t0 = time.perf_counter()
@@ -151,26 +158,27 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     wall = wall_before + time.perf_counter() - t_wall
 
     cdf = pd.DataFrame(curves, columns=records.CURVE_COLUMNS)
-    # the first window holds warm-up (cudnn autotuning, compilation): leave it out when there are others
-    timed = windows[1:] if len(windows) > 1 else windows
-    ok_curve = cdf[cdf["val_err"].notna()]
+    timed = timed_windows(windows, attempt)
+    # val_err is NaN throughout with --val-size 0, test_err only at a divergence point
+    validated, tested = cdf[cdf["val_err"].notna()], cdf[cdf["test_err"].notna()]
     row = spec.flat() | dict(
         params=params, macs=macs, status=status, error=error,
         iterations_done=int(cdf["iteration"].max()) if len(cdf) else 0,
         resumed_from=start,  # the iteration this (last) attempt continued from; 0 for an uninterrupted run
         final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else float("nan"),
         final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else float("nan"),
-        final_val_err=ok_curve["val_err"].iloc[-1] if len(ok_curve) else float("nan"),
-        final_test_err=ok_curve["test_err"].iloc[-1] if len(ok_curve) else float("nan"),
+        final_val_err=validated["val_err"].iloc[-1] if len(validated) else float("nan"),
+        final_test_err=tested["test_err"].iloc[-1] if len(tested) else float("nan"),
         best_train_err=cdf["train_err"].min() if len(cdf) else float("nan"),
-        best_val_err=ok_curve["val_err"].min() if len(ok_curve) else float("nan"),
+        best_val_err=validated["val_err"].min() if len(validated) else float("nan"),
         # test error at the best validation point: model selection never looks at the test set
-        test_err_at_best_val=ok_curve.loc[ok_curve["val_err"].idxmin(), "test_err"] if len(ok_curve) else float("nan"),
-        best_test_err=ok_curve["test_err"].min() if len(ok_curve) else float("nan"),
+        test_err_at_best_val=validated.loc[validated["val_err"].idxmin(), "test_err"] if len(validated) else float("nan"),
+        best_test_err=tested["test_err"].min() if len(tested) else float("nan"),
         train_img_per_s=statistics.median(w["img_per_s"] for w in timed) if timed else float("nan"),
         step_time_ms=1e3 * statistics.median(w["seconds"] / max(w["steps"], 1) for w in timed) if timed else float("nan"),
         timed_windows=len(timed),
-        train_time_s=train_time, wall_time_s=wall, peak_memory_bytes=_peak_memory(device),
+        train_time_s=train_time, wall_time_s=wall,
+        peak_memory_bytes=peak_memory(device) if memory_tracked else None,
         amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
         train_path=f"device-loader+{ex.execution}", data_source=arrays.source,
     ) | records.environment(ex.device)
@@ -181,6 +189,15 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     records.write_parquet(pd.DataFrame([row]), p["run"])
     p["ckpt"].unlink(missing_ok=True)
     return row
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The generators a resumed run must continue: the CPU's, and the device's on CUDA (nothing in the
+    step draws from it today, but dropout or on-device augmentation would)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
 def record_failure(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:

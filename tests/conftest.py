@@ -5,13 +5,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; mutmut runs the tests from a copy one folder deeper (mutants/)
+SHARED = next((p / "shared" / "data" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared" / "data").is_dir()),
+              ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
-    # decoded data sets go to a per-session cache: tests never touch ~/.cache
-    os.environ["RESBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    # decoded data sets go to a per-session cache: tests never touch ~/.cache. Mutation runs start a
+    # session per mutant and keep one cache (RESBENCH_TEST_CACHE) so CIFAR-10 is decoded once.
+    os.environ["RESBENCH_CACHE"] = os.environ.get("RESBENCH_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     yield
 
 
@@ -30,3 +33,27 @@ def tiny():
     from bench.specs import recipe
 
     return recipe("smoke", batch_size=32, iterations=16, eval_every=8, train_size=256, val_size=256, test_size=256)
+
+
+@pytest.fixture
+def interrupt(monkeypatch):
+    """``interrupt(spec, out, ex)`` runs ``spec`` until its first checkpoint is written, then stops it as Ctrl-C would."""
+    from bench import records
+    from bench.train import run_one
+
+    def run_until_first_checkpoint(spec, out, ex, **kw):
+        real_save = records.save_torch
+
+        def save_then_interrupt(obj, path):
+            real_save(obj, path)
+            if "ckpt" in str(path):
+                raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(records, "save_torch", save_then_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                run_one(spec, out, ex, progress=False, **kw)
+        assert records.paths(out, spec.run_id)["ckpt"].exists()
+        assert not records.paths(out, spec.run_id)["run"].exists()
+
+    return run_until_first_checkpoint

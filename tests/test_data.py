@@ -175,3 +175,83 @@ def test_crop_pads_with_zeros_and_shifts():
     assert torch.equal(same, x)
     shifted = data.crop(x, torch.tensor([0]), torch.tensor([0]), 2)  # window moved up-left by 2
     assert shifted[0, 0, :2].abs().sum() == 0 and shifted[0, 0, 2, 2] == x[0, 0, 0, 0]
+
+
+def _source_window(padded: torch.Tensor, out: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Every (dy, dx, flipped) whose crop of the padded, normalised source image equals ``out``."""
+    found = []
+    for flipped in (False, True):
+        src = padded.flip(2) if flipped else padded
+        for dy in range(9):
+            for dx in range(9):
+                if torch.allclose(src[:, dy:dy + 32, dx:dx + 32], out, atol=1e-6):
+                    found.append((dy, dx, flipped))
+    return found
+
+
+def test_loader_crops_flips_and_keeps_each_label_with_its_image():
+    """Each output image is one random 32x32 window of its own source image (mean-subtracted, zero-padded
+    by 4, maybe mirrored); labels travel with their images; an epoch shows every image once."""
+    n, bs = 64, 16
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n)  # the label names the source image
+    mean = data.pixel_mean(x)
+    padded = torch.nn.functional.pad(x.float() / 255 - mean, (4, 4, 4, 4))
+    loader = data.DeviceLoader(x, y, mean, batch_size=bs, seed=5, device=torch.device("cpu"))
+    windows, labels = [], []
+    for it in range(n // bs):  # one epoch
+        xb, yb = loader.batch(it)
+        for img, label in zip(xb, yb.tolist()):
+            found = _source_window(padded[label], img)
+            assert len(found) == 1, f"image labelled {label} is not a window of source {label}"
+            windows.append(found[0])
+            labels.append(label)
+    assert sorted(labels) == list(range(n))  # a permutation: every image once per epoch
+    dys, dxs, flips = zip(*windows)
+    assert len(set(dys)) >= 6 and len(set(dxs)) >= 6  # offsets spread over -4..4
+    assert 0.25 < sum(flips) / n < 0.75  # about half mirrored
+    assert labels[:bs] != sorted(labels[:bs])  # shuffled
+
+
+def test_loader_subtracts_the_per_pixel_mean_pixel_by_pixel():
+    x = torch.tensor([[[[0, 255], [51, 102]]], [[[255, 255], [153, 0]]]], dtype=torch.uint8)  # (2, 1, 2, 2)
+    mean = data.pixel_mean(x)
+    assert torch.allclose(mean, torch.tensor([[[0.5, 1.0], [0.4, 0.2]]]))
+    loader = data.DeviceLoader(x, torch.tensor([0, 1]), mean, batch_size=2, seed=0, device=torch.device("cpu"),
+                               augment=False)
+    xb, yb = loader.batch(0)
+    for img, label in zip(xb, yb):
+        assert torch.allclose(img, x[label].float() / 255 - mean)
+    assert torch.allclose(xb[yb.tolist().index(0)], torch.tensor([[[-0.5, 0.0], [-0.2, 0.2]]]))
+
+
+def test_loader_order_depends_on_seed_and_epoch():
+    a = data.synthetic(256, 16)
+    mean = data.pixel_mean(a.train_x)
+    mk = lambda seed: data.DeviceLoader(a.train_x, a.train_y, mean, batch_size=64, seed=seed,  # noqa: E731
+                                        device=torch.device("cpu"), augment=False)
+    first = mk(0).batch(0)[1]
+    assert not torch.equal(first, mk(1).batch(0)[1]) and not torch.equal(first, mk(0).batch(4)[1])
+    assert torch.equal(first, mk(0).batch(0)[1])
+    assert mk(0).steps_per_epoch == 4 and len(mk(0).batch(3)[1]) == 64
+
+
+def test_a_cached_archive_is_not_decompressed_again(cifar_root, monkeypatch):
+    """Finding the (already decoded) official archive reads its first members, not all 180 MB."""
+    import gzip
+
+    archive = cifar_root / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        pytest.skip("the test needs the official .tar.gz")
+    data.load("cifar10", archive)  # decoded and cached (or already cached)
+    read = []
+    real = gzip._GzipReader.read  # the decompressor: skipping a member (seek) goes through it too
+
+    def counting(self, *args):
+        out = real(self, *args)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(gzip._GzipReader, "read", counting)
+    a = data.load("cifar10", archive)
+    assert len(a.train_x) == 50_000 and sum(read) < 2**20

@@ -99,6 +99,7 @@ def test_sweep_cli_skips_finished_runs(tmp_path):
     assert (tmp_path / "sweep.toml").read_text().count("depths = [8]") == 1
 
 
+@pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_sweep_in_parallel_processes(tmp_path):
     args = SWEEP_ARGS + ["--iterations", "4", "--eval-every", "4", "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path)]
     res = CliRunner().invoke(main, args)
@@ -107,6 +108,7 @@ def test_sweep_in_parallel_processes(tmp_path):
     assert sorted(runs["status"]) == ["ok"] * 4 and runs["run_id"].is_unique and len(curves) == 4
 
 
+@pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
     """A really killed subprocess: the same command resumes from the checkpoint, curves as if never killed."""
     args = SWEEP_ARGS + ["--iterations", "300", "--eval-every", "20", "--models", "plain", "--batch-size", "64"]

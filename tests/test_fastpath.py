@@ -29,23 +29,6 @@ def _train(execution, device, steps=6, amp=False):
     return net, step.read()
 
 
-def interrupt_at_first_checkpoint(spec, out, ex, monkeypatch):
-    """Run ``spec`` until its first checkpoint is written, then stop it as Ctrl-C would."""
-    real_save = records.save_torch
-
-    def save_then_interrupt(obj, path):
-        real_save(obj, path)
-        if "ckpt" in str(path):
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(records, "save_torch", save_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            run_one(spec, out, ex, progress=False)
-    assert records.paths(out, spec.run_id)["ckpt"].exists()
-    assert not records.paths(out, spec.run_id)["run"].exists()
-
-
 def test_eager_step_counts_loss_and_errors_on_device():
     net, (loss, err, n) = _train("eager", torch.device("cpu"))
     assert n == 96 and 0 <= err <= 1 and loss > 0
@@ -58,12 +41,12 @@ def test_bad_execution_is_refused():
         Execution.for_device("cpu", execution="jit")
 
 
-def test_interrupted_run_resumes_to_the_same_curves(tmp_path, tiny, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_curves(tmp_path, tiny, interrupt):
     """Ctrl-C after the first checkpoint, then the same call again: curves as if never stopped."""
     ex = Execution.for_device("cpu")
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
     run_one(spec, tmp_path / "ref", ex, progress=False)
-    interrupt_at_first_checkpoint(spec, tmp_path / "cut", ex, monkeypatch)
+    interrupt(spec, tmp_path / "cut", ex)
     run_one(spec, tmp_path / "cut", ex, progress=False)
     a, b = records.load(tmp_path / "ref")[1], records.load(tmp_path / "cut")[1]
     cols = ["iteration", "lr", "train_loss", "train_err", "val_err", "test_err"]
@@ -117,13 +100,13 @@ def test_cudagraph_step_matches_eager():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("execution", ["eager", "cudagraph"])
-def test_cuda_run_and_resume(tmp_path, tiny, monkeypatch, execution):
+def test_cuda_run_and_resume(tmp_path, tiny, interrupt, execution):
     ex = Execution.for_device("cuda", execution=execution)
     spec = RunSpec("resnet20", tiny, dataset="synthetic")
     row = run_one(spec, tmp_path / "ref", ex, progress=False)
     assert row["status"] == "ok" and row["gpu_name"] and row["peak_memory_bytes"] > 0
     assert row["train_path"] == f"device-loader+{execution}" and row["amp"] and row["channels_last"]
-    interrupt_at_first_checkpoint(spec, tmp_path / "cut", ex, monkeypatch)
+    interrupt(spec, tmp_path / "cut", ex)
     run_one(spec, tmp_path / "cut", ex, progress=False)
     a, b = records.load(tmp_path / "ref")[1], records.load(tmp_path / "cut")[1]
     assert a["iteration"].tolist() == b["iteration"].tolist()

@@ -27,6 +27,7 @@ def test_local_slots_pin_each_worker_to_one_gpu():
     assert len(worker_slots("cpu", 2, 4)) == 2 and worker_slots("cpu", None, 4)[0]["OMP_NUM_THREADS"]
 
 
+@pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_parallel_workers_get_their_device(tmp_path):
     r = recipe("smoke", batch_size=32, iterations=4, eval_every=4, train_size=64, val_size=32, test_size=32)
     runs = [RunSpec("plain8", r, seed=s, width=0.25, dataset="synthetic") for s in range(4)]

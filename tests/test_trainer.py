@@ -1,0 +1,233 @@
+"""The trainer's science against hand-computed values: the learning rate the optimizer really uses,
+SGD's update, error and loss counting, evaluation over several batches, the run's summary, what a
+resumed run reports, and its memory peak.
+
+Each test is named after the mistake it catches; plant that mistake and it fails.
+"""
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench import records
+from bench.specs import Execution, RunSpec, recipe
+from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
+from bench.train import evaluate, run_one, timed_windows
+
+CPU = Execution.for_device("cpu")
+cpu = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class FirstValues(nn.Module):
+    """Logits = the first three input values times a weight of 1: predictions worked out by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x.flatten(1)[:, :3] * self.w
+
+
+def _spy_steps(monkeypatch) -> list[dict]:
+    """Record the optimizer's hyper-parameters as each training step is taken."""
+    seen = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y):
+        g = self.opt.param_groups[0]
+        seen.append(dict(lr=float(g["lr"]), momentum=g["momentum"], weight_decay=g["weight_decay"], batch=len(y)))
+        return real(self, x, y)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("warmup_min_depth,warmed", [(8, True), (14, False)])
+def test_the_optimizer_really_follows_the_schedule(tmp_path, monkeypatch, warmup_min_depth, warmed):
+    """Milestones and the deep-net warm-up reach the optimizer at the right steps (not only the records)."""
+    r = recipe("smoke", batch_size=16, lr=0.2, lr_decay=0.5, milestones=(4, 7), iterations=10, eval_every=5,
+               warmup_lr=0.03, warmup_iters=2, warmup_min_depth=warmup_min_depth, momentum=0.8,
+               weight_decay=5e-4, train_size=64, val_size=32, test_size=32)
+    seen = _spy_steps(monkeypatch)
+    run_one(RunSpec("plain8", r, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    first = [0.03, 0.03] if warmed else [0.2, 0.2]
+    assert [s["lr"] for s in seen] == pytest.approx(first + [0.2, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05])
+    assert {(s["momentum"], s["weight_decay"], s["batch"]) for s in seen} == {(0.8, 5e-4, 16)}
+    # the recorded lr is the optimizer's, for the last step before each evaluation point
+    assert records.load(tmp_path)[1]["lr"].tolist() == pytest.approx([0.1, 0.05])
+
+
+def test_sgd_update_matches_hand_computation():
+    """Momentum 0.9 and weight decay 0.1 on every parameter (BN's too), lr 0.2 then 0.1."""
+    net = nn.Sequential(nn.Linear(1, 2, bias=False), nn.BatchNorm1d(2))
+    opt = make_optimizer(net, 0.2, 0.9, 0.1, cpu)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters())) == 3
+    p = net[0].weight
+    with torch.no_grad():
+        p.copy_(torch.tensor([[1.0], [-2.0]]))
+    for lr in (0.2, 0.1):
+        set_lr(opt, lr)
+        assert current_lr(opt) == lr
+        p.grad = torch.full_like(p, 0.5)
+        opt.step()
+    # step 1: d = g + wd p = (0.6, 0.3) = buf; p = (0.88, -2.06)
+    # step 2: d = (0.588, 0.294); buf = 0.9 (0.6, 0.3) + d = (1.128, 0.564); p -= 0.1 buf
+    assert p.detach().flatten().tolist() == pytest.approx([0.7672, -2.1164])
+
+
+def _ce(row, label):
+    return math.log(sum(math.exp(v) for v in row)) - row[label]
+
+
+def test_training_step_counts_wrong_answers_and_weights_loss_by_batch():
+    model = FirstValues()
+    step = TrainStep(model, make_optimizer(model, 0.0, 0.9, 0.0, cpu))  # lr 0: the logits stay as written
+    b1 = ([[3, 1, 0], [0, 2, 1], [0, 0, 5], [1, 4, 0]], [0, 1, 2, 0])  # predictions 0 1 2 1: one wrong
+    b2 = ([[2, 0, 1], [0, 1, 3]], [1, 2])  # predictions 0 2: one wrong
+    for x, y in (b1, b2):
+        step(torch.tensor(x, dtype=torch.float32)[:, :, None, None], torch.tensor(y))
+    loss, err, n = step.read()
+    assert n == 6 and err == pytest.approx(2 / 6)
+    expect = sum(_ce(r, lab) for x, y in (b1, b2) for r, lab in zip(x, y)) / 6
+    assert loss == pytest.approx(expect, rel=1e-6)
+    again = step.read()  # read() starts a new window
+    assert again[2] == 0 and math.isnan(again[0]) and math.isnan(again[1])
+
+
+def test_evaluate_compares_every_batch_with_its_own_labels():
+    """Seven images in batches of 3, 3 and 1; two are misclassified, one of them in the last batch."""
+    values = [[10, 0, 0], [0, 10, 0], [0, 0, 10], [0, 0, 10], [10, 0, 0], [0, 10, 0], [0, 0, 10]]  # argmax = prediction
+    labels = [0, 1, 2, 2, 1, 1, 0]  # wrong: images 4 and 6
+    x = torch.tensor(values, dtype=torch.uint8)[:, :, None, None]
+    model = FirstValues()
+    model.train()
+    ex = Execution(eval_batch_size=3)
+    err = evaluate(model, x, torch.tensor(labels), torch.zeros(3, 1, 1), ex, cpu)
+    assert err == pytest.approx(2 / 7)
+    assert model.training  # evaluation puts the net back into training mode
+    assert math.isnan(evaluate(model, x[:0], torch.tensor([]), torch.zeros(3, 1, 1), ex, cpu))
+
+
+def test_run_summary_is_taken_from_its_curves(tmp_path, tiny):
+    r = replace(tiny, iterations=24, eval_every=8)
+    row = run_one(RunSpec("resnet8", r, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    c = records.load(tmp_path)[1]
+    assert len(c) == 3 and row["iterations_done"] == 24
+    assert row["final_train_loss"] == c["train_loss"].iloc[-1] and row["final_train_err"] == c["train_err"].iloc[-1]
+    assert row["final_val_err"] == c["val_err"].iloc[-1] and row["final_test_err"] == c["test_err"].iloc[-1]
+    assert row["best_train_err"] == c["train_err"].min() and row["best_val_err"] == c["val_err"].min()
+    assert row["best_test_err"] == c["test_err"].min()
+    assert row["test_err_at_best_val"] == c.loc[c["val_err"].idxmin(), "test_err"]
+    assert row["train_time_s"] == c["train_time_s"].iloc[-1] and row["wall_time_s"] >= row["train_time_s"]
+    assert row["train_img_per_s"] == pytest.approx(float(np.median(c["img_per_s"].iloc[1:])))
+    assert row["timed_windows"] == 2 and c["epoch"].tolist() == pytest.approx([i * 32 / 256 for i in (8, 16, 24)])
+
+
+def test_training_on_all_images_still_reports_test_error(tmp_path, tiny):
+    """--val-size 0 (train on all 50k): no validation error, but the test error is still summarised."""
+    row = run_one(RunSpec("resnet8", replace(tiny, val_size=0), width=0.25, dataset="synthetic"), tmp_path, CPU,
+                  progress=False)
+    c = records.load(tmp_path)[1]
+    assert c["val_err"].isna().all() and c["test_err"].notna().all()
+    assert row["final_test_err"] == c["test_err"].iloc[-1] and row["best_test_err"] == c["test_err"].min()
+    assert math.isnan(row["final_val_err"]) and math.isnan(row["best_val_err"]) and math.isnan(row["test_err_at_best_val"])
+
+
+def test_resumed_run_times_only_its_own_attempt_without_its_warmup(tmp_path, tiny, interrupt):
+    """Attempt 0 wrote window 1; attempt 1 (a new process, maybe another execution) wrote 2, 3 and 4,
+    of which 2 holds its warm-up: the throughput is the median of windows 3 and 4."""
+    spec = RunSpec("plain8", replace(tiny, iterations=32, eval_every=8), width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, CPU)
+    row = run_one(spec, tmp_path, CPU, progress=False)
+    c = records.load(tmp_path)[1]
+    assert row["resumed_from"] == 8 and row["timed_windows"] == 2
+    assert row["train_img_per_s"] == pytest.approx(float(np.median(c["img_per_s"].iloc[2:])))
+
+
+def test_timed_windows_rule():
+    w = lambda a, s: dict(attempt=a, steps=10, seconds=s, img_per_s=1 / s)  # noqa: E731
+    assert timed_windows([w(0, 1), w(0, 2), w(0, 3)], 0) == [w(0, 2), w(0, 3)]
+    assert timed_windows([w(0, 1), w(0, 2), w(1, 5)], 1) == [w(1, 5)]  # only one window: keep it
+    old = [dict(steps=1, seconds=1.0, img_per_s=1.0), dict(steps=1, seconds=2.0, img_per_s=0.5)]  # before attempts
+    assert timed_windows(old, 0) == old[1:] and timed_windows(old + [w(1, 4), w(1, 6)], 1) == [w(1, 6)]
+
+
+def _rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_cpu_peak_memory_is_the_runs_own(tmp_path, tiny):
+    """A 600 MB spike before the run (an earlier run of the sweep, say) is not this run's peak."""
+    spike = np.ones(600 * 2**20 // 8)
+    del spike
+    lifetime = _rss_peak()
+    row = run_one(RunSpec("plain8", tiny, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    assert 0 < row["peak_memory_bytes"] < lifetime - 300 * 2**20
+
+
+def test_checkpoint_learning_rate_keeps_the_optimizers_form():
+    """A CPU checkpoint (float lr) loaded into a graph-captured optimizer (lr in a tensor) keeps that
+    tensor: the graph reads it, so the next milestone must change it in place."""
+    net = nn.Linear(2, 2)
+    cpu_opt = make_optimizer(net, 0.1, 0.9, 1e-4, cpu)
+    net(torch.ones(1, 2)).sum().backward()
+    cpu_opt.step()
+    set_lr(cpu_opt, 0.05)
+    state = cpu_opt.state_dict()
+    lr = torch.tensor(0.3)
+    tensor_opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    load_optimizer_state(tensor_opt, state)
+    assert tensor_opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(0.05)
+    assert torch.equal(tensor_opt.state[net.weight]["momentum_buffer"], cpu_opt.state[net.weight]["momentum_buffer"])
+    set_lr(tensor_opt, 0.005)
+    assert lr.item() == pytest.approx(0.005)
+    # and back: a checkpoint with a tensor lr resumed where the optimizer holds a float
+    other = make_optimizer(net, 0.1, 0.9, 1e-4, cpu)
+    load_optimizer_state(other, tensor_opt.state_dict())
+    assert type(other.param_groups[0]["lr"]) is float and current_lr(other) == pytest.approx(0.005)
+
+
+def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, CPU)
+    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=False)
+    assert set(ck["rng"]) == {"torch"}  # on the CPU; a CUDA run adds its device's generator
+    assert ck["rng"]["torch"].dtype == torch.uint8 and ck["iteration"] == tiny.eval_every
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cpu_checkpoint_resumed_on_cuda_keeps_following_the_schedule(tmp_path, interrupt, monkeypatch):
+    r = recipe("smoke", batch_size=32, iterations=16, eval_every=4, milestones=(8, 12), train_size=256, val_size=64,
+               test_size=64)
+    spec = RunSpec("resnet8", r, width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, CPU)  # checkpoint written on the CPU at iteration 4: float lr
+    seen = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y):
+        real(self, x, y)
+        lr = self.opt.param_groups[0]["lr"]
+        seen.append((id(lr), isinstance(lr, torch.Tensor) and lr.is_cuda, float(lr)))
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    ex = Execution.for_device("cuda", execution="cudagraph")
+    run_one(spec, tmp_path, ex, progress=False)
+    assert len({s[0] for s in seen}) == 1 and all(s[1] for s in seen)  # the one tensor the graph captured
+    assert [s[2] for s in seen] == pytest.approx([0.05] * 4 + [0.005] * 4 + [0.0005] * 4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_checkpoint_holds_the_cuda_random_state(tmp_path, tiny, interrupt):
+    spec = RunSpec("resnet8", tiny, width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, Execution.for_device("cuda"))
+    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=False)
+    assert set(ck["rng"]) == {"torch", "cuda"}
+
