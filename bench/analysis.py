@@ -16,11 +16,12 @@ from bench.specs import RunSpec
 
 
 def layer_response_std(results_dir: Path, runs: pd.DataFrame, *, data_root=None, max_images: int = 10_000,
-                       batch_size: int = 500) -> pd.DataFrame:
+                       batch_size: int = 500, notes: list | None = None) -> pd.DataFrame:
     """One row per (run, layer): run_id, model, kind, depth, seed, layer, layer_name, std.
 
     Uses the test images the run was evaluated on (its recipe's test_size, at most ``max_images``),
-    normalised as in training. Runs whose weights are missing are left out.
+    normalised as in training. Runs whose weights are missing are left out; so are runs whose
+    weights file cannot be read safely, with a line in ``notes`` saying why.
     """
     rows = []
     arrays_by_set: dict = {}
@@ -29,7 +30,12 @@ def layer_response_std(results_dir: Path, runs: pd.DataFrame, *, data_root=None,
         wpath = records.paths(results_dir, run["run_id"])["weights"]
         if not wpath.exists():
             continue
-        saved = torch.load(wpath, map_location="cpu", weights_only=False)
+        try:
+            saved = records.load_torch(wpath, map_location="cpu")
+        except records.UnreadableFile as e:
+            if notes is not None:
+                notes.append(f"Figure 7: {run['run_id']} left out: {e}")
+            continue
         spec = RunSpec.from_dict(saved["spec"])
         if spec.arch.preact:
             continue  # pre-activation blocks have no "after BN, before addition" response

@@ -40,16 +40,26 @@ def friendly_errors(fn):
     return wrapper
 
 
-def csv_list(cast):
+def csv_list(cast, minimum=None):
+    """A comma-separated option; with ``minimum``, every item must be at least that."""
+
     def callback(_ctx, param, value):
         if value is None:
             return None
         try:
-            return tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
+            items = tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
         except ValueError:
             raise click.BadParameter(f"expected a comma-separated list such as 20,32,44, got {value!r}") from None
+        low = [v for v in items if minimum is not None and v < minimum]
+        if low:
+            raise click.BadParameter(f"every value must be >= {minimum}, got {', '.join(map(str, low))}")
+        return items
 
     return callback
+
+
+COUNT = click.IntRange(min=1)  # how many of something: zero or fewer is a mistake, caught before anything runs
+POSITIVE = click.FloatRange(min=0, min_open=True)
 
 
 def load_config(ctx: click.Context, _param, path: str | None):
@@ -76,14 +86,14 @@ def load_config(ctx: click.Context, _param, path: str | None):
 def recipe_options(fn):
     """Options that override fields of the preset's recipe (unset = the preset's value)."""
     for name, typ, text in reversed([
-        ("--iterations", int, "Total optimizer steps."),
-        ("--batch-size", int, "Training batch size."),
-        ("--lr", float, "Base learning rate."),
+        ("--iterations", COUNT, "Total optimizer steps."),
+        ("--batch-size", COUNT, "Training batch size."),
+        ("--lr", POSITIVE, "Base learning rate."),
         ("--milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
-        ("--train-size", int, "Train on the first N images of the 45k training split."),
-        ("--val-size", int, "Validation images held out of the training set."),
-        ("--test-size", int, "Evaluate on the first N test images."),
-        ("--eval-every", int, "Steps between evaluation points (curve rows and checkpoints)."),
+        ("--train-size", COUNT, "Train on the first N images of the 45k training split."),
+        ("--val-size", click.IntRange(min=0), "Validation images held out of the training set (0: train on all)."),
+        ("--test-size", COUNT, "Evaluate on the first N test images."),
+        ("--eval-every", COUNT, "Steps between evaluation points (curve rows and checkpoints)."),
     ]):
         fn = click.option(name, type=typ, default=None, help=text + "  [default: from the preset]")(fn)
     return fn
@@ -100,7 +110,7 @@ def exec_options(fn):
         click.option("--execution", type=click.Choice(["eager", "compile", "cudagraph"]), default=None,
                      help="eager, torch.compile, or one CUDA graph per training step  [default: per device]"),
         click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
-        click.option("--width", type=float, default=None, help="Channel multiplier  [default: from the preset]"),
+        click.option("--width", type=POSITIVE, default=None, help="Channel multiplier  [default: from the preset]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
     ]):
         fn = decorator(fn)
@@ -131,7 +141,7 @@ PRESET = click.option("--preset", type=click.Choice(["he2015", "quick", "smoke"]
 @main.command()
 @click.argument("model")
 @PRESET
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
 @recipe_options
 @exec_options
@@ -181,19 +191,19 @@ def _fail_if_failed(runs, out: Path) -> None:
 @PRESET
 @click.option("--models", callback=csv_list(str), default=None, help="Kinds: plain, resnet, preresnet, preplain  [default: plain,resnet]")
 @click.option("--depths", callback=csv_list(int), default=None, help="CIFAR depths (6n+2)  [default: from the preset]")
-@click.option("--seeds", callback=csv_list(int), default=None, help="[default: 0]")
+@click.option("--seeds", callback=csv_list(int, minimum=0), default=None, help="[default: 0]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
 @click.option("--name", default=None, help="Sweep name in the records  [default: the preset]")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
-@click.option("--jobs", type=int, default=None, help="CPU: runs at a time (each in its own process).")
-@click.option("--runs-per-gpu", type=int, default=1, help="CUDA: runs packed onto each GPU at a time.")
+@click.option("--jobs", type=COUNT, default=None, help="CPU: runs at a time (each in its own process).")
+@click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
 @recipe_options
 @exec_options
 @friendly_errors
 @click.option("--partition", default=None, help="Slurm: partition.")
-@click.option("--gpus-per-run", type=int, default=1, help="Slurm: GPUs per array task (0 for CPU nodes).")
-@click.option("--time", "time_min", type=int, default=240, help="Slurm: time limit per task, minutes.")
-@click.option("--max-parallel", type=int, default=16, help="Slurm: array tasks running at once.")
+@click.option("--gpus-per-run", type=click.IntRange(min=0), default=1, help="Slurm: GPUs per array task (0 for CPU nodes).")
+@click.option("--time", "time_min", type=COUNT, default=240, help="Slurm: time limit per task, minutes.")
+@click.option("--max-parallel", type=COUNT, default=16, help="Slurm: array tasks running at once.")
 @click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
               help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
@@ -291,7 +301,7 @@ def status(results_dir):
     click.echo(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
                          ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
     if len(table):
-        shown = table.drop(columns=[c for c in ("slurm_job", "slurm_state") if table[c].isna().all()])
+        shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state") if table[c].isna().all()])
         click.echo(shown.to_string(index=False, na_rep="-"))
 
 
@@ -307,7 +317,7 @@ def worker(spec_file, out):
 
 @main.command()
 @click.option("--depths", callback=csv_list(int), default="20,32,44,56,110", help="CIFAR depths (6n+2).")
-@click.option("--width", type=float, default=1.0, help="Channel multiplier.")
+@click.option("--width", type=POSITIVE, default=1.0, help="Channel multiplier.")
 @click.option("--imagenet/--no-imagenet", default=True, help="Also list resnet18..152.")
 @friendly_errors
 def models(depths, width, imagenet):
@@ -360,19 +370,19 @@ def report(results_dir, out, fmt, data_root, responses):
 @main.command()
 @click.option("--models", callback=csv_list(str), default=None,
               help="Networks  [default: resnet20 on CPU; resnet20,plain20,resnet56,plain56 on CUDA]")
-@click.option("--batch-sizes", callback=csv_list(int), default=None, help="[default: 32,128 on CPU; 128,512,2048 on CUDA]")
+@click.option("--batch-sizes", callback=csv_list(int, minimum=1), default=None, help="[default: 32,128 on CPU; 128,512,2048 on CUDA]")
 @click.option("--precisions", callback=csv_list(str), default=None, help="fp32, tf32, bf16  [default: fp32,bf16 on CPU; bf16 on CUDA]")
 @click.option("--formats", callback=csv_list(str), default=None, help="nchw, channels_last  [default: both on CPU; channels_last on CUDA]")
 @click.option("--executions", callback=csv_list(str), default=None, help="eager, compile, cudagraph  [default: eager on CPU; eager,cudagraph on CUDA]")
 @click.option("--modes", callback=csv_list(str), default=None, help="train, infer  [default: both]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
-@click.option("--repeats", type=int, default=5, help="Timed blocks per configuration (median and spread).")
-@click.option("--warmup", type=int, default=5, help="Untimed steps first.")
-@click.option("--block-s", type=float, default=0.2, help="Target seconds per timed block.")
+@click.option("--repeats", type=COUNT, default=5, help="Timed blocks per configuration (median and spread).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, help="Untimed steps first.")
+@click.option("--block-s", type=POSITIVE, default=0.2, help="Target seconds per timed block.")
 @click.option("--baseline/--no-baseline", default=True, help="Also time the common DataLoader pipeline against ours.")
 @click.option("--baseline-model", default="resnet20")
-@click.option("--baseline-batch-size", type=int, default=128)
-@click.option("--workers", type=int, default=None, help="DataLoader workers of the baseline  [default: 2 on CPU, 8 on CUDA]")
+@click.option("--baseline-batch-size", type=COUNT, default=128)
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers of the baseline  [default: 2 on CPU, 8 on CUDA]")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="CIFAR-10 for the baseline  [default: $RESBENCH_DATA; synthetic if absent]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/profile"))
 @click.option("--name", default=None, help="File name of the parquet  [default: from device and torch version]")

@@ -24,6 +24,7 @@ import pickle
 import re
 import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,15 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
+# The md5 sums the publishers give for their files (torchvision's download checks the same ones).
+PUBLISHED_MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
 
 
 class DataError(Exception):
@@ -52,6 +62,8 @@ class Arrays:
     test_y: torch.Tensor
     classes: tuple[str, ...]
     source: str  # where it came from (a path, or "synthetic")
+    sha256: str | None = None  # of the source's bytes (see fingerprint)
+    official: bool | None = None  # its files match their publishers' md5 (None: no file has a published one)
 
     @property
     def num_classes(self) -> int:
@@ -121,8 +133,9 @@ def _tar_kind(path: Path) -> str | None:
                     return "folder"
                 if i > 200_000:
                     break
-    except (tarfile.TarError, OSError, EOFError):
-        return None
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); fetch it again, or point "
+                        f"--data-root / RESBENCH_DATA at another copy") from e
     return None
 
 
@@ -194,7 +207,10 @@ def _cached(dataset: str, source: tuple[str, Path]) -> Arrays:
     if cached.exists():
         try:
             d = torch.load(cached, weights_only=True)
-            return Arrays(d["train_x"], d["train_y"], d["test_x"], d["test_y"], tuple(d["classes"]), str(path))
+            if "sha256" not in d:  # a cache entry of an earlier version
+                d["sha256"], d["official"] = fingerprint(layout, path)
+            return Arrays(d["train_x"], d["train_y"], d["test_x"], d["test_y"], tuple(d["classes"]), str(path),
+                          d["sha256"], d["official"])
         except Exception:
             cached.unlink(missing_ok=True)  # a broken cache is rebuilt, never trusted
     try:
@@ -204,11 +220,45 @@ def _cached(dataset: str, source: tuple[str, Path]) -> Arrays:
     except Exception as e:
         raise DataError(f"could not read {dataset} from {path}: {type(e).__name__}: {e}. The file may be corrupt or incomplete; fetch it again or point --data-root / RESBENCH_DATA elsewhere.") from e
     _check(arrays, dataset, path)
+    arrays.sha256, arrays.official = fingerprint(layout, path)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    torch.save({k: getattr(arrays, k) for k in ("train_x", "train_y", "test_x", "test_y")} | {"classes": list(arrays.classes)}, tmp)
+    torch.save({k: getattr(arrays, k) for k in ("train_x", "train_y", "test_x", "test_y", "sha256", "official")}
+               | {"classes": list(arrays.classes)}, tmp)
     os.replace(tmp, cached)
     return arrays
+
+
+def _source_files(layout: str, path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if layout == "idx":
+        return [path / f for f in FASHION_FILES]
+    if layout == "folderdir":
+        return sorted(p for p in path.glob("*/*/*") if p.suffix.lower() in IMAGE_EXT)
+    return sorted(p for p in path.iterdir() if p.is_file())  # an extracted python-version folder
+
+
+def fingerprint(layout: str, path: Path) -> tuple[str, bool | None]:
+    """(sha256, official) of a data source, computed once when it is decoded (then cached).
+
+    sha256 covers the bytes of the source's files (and, for a folder, their names), so a row says
+    exactly which copy it was trained on. ``official`` is True when every file that has a published
+    md5 matches it, False when one does not (a re-packed copy: usable, and recorded as such), None
+    where no file has a published md5 (an ImageFolder tree, say).
+    """
+    sha, verdicts = hashlib.sha256(), []
+    for f in _source_files(layout, path):
+        md5 = hashlib.md5()
+        if f != path:
+            sha.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                sha.update(chunk)
+                md5.update(chunk)
+        if f.name in PUBLISHED_MD5:
+            verdicts.append(md5.hexdigest() == PUBLISHED_MD5[f.name])
+    return sha.hexdigest(), (all(verdicts) if verdicts else None)
 
 
 def _check(a: Arrays, dataset: str, path: Path) -> None:
@@ -233,9 +283,30 @@ def _decode(dataset: str, layout: str, path: Path) -> Arrays:
     return _decode_idx(path)
 
 
-def _unpickle(f) -> dict:
-    # latin1 gives str keys for the official Python-2 pickles and for the re-packed copy alike
-    return pickle.load(f, encoding="latin1")
+# What a CIFAR batch pickle may name: numpy's array reconstruction (numpy 1 and 2 spell the module
+# differently) and bytes as Python 3 writes them at protocol 2. Nothing else is ever looked up, so
+# a crafted "batch" whose pickle names os.system or any other callable is refused, not run.
+PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    def __init__(self, f, source: str):
+        super().__init__(f, encoding="latin1")  # str keys for the Python-2 pickles and re-packed copies alike
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise DataError(f"{self.source} asks to load {module}.{name}, which a CIFAR batch never holds; "
+                            f"refusing it (the file may be crafted to run code). Use the official archive.")
+        return super().find_class(module, name)
+
+
+def _unpickle(f, source: str) -> dict:
+    """A CIFAR batch: dicts, lists, strings and numpy arrays only (see PICKLE_ALLOWED)."""
+    return _BatchUnpickler(f, source).load()
 
 
 def _decode_python(dataset: str, path: Path) -> Arrays:
@@ -245,13 +316,13 @@ def _decode_python(dataset: str, path: Path) -> Arrays:
     if path.is_dir():
         for name in wanted:
             with open(path / name, "rb") as f:
-                blobs[name] = _unpickle(f)
+                blobs[name] = _unpickle(f, str(path / name))
     else:
         with tarfile.open(path, "r:*") as tar:
             for m in tar:
                 base = m.name.rsplit("/", 1)[-1]
                 if m.isfile() and base in wanted:
-                    blobs[base] = _unpickle(tar.extractfile(m))
+                    blobs[base] = _unpickle(tar.extractfile(m), f"{path}:{m.name}")
     missing = wanted - blobs.keys()
     if missing:
         raise DataError(f"{path} lacks {', '.join(sorted(missing))}: not a complete {dataset} python-version archive")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import pickle
 import platform
 import subprocess
 from pathlib import Path
@@ -46,7 +47,33 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def save_torch(obj, path: Path) -> None:
+    """Save tensors and plain containers only (what ``load_torch`` accepts)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class UnreadableFile(Exception):
+    """A checkpoint or weights file that is damaged, or that only a code-running load could read."""
+
+
+def load_torch(path: Path, map_location=None):
+    """A checkpoint or weights file, read with ``weights_only=True``: tensors and plain containers only.
+
+    A .pt file is a pickle; a full load would run whatever code a crafted file names (a results
+    folder or checkpoint from someone else, say). This one never does. Raises UnreadableFile with
+    what went wrong and what to do.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise UnreadableFile(f"{path} holds objects beyond tensors and plain containers (written by other "
+                                 f"software, or crafted to run code): refused. Delete it and rerun its run to "
+                                 f"regenerate it") from e
+        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated zip, an empty file, a bad header: torch raises many types
+        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def paths(out: Path, run_id: str) -> dict[str, Path]:
@@ -110,6 +137,15 @@ def load(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist")
     return _read_folder(root / "runs"), _read_folder(root / "curves")
+
+
+DONE = ("ok", "diverged")  # a failed run is tried again when the sweep is rerun
+
+
+def recorded(out: Path, run_id: str) -> dict | None:
+    """The run's row, or None if it has none yet."""
+    path = paths(out, run_id)["run"]
+    return pd.read_parquet(path).iloc[0].to_dict() if path.exists() else None
 
 
 def finished(out: Path) -> dict[str, str]:

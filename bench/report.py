@@ -232,7 +232,8 @@ def _responses(results_dir: Path, runs: pd.DataFrame, rep: Report, data_root, ma
     resp = pd.read_parquet(cache) if cache.exists() else None
     if resp is None or not ok_ids <= set(resp["run_id"]) | _preact_ids(runs):
         try:
-            resp = layer_response_std(results_dir, runs, data_root=data_root, max_images=max_images)
+            resp = layer_response_std(results_dir, runs, data_root=data_root, max_images=max_images,
+                                      notes=rep.notes)
         except DataError as e:
             rep.notes.append(f"Figure 7 (layer responses) not drawn: the test images are needed ({e})")
             return

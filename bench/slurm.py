@@ -42,8 +42,12 @@ class SlurmRun:
         if done in ("ok", "diverged"):  # a requeued task whose run had already finished
             return done
         ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
+        from bench.claims import Skip
+
         try:
             return run_one(run, Path(self.out), ex, data_root=self.data_root, progress=False)["status"]
+        except Skip:  # another trainer holds the run (or finished it): not this task's to record
+            return "skipped"
         except Exception as e:
             record_failure(run, self.out, ex, e)
             return "failed"

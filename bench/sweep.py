@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import records
+from bench import claims, records
 from bench.specs import Execution, RunSpec, SweepSpec
 from bench.train import record_failure, run_one
 
-DONE = ("ok", "diverged")  # a failed run is tried again when the sweep is rerun
+DONE = records.DONE
+EXIT_SKIPPED = 3  # a worker's exit code when another trainer holds (or has finished) its run
 
 
 def pending(runs: list[RunSpec], out: Path) -> list[RunSpec]:
@@ -61,6 +62,9 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, 
             row = run_one(spec, out, ex, data_root=data_root, download=download, progress=progress)
         except KeyboardInterrupt:
             raise
+        except claims.Skip as e:  # another sweep trains it (or has done so)
+            log(f"[{i}/{len(runs)}] {spec.run_id}: skipped ({e})")
+            continue
         except Exception as e:  # one run's failure never stops the sweep
             row = record_failure(spec, out, ex, e)
         log(_line(i, len(runs), row, time.perf_counter() - t))
@@ -120,7 +124,10 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
                     continue
                 del active[slot]
                 done += 1
-                row = _recorded(out, spec)
+                if proc.returncode == EXIT_SKIPPED:
+                    log(f"[{done}/{n}] {spec.run_id}: skipped (another trainer holds or finished it)")
+                    continue
+                row = records.recorded(out, spec.run_id)
                 if row is None:  # the worker died without recording anything (killed, segfault, OOM kill)
                     row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
                 log(_line(done, n, row, time.perf_counter() - t))
@@ -133,17 +140,15 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
         spec_dir.rmdir()
 
 
-def _recorded(out: Path, spec: RunSpec) -> dict | None:
-    path = records.paths(out, spec.run_id)["run"]
-    return pd.read_parquet(path).iloc[0].to_dict() if path.exists() else None
-
-
 def worker(spec_file: Path, out: Path) -> int:
     """Entry point of one subprocess: run one spec and record it (failed rows included)."""
     job = json.loads(Path(spec_file).read_text())
     spec, ex = RunSpec.from_dict(job["spec"]), Execution(**job["execution"])
     try:
         run_one(spec, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
+    except claims.Skip as e:
+        print(f"{spec.run_id}: skipped ({e})", file=sys.stderr)
+        return EXIT_SKIPPED
     except Exception as e:
         record_failure(spec, out, ex, e)
         return 1
@@ -165,10 +170,12 @@ def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
 
 def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     """One row per run of the folder (its sweep.toml's grid plus anything recorded): model, seed,
-    state (ok / diverged / failed / running / pending / interrupted) and Slurm job id if any.
+    state (ok / diverged / failed / running / pending / interrupted), who holds it, Slurm job id.
 
-    A run with a checkpoint and no record is "running" while its checkpoint is fresh (written in
-    the last ``fresh_s`` seconds) or its Slurm job is running, else "interrupted" (rerun the sweep).
+    A run without a record is "running" while a live claim holds it (bench.claims; ``held_by``
+    names the holder) or its Slurm job is running; a stale claim makes it "interrupted" (rerun the
+    sweep to take it over). Without a claim (folders of earlier versions), a checkpoint written in
+    the last ``fresh_s`` seconds counts as running.
     """
     from bench import slurm
 
@@ -182,6 +189,9 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
         rows.setdefault(r["run_id"], dict(run_id=r["run_id"], model=r["model"], seed=r["seed"]))
     recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
     jobs = slurm.read_jobs(out)
+    holders = claims.held(out)
+    for rid in holders:  # a run claimed by a sweep of another grid
+        rows.setdefault(rid, dict(run_id=rid, model=rid.split("-")[0], seed=None))
     try:
         queue = slurm.queue_states(jobs.values()) if jobs else {}
     except (OSError, RuntimeError):  # no squeue here: report the job ids without their state
@@ -190,8 +200,11 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     for rid, row in rows.items():
         ckpt = records.paths(out, rid)["ckpt"]
         job_state = queue.get(jobs.get(rid, ""))
+        claim = holders.get(rid)
         if rid in recorded:
             state = recorded[rid]
+        elif claim is not None:
+            state = "interrupted" if claims.is_stale(claim, now) else "running"
         elif job_state in ("RUNNING", "COMPLETING"):
             state = "running"
         elif job_state in slurm.ALIVE:
@@ -200,5 +213,7 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
             state = "running" if now - ckpt.stat().st_mtime < fresh_s else "interrupted"
         else:
             state = "pending"
-        row.update(status=state, slurm_job=jobs.get(rid), slurm_state=job_state)
-    return pd.DataFrame(list(rows.values()), columns=["run_id", "model", "seed", "status", "slurm_job", "slurm_state"])
+        row.update(status=state, held_by=claims.describe(claim) if claim and rid not in recorded else None,
+                   slurm_job=jobs.get(rid), slurm_state=job_state)
+    return pd.DataFrame(list(rows.values()),
+                        columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state"])

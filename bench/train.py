@@ -7,16 +7,18 @@ synchronize), so evaluation is excluded from the throughput figures.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 import resnet
-from bench import data, records
+from bench import claims, data, records
 from bench.specs import Execution, RunSpec
 from bench.steps import (TrainStep, autocast, current_lr, load_optimizer_state, make_optimizer, peak_memory,
                          reset_peak_memory, set_lr, sync)
@@ -72,10 +74,25 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
             progress: bool = True) -> dict:
     """Train ``spec`` and write runs/, curves/ and weights/ under ``out``; return the run row.
 
-    A checkpoint in ckpt/ (from an interrupted earlier attempt) is resumed. A non-finite loss ends
-    the run with status "diverged". Exceptions propagate (the sweep records them as "failed").
+    The run is claimed first (bench.claims): if another live trainer holds it, or it was recorded
+    meanwhile, claims.Skip is raised and nothing is written. A checkpoint in ckpt/ (from an
+    interrupted earlier attempt) is resumed. A non-finite loss ends the run with status "diverged".
+    Other exceptions propagate (the sweep records them as "failed").
     """
     out = Path(out)
+    claim = claims.Claim(out, spec.run_id)
+    claim.acquire()
+    try:
+        done = records.recorded(out, spec.run_id)
+        if done is not None and done["status"] in records.DONE:
+            raise claims.Skip(f"{spec.run_id} is already recorded ({done['status']})")
+        return _train(spec, out, ex, claim, data_root=data_root, download=download, progress=progress)
+    finally:
+        claim.release()
+
+
+def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data_root, download: bool,
+           progress: bool) -> dict:
     p = records.paths(out, spec.run_id)
     device = torch.device(ex.device)
     torch.backends.cudnn.benchmark = ex.cudnn_benchmark
@@ -100,10 +117,8 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
     start, curves, windows, wall_before, attempt = 0, [], [], 0.0, 0
-    if p["ckpt"].exists():
-        ck = torch.load(p["ckpt"], map_location=device, weights_only=False)
-        if ck["spec"] != spec.to_dict():
-            raise RuntimeError(f"checkpoint {p['ckpt']} belongs to another spec; delete it to start over")
+    ck = read_checkpoint(p["ckpt"], spec, device)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         load_optimizer_state(opt, ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
@@ -115,7 +130,7 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
 
     bar = Progress(r.iterations, start, spec.model, progress)
     status, error = "ok", None
-    t_wall = time.perf_counter()
+    t_wall = t_beat = time.perf_counter()
     sync(device)
     t0 = time.perf_counter()
     train_time = curves[-1]["train_time_s"] if curves else 0.0
@@ -148,8 +163,10 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
                            train_loss=train_loss, train_err=train_err, val_err=val_err, test_err=test_err,
                            train_time_s=train_time, img_per_s=seen / window))
         bar.show(loss=f"{train_loss:.3f}", err=f"{train_err:.3f}", val=f"{val_err:.3f}", img_s=f"{seen / window:.0f}")
+        claim.beat(time.perf_counter() - t_beat)  # raises claims.Claimed if another trainer took the run over
+        t_beat = time.perf_counter()
         if it + 1 < r.iterations:
-            records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), optimizer=opt.state_dict(),
+            records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), optimizer=opt.state_dict(),
                                     rng=_rng_state(device), iteration=it + 1, curves=curves,
                                     windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
         sync(device)
@@ -180,15 +197,43 @@ def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download
         train_time_s=train_time, wall_time_s=wall,
         peak_memory_bytes=peak_memory(device) if memory_tracked else None,
         amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
-        train_path=f"device-loader+{ex.execution}", data_source=arrays.source,
+        train_path=f"device-loader+{ex.execution}", data_source=arrays.source, data_sha256=arrays.sha256,
+        data_official=arrays.official,
     ) | records.environment(ex.device)
+    claim.beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
     # weights and curves first, the run row last: a row in runs/ means the run is complete
-    records.save_torch(dict(spec=spec.to_dict(), model=model.state_dict(), num_classes=arrays.num_classes,
+    records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), num_classes=arrays.num_classes,
                             in_channels=arrays.image_shape[0]), p["weights"])
     records.write_parquet(cdf, p["curves"])
     records.write_parquet(pd.DataFrame([row]), p["run"])
     p["ckpt"].unlink(missing_ok=True)
     return row
+
+
+CHECKPOINT_KEYS = {"spec", "model", "optimizer", "rng", "iteration", "curves", "windows", "wall_s"}
+
+
+def read_checkpoint(path: Path, spec: RunSpec, device: torch.device) -> dict | None:
+    """The run's checkpoint, or None to start from scratch.
+
+    A checkpoint that cannot be read (truncated by a full disk or a killed copy, or refused because
+    only a code-running load could read it) is moved aside to ``<name>.corrupt``, kept for
+    inspection, and the run restarts with a warning: a damaged file never blocks its run for good.
+    """
+    if not path.exists():
+        return None
+    try:
+        ck = records.load_torch(path, map_location=device)
+        if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
+            raise records.UnreadableFile(f"{path} is not a resbench checkpoint (keys missing)")
+    except records.UnreadableFile as e:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        warnings.warn(f"{e}; moved it to {aside} and training {spec.run_id} from scratch", stacklevel=2)
+        return None
+    if RunSpec.from_dict(ck["spec"]).to_dict() != spec.to_dict():
+        raise RuntimeError(f"checkpoint {path} belongs to another spec; delete it to start over")
+    return ck
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -45,7 +45,7 @@ def test_real_cifar_run_writes_self_describing_records(tmp_path, cifar_root, tin
     assert curves["iteration"].tolist() == [8, 16] and (curves["lr"] == tiny.lr).all()
     assert row["final_test_err"] == curves["test_err"].iloc[-1]
     # the saved final weights reproduce the recorded test error
-    saved = torch.load(records.paths(tmp_path, spec.run_id)["weights"], weights_only=False)
+    saved = torch.load(records.paths(tmp_path, spec.run_id)["weights"], weights_only=True)
     net = resnet.build("resnet8", width=0.25)
     net.load_state_dict(saved["model"])
     a = data.load("cifar10", cifar_root)
@@ -121,7 +121,7 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ck = torch.load(next(ckpt_dir.glob("*.pt")), weights_only=False)
+    ck = torch.load(next(ckpt_dir.glob("*.pt")), weights_only=True)
     assert 0 < ck["iteration"] < 300
     assert not any((tmp_path / "killed" / "runs").glob("*.parquet"))
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -142,7 +142,18 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
     (["sweep", "--models", "vgg"], "unknown model kind"),
     (["sweep", "--depths", "eight"], "comma-separated"),
     (["sweep", "--device", "tpu"], "device must be"),
-    (["sweep", "--iterations", "0"], "iterations must be"),
+    (["sweep", "--iterations", "0"], "0 is not in the range x>=1"),
+    (["sweep", "--jobs", "0"], "'--jobs': 0 is not in the range x>=1"),
+    (["sweep", "--runs-per-gpu", "0"], "'--runs-per-gpu': 0 is not in the range x>=1"),
+    (["sweep", "--seeds", "0,-1"], "every value must be >= 0, got -1"),
+    (["run", "resnet8", "--seed", "-2"], "'--seed': -2 is not in the range x>=0"),
+    (["sweep", "--width", "0"], "'--width': 0.0 is not in the range x>0"),
+    (["sweep", "--width", "-0.5"], "is not in the range x>0"),
+    (["sweep", "--val-size", "-1"], "'--val-size': -1 is not in the range x>=0"),
+    (["sweep", "--lr", "0"], "'--lr': 0.0 is not in the range x>0"),
+    (["sweep", "--max-parallel", "0"], "is not in the range x>=1"),
+    (["profile", "--repeats", "0"], "'--repeats': 0 is not in the range x>=1"),
+    (["profile", "--batch-sizes", "128,0"], "every value must be >= 1, got 0"),
 ])
 def test_bad_options_give_clear_errors(tmp_path, args, message):
     res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o")])

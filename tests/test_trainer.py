@@ -196,7 +196,7 @@ def test_checkpoint_learning_rate_keeps_the_optimizers_form():
 def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
     interrupt(spec, tmp_path, CPU)
-    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=False)
+    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=True)
     assert set(ck["rng"]) == {"torch"}  # on the CPU; a CUDA run adds its device's generator
     assert ck["rng"]["torch"].dtype == torch.uint8 and ck["iteration"] == tiny.eval_every
 
@@ -228,6 +228,6 @@ def test_cpu_checkpoint_resumed_on_cuda_keeps_following_the_schedule(tmp_path, i
 def test_cuda_checkpoint_holds_the_cuda_random_state(tmp_path, tiny, interrupt):
     spec = RunSpec("resnet8", tiny, width=0.25, dataset="synthetic")
     interrupt(spec, tmp_path, Execution.for_device("cuda"))
-    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=False)
+    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=True)
     assert set(ck["rng"]) == {"torch", "cuda"}
 

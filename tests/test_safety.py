@@ -1,0 +1,280 @@
+"""Safe to share: no file the project reads runs code, damaged state heals, bad options stop early.
+
+Every hostile file is made here: a pickle whose ``__reduce__`` would create a marker file when
+loaded. The marker must never appear.
+"""
+import os
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bench import data, records
+from bench.report import build_report
+from bench.specs import Execution, RunSpec
+from bench.train import run_one
+
+CPU = Execution.for_device("cpu")
+
+
+class Marker:
+    """Unpickling this calls open(path, "w"): a stand-in for any code a crafted file could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _cifar_dir(root, test_batch_labels):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = test_batch_labels if name == "test_batch" else rng.integers(0, 10, 8).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "labels": labels}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(data.CIFAR10_CLASSES)}, f, protocol=2)
+    return folder
+
+
+def test_a_crafted_data_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = _cifar_dir(tmp_path / "d", Marker(marker))
+    with pytest.raises(data.DataError, match=r"test_batch asks to load (io|builtins)\.open.*refusing"):
+        data.load("cifar10", tmp_path / "d")
+    assert not marker.exists()
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:  # the same inside an archive
+        tar.add(folder, arcname="cifar-10-batches-py")
+    with pytest.raises(data.DataError, match=r"cifar-10-python\.tar\.gz:cifar-10-batches-py/test_batch asks"):
+        data.load("cifar10", tmp_path / "cifar-10-python.tar.gz")
+    assert not marker.exists()
+
+
+def test_the_official_pickles_still_load(tmp_path):
+    _cifar_dir(tmp_path, list(range(8)))
+    a = data.load("cifar10", tmp_path)
+    assert a.test_y.tolist() == list(range(8)) and a.train_x.shape == (40, 3, 32, 32)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is no archive at all" * 100])
+def test_a_corrupt_archive_is_called_corrupt_not_missing(tmp_path, content):
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(content)
+    for root in (bad, tmp_path):  # given itself, or found in its folder
+        with pytest.raises(data.DataError, match="corrupt") as e:
+            data.load("cifar10", root)
+        assert str(bad) in str(e.value) and "not found" not in str(e.value)
+
+
+def test_a_truncated_archive_is_called_corrupt(tmp_path):
+    folder = _cifar_dir(tmp_path / "src", list(range(8)))
+    good = tmp_path / "a" / "cifar-10-python.tar.gz"
+    good.parent.mkdir()
+    with tarfile.open(good, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    good.write_bytes(good.read_bytes()[:-300])
+    with pytest.raises(data.DataError, match="corrupt") as e:
+        data.load("cifar10", good)
+    assert str(good) in str(e.value)
+
+
+def _interrupted(tmp_path, tiny, interrupt):
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path / "cut", CPU)
+    return spec, records.paths(tmp_path / "cut", spec.run_id)["ckpt"]
+
+
+def _uninterrupted_curves(tmp_path, spec):
+    run_one(spec, tmp_path / "ref", CPU, progress=False)
+    return records.load(tmp_path / "ref")[1].drop(columns=["train_time_s", "img_per_s"])
+
+
+def test_a_truncated_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path, tiny, interrupt):
+    spec, ckpt = _interrupted(tmp_path, tiny, interrupt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a full disk, say
+    with pytest.warns(UserWarning, match=r"is damaged.*moved it to .*\.pt\.corrupt.*from scratch"):
+        row = run_one(spec, tmp_path / "cut", CPU, progress=False)
+    assert row["status"] == "ok" and row["resumed_from"] == 0
+    assert ckpt.with_name(ckpt.name + ".corrupt").exists() and not ckpt.exists()
+    got = records.load(tmp_path / "cut")[1].drop(columns=["train_time_s", "img_per_s"])
+    pd.testing.assert_frame_equal(got, _uninterrupted_curves(tmp_path, spec))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny, interrupt):
+    spec, ckpt = _interrupted(tmp_path, tiny, interrupt)
+    marker = tmp_path / "pwned"
+    ck = torch.load(ckpt, weights_only=True)
+    torch.save(ck | {"curves": Marker(marker)}, ckpt)
+    with pytest.warns(UserWarning, match="beyond tensors and plain containers.*refused"):
+        row = run_one(spec, tmp_path / "cut", CPU, progress=False)
+    assert not marker.exists() and row["resumed_from"] == 0 and row["status"] == "ok"
+
+
+def test_checkpoints_and_weights_load_without_pickled_code(tmp_path, tiny, interrupt):
+    spec, ckpt = _interrupted(tmp_path, tiny, interrupt)
+    ck = torch.load(ckpt, weights_only=True)  # raises if anything beyond tensors and containers is inside
+    assert RunSpec.from_dict(ck["spec"]) == spec and isinstance(ck["spec"], str)
+    run_one(spec, tmp_path / "cut", CPU, progress=False)
+    w = torch.load(records.paths(tmp_path / "cut", spec.run_id)["weights"], weights_only=True)
+    assert RunSpec.from_dict(w["spec"]) == spec
+
+
+def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_report(tmp_path, tiny, cifar_root):
+    specs = [RunSpec(m, tiny, width=0.25) for m in ("plain8", "resnet8")]
+    for s in specs:
+        run_one(s, tmp_path / "r", CPU, data_root=cifar_root, progress=False)
+    marker = tmp_path / "pwned"
+    torch.save({"model": Marker(marker)}, records.paths(tmp_path / "r", specs[0].run_id)["weights"])
+    rep = build_report(tmp_path / "r", data_root=cifar_root)
+    assert not marker.exists()
+    assert set(rep.tables["responses"]["run_id"]) == {specs[1].run_id}
+    assert any(specs[0].run_id in n and "refused" in n for n in rep.notes)
+    assert "layer_responses" in rep.figures and "refused" in (tmp_path / "r" / "report" / "report.md").read_text()
+
+
+# -- one trainer per run -----------------------------------------------------------------------------
+
+def _write_claim(out, run_id, **fields):
+    import json
+    import socket
+    import time
+
+    from bench import claims
+
+    claims.folder(out).mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    claim = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), slurm_task=None, token="other",
+                 started=now, heartbeat=now, stale_after_s=claims.STALE_MIN_S) | fields
+    claims.path(out, run_id).write_text(json.dumps(claim))
+
+
+def test_a_claimed_run_is_skipped_named_and_untouched(tmp_path, tiny):
+    from bench import claims
+    from bench.sweep import run_local, status
+
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    holder = claims.Claim(tmp_path, spec.run_id)
+    holder.acquire()  # this live process holds it
+    with pytest.raises(claims.Claimed, match=rf"being trained by .* pid {os.getpid()}"):
+        run_one(spec, tmp_path, CPU, progress=False)
+    lines = []
+    run_local([spec], tmp_path, CPU, progress=False, log=lines.append)
+    assert "skipped" in lines[0] and not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
+    st = status(tmp_path).set_index("run_id").loc[spec.run_id]
+    assert st["status"] == "running" and f"pid {os.getpid()}" in st["held_by"]
+    holder.release()
+    assert run_one(spec, tmp_path, CPU, progress=False)["status"] == "ok"
+    assert not claims.path(tmp_path, spec.run_id).exists()  # released when done
+    with pytest.raises(claims.Skip, match="already recorded"):  # a finished run is never trained twice
+        run_one(spec, tmp_path, CPU, progress=False)
+
+
+def test_stale_claims_are_taken_over(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from bench import claims
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cases = [  # (claim fields, may another trainer take it?)
+        (dict(pid=dead.pid), True),  # its process on this host is gone (kill -9, crash)
+        (dict(host="elsewhere", pid=1), False),  # a live heartbeat elsewhere
+        (dict(host="elsewhere", pid=1, heartbeat=time.time() - 301), True),  # silent for > stale_after_s
+        (dict(host="elsewhere", pid=1, slurm_task="77_3"), True),  # our own Slurm task, requeued
+    ]
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    for i, (fields, free) in enumerate(cases):
+        _write_claim(tmp_path, f"r{i}", **fields)
+        c = claims.Claim(tmp_path, f"r{i}")
+        if free:
+            c.acquire()
+            assert claims.read(tmp_path, f"r{i}")["token"] == c.token
+        else:
+            with pytest.raises(claims.Claimed, match="elsewhere pid 1"):
+                c.acquire()
+            assert claims.read(tmp_path, f"r{i}")["token"] == "other"
+
+
+def test_stale_rule_follows_the_holders_evaluation_intervals(tmp_path):
+    from bench import claims
+
+    c = claims.Claim(tmp_path, "r")
+    c.acquire()
+    assert claims.read(tmp_path, "r")["stale_after_s"] == claims.STALE_FIRST_S == 1800
+    c.beat(100.0)
+    assert claims.read(tmp_path, "r")["stale_after_s"] == 500  # 5 x the longest interval
+    c.beat(10.0)
+    assert claims.read(tmp_path, "r")["stale_after_s"] == 500
+    d = claims.Claim(tmp_path, "s")
+    d.acquire()
+    d.beat(1.0)
+    assert claims.read(tmp_path, "s")["stale_after_s"] == claims.STALE_MIN_S == 300
+
+
+def test_a_trainer_whose_claim_was_taken_over_stops_and_leaves_it(tmp_path):
+    from bench import claims
+
+    c = claims.Claim(tmp_path, "r")
+    c.acquire()
+    _write_claim(tmp_path, "r", host="elsewhere", token="new-holder")  # taken over while we stalled
+    with pytest.raises(claims.Claimed, match="taken over by elsewhere"):
+        c.beat(1.0)
+    c.release()
+    assert claims.read(tmp_path, "r")["token"] == "new-holder"
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_two_sweeps_on_one_folder_train_each_run_exactly_once(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "bench", "sweep", "--dataset", "synthetic", "--models", "plain,resnet", "--depths",
+            "8", "--seeds", "0,1", "--width", "0.25", "--batch-size", "32", "--train-size", "256", "--val-size", "64",
+            "--test-size", "64", "--iterations", "40", "--eval-every", "10", "--device", "cpu", "--out", str(tmp_path)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trained = [m for o in outs for m in re.findall(r"\] (\w+)\s+seed (\d): ok", o)]
+    assert sorted(trained) == sorted([(m, s) for m in ("plain8", "resnet8") for s in "01"]), outs
+    assert all("skipped" in o or o.count(": ok") == 4 for o in outs)
+    runs = records.load(tmp_path)[0]
+    assert len(runs) == 4 and (runs["status"] == "ok").all()
+    assert list((tmp_path / "claims").glob("*.json")) == []
+
+
+# -- which copy of the data -------------------------------------------------------------------------
+
+def test_rows_say_which_copy_of_the_data_they_used(tmp_path, cifar_root, tiny):
+    archive = cifar_root / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        pytest.skip("the test needs the shared .tar.gz")
+    row = run_one(RunSpec("resnet8", tiny, width=0.25), tmp_path, CPU, data_root=archive, progress=False)
+    # the shared copy is re-packed (no 'filenames' key), so its md5 is not the published one
+    assert row["data_sha256"] == "1c96ab0b4af5f1d9b6d0c338c62d98d9a283019bb50f51b3175cabb4a29a0ec8"
+    assert row["data_official"] is False and row["data_source"] == str(archive)
+
+
+def test_fingerprint_covers_every_byte_and_checks_published_md5(tmp_path):
+    folder = _cifar_dir(tmp_path / "a", list(range(8)))
+    sha, official = data.fingerprint("pydir", folder)
+    assert official is None  # no file of an extracted folder has a published md5
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:-1] + b"\x00")
+    assert data.fingerprint("pydir", folder)[0] != sha
+    fake = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    assert data.fingerprint("python10", fake)[1] is False  # named as the official archive, other bytes
+    import hashlib
+
+    assert data.fingerprint("python10", fake)[0] == hashlib.sha256(fake.read_bytes()).hexdigest()
