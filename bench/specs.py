@@ -251,6 +251,23 @@ class SweepSpec:
         extra = conf.pop("extra", {})
         return cls(recipe=Recipe(**rec), extra=extra, **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
 
+    AXES = ("models", "depths", "seeds")
+
+    def union(self, other: "SweepSpec") -> "SweepSpec":
+        """This grid extended by ``other``'s models, depths and seeds (in order, without repeats).
+
+        Only the axes may differ: the same folder holding two recipes, widths or data sets would be
+        two experiments under one name, so that is a ValueError naming the difference.
+        """
+        mine, theirs = asdict(self), asdict(other)
+        differ = [k for k in mine if k not in self.AXES + ("extra",) and mine[k] != theirs[k]]
+        if differ:
+            what = "; ".join(f"{k}: {mine[k]!r} recorded, {theirs[k]!r} asked for" for k in differ)
+            raise ValueError(f"this folder holds sweep {self.name!r} with other settings ({what}). A sweep can be "
+                             f"extended only along models, depths and seeds; use another --out for another experiment")
+        grown = {k: tuple(dict.fromkeys(getattr(self, k) + getattr(other, k))) for k in self.AXES}
+        return replace(self, extra={**self.extra, **other.extra}, **grown)
+
     def runs(self) -> list[RunSpec]:
         """Every run of the grid, shallow first (so partial sweeps show the whole depth range early)."""
         return [

@@ -43,9 +43,16 @@ def check_writable(out: Path) -> None:
         raise PermissionError(f"cannot write results to {out}: {e.strerror or e}; choose another --out") from e
 
 
-def write_sweep_toml(sweep: SweepSpec, out: Path) -> None:
-    """Record the spec that made this folder."""
+def write_sweep_toml(sweep: SweepSpec, out: Path) -> SweepSpec:
+    """Record the spec of this folder and return it: a call that extends an earlier sweep (more seeds,
+    depths or kinds, same settings) keeps the union of both grids, so status and the report still
+    know the earlier runs' plan. Other settings than the folder's are a ValueError, and nothing is written.
+    """
+    old = read_sweep_toml(out)
+    if old is not None:
+        sweep = old.union(sweep)
     records.atomic_write(out / "sweep.toml", lambda tmp: tmp.write_text(sweep.to_toml()))
+    return sweep
 
 
 def read_sweep_toml(out: Path) -> SweepSpec | None:

@@ -220,3 +220,19 @@ def test_sweep_with_failed_runs_exits_nonzero_and_keeps_going(tmp_path):
     assert res.exit_code == 1 and "2 run(s) failed" in res.output
     runs = records.load(tmp_path)[0]
     assert list(runs["status"]) == ["failed", "failed"] and runs["error"].str.contains("leaves no training").all()
+
+
+def test_extending_a_sweep_keeps_the_union_of_its_grids(tmp_path):
+    from bench.sweep import read_sweep_toml, status
+
+    base = SWEEP_ARGS + ["--iterations", "4", "--eval-every", "4", "--out", str(tmp_path)]
+    assert CliRunner().invoke(main, base + ["--seeds", "0"]).exit_code == 0
+    assert CliRunner().invoke(main, base + ["--seeds", "1", "--depths", "14", "--models", "resnet"]).exit_code == 0
+    spec = read_sweep_toml(tmp_path)
+    assert (spec.seeds, spec.depths, spec.models) == ((0, 1), (8, 14), ("plain", "resnet"))
+    st = status(tmp_path)
+    assert len(st) == 8 and (st["status"] == "ok").sum() == 3 and (st["status"] == "pending").sum() == 5
+    before = (tmp_path / "sweep.toml").read_text()
+    other = CliRunner().invoke(main, SWEEP_ARGS + ["--iterations", "8", "--eval-every", "4", "--out", str(tmp_path)])
+    assert other.exit_code == 1 and "other settings (recipe:" in other.output and "another --out" in other.output
+    assert (tmp_path / "sweep.toml").read_text() == before and len(records.load(tmp_path)[0]) == 3
