@@ -341,28 +341,40 @@ def models(depths, width, imagenet):
 
 
 @main.command()
-@click.argument("results_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RESULTS_DIR/report]")
+@click.argument("results_dirs", metavar="RESULTS_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="[default: RESULTS_DIR/report; required with several folders]")
+@click.option("--compare-by", default=None, metavar="COLUMN",
+              help="Run column whose values the figures tell apart, e.g. gpu_name, shortcut, amp, recipe, width  "
+                   "[default with several folders: sweep]")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Data set for Figure 7 (layer responses)  [default: $RESBENCH_DATA]")
 @click.option("--responses/--no-responses", default=True, help="Draw Figure 7 (needs the test images).")
 @friendly_errors
-def report(results_dir, out, fmt, data_root, responses):
-    """Figures, the Table 6 comparison, report.md and report.html from a results folder.
+def report(results_dirs, out, compare_by, fmt, data_root, responses):
+    """Figures, the Table 6 comparison, report.md and report.html from one or more results folders.
+
+    With several folders (or --compare-by), their runs go into one report: each figure draws one
+    facet or line style per value of the compared column, the Table 6 comparison one column per
+    value, and the report says at the top which other settings differ.
 
     \b
-    Example:
+    Examples:
       resbench report results/smoke --format svg
+      resbench report results/smoke-A results/smoke-B --compare-by shortcut --out results/A-vs-B
     """
     from bench.report import ReportError, build_report
 
+    if len(results_dirs) > 1 and out is None:
+        raise click.UsageError("several results folders need --out (where the joint report goes)")
     try:
-        rep = build_report(results_dir, out, fmt, data_root=data_root, responses=responses)
+        rep = build_report(list(results_dirs), out, fmt, data_root=data_root, responses=responses,
+                           compare_by=compare_by)
     except ReportError as e:
         raise click.ClickException(str(e)) from None
-    for note in rep.notes:
-        click.echo(f"note: {note}", err=True)
+    for note in rep.warnings + rep.notes:
+        click.echo(f"{'warning' if note in rep.warnings else 'note'}: {note}", err=True)
     for path in rep.files:
         click.echo(str(path))
 
@@ -386,15 +398,19 @@ def report(results_dir, out, fmt, data_root, responses):
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="CIFAR-10 for the baseline  [default: $RESBENCH_DATA; synthetic if absent]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/profile"))
 @click.option("--name", default=None, help="File name of the parquet  [default: from device and torch version]")
+@click.option("--against", type=click.Path(path_type=Path), default=None, metavar="PROFILE",
+              help="A saved profile (.parquet, or a folder such as results/reference-profile-h200): "
+                   "write this machine / reference for every configuration both measured.")
 @friendly_errors
 def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size, data_root, out, name,
-            **given):
+            against, **given):
     """Training and inference img/s, MFU and memory over a grid of configurations.
 
     \b
     Examples:
       resbench profile
       resbench profile --models resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
+      resbench profile --models resnet20 --batch-sizes 128 --against results/reference-profile-h200
     """
     import pandas as pd
 
@@ -403,6 +419,7 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
     from bench.sweep import check_writable
 
     ex = Execution.for_device(device)
+    reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing
     grid = prof.resolve_grid(ex.device, **given)
     workers = grid.pop("workers")
     check_writable(out)
@@ -412,4 +429,13 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
         pipe = prof.pipeline_comparison(baseline_model, baseline_batch_size, ex.device, data_root=data_root,
                                         workers=workers, log=click.echo)
         df = pd.concat([df, pipe], ignore_index=True)
-    click.echo(str(prof.save(df, out, name or prof.default_name(ex.device))))
+    name = name or prof.default_name(ex.device)
+    click.echo(str(prof.save(df, out, name)))
+    if reference is not None:
+        matched, unmatched = prof.against(df, reference)
+        if len(matched):
+            click.echo(matched.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        for row in unmatched.itertuples(index=False):
+            click.echo(f"no match in {against} for: " + ", ".join(f"{k}={v}" for k, v in zip(prof.CONFIG_KEYS, row)))
+        for path in prof.save_against(matched, out, name):
+            click.echo(str(path))

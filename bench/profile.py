@@ -390,3 +390,83 @@ def profile_figure(df: pd.DataFrame):
     fig.suptitle(f"resbench profile on {', '.join(dev) or 'CPU'}; torch {df['torch_version'].iloc[0]}")
     fig.tight_layout()
     return fig
+
+
+# -- against a saved profile (`resbench profile --against`) -----------------------------------------
+
+CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode"]
+
+
+def read_reference(path) -> pd.DataFrame:
+    """A saved profile to compare against: a parquet file, or a folder holding profile/*.parquet."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((path / "profile").glob("*.parquet")) or sorted(path.glob("*.parquet"))
+        if not files:
+            raise ValueError(f"{path} holds no profile parquet (profile/*.parquet); give a .parquet file or a "
+                             f"folder that `resbench profile --out` wrote")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ValueError(f"--against {path}: no such file or folder")
+    try:
+        ref = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        raise ValueError(f"--against {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
+    if missing:
+        raise ValueError(f"--against {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "
+                         f"give a parquet that `resbench profile` wrote, e.g. results/reference-profile-h200")
+    return ref
+
+
+def _machine(df: pd.DataFrame) -> pd.Series:
+    gpu = df["gpu_name"] if "gpu_name" in df else pd.Series(None, index=df.index)
+    cpu = "CPU " + df["cpu"].astype(str) if "cpu" in df else pd.Series("CPU", index=df.index)
+    return gpu.fillna(cpu)
+
+
+def against(new: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(matched, unmatched): each new measurement beside the reference's median img/s for the same
+    configuration (model, batch size, precision, memory format, execution, mode), with
+    ratio = this machine / reference; unmatched lists the new configurations the reference lacks."""
+    def grid(df):
+        return df[(df["status"] == "ok") & (df["mode"] != "train-pipeline")].assign(machine=_machine)
+
+    r = grid(ref).groupby(CONFIG_KEYS, as_index=False).agg(ref_img_per_s=("img_per_s", "median"),
+                                                           ref_machine=("machine", "first"))
+    both = grid(new).merge(r, on=CONFIG_KEYS, how="left")
+    both["ratio"] = both["img_per_s"] / both["ref_img_per_s"]
+    cols = CONFIG_KEYS + ["machine", "img_per_s", "ref_machine", "ref_img_per_s", "ratio"]
+    matched = both[both["ratio"].notna()][cols].reset_index(drop=True)
+    return matched, both[both["ratio"].isna()][CONFIG_KEYS].reset_index(drop=True)
+
+
+def against_figure(matched: pd.DataFrame):
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    df = matched.assign(config=matched["model"] + " b" + matched["batch_size"].astype(str) + " "
+                        + matched["precision"] + "/" + matched["memory_format"] + "/" + matched["execution"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * df["config"].nunique() + 3), 3.8))
+    sns.barplot(data=df, x="config", y="ratio", hue="mode", ax=ax)
+    ax.axhline(1.0, color="gray", lw=1, ls="--")
+    ax.set_ylabel("img/s here / reference")
+    ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=30)
+    here, there = df["machine"].iloc[0], df["ref_machine"].iloc[0]
+    fig.suptitle(f"{here} against {there} (same configurations; above 1: faster here)")
+    fig.tight_layout()
+    return fig
+
+
+def save_against(matched: pd.DataFrame, out: Path, name: str) -> list[Path]:
+    """The ratio table and its figure under ``out/profile-against/`` (not profile/, which the report reads)."""
+    folder = Path(out) / "profile-against"
+    records.write_parquet(matched, folder / f"{name}.parquet")
+    paths = [folder / f"{name}.parquet"]
+    if len(matched):
+        fig = against_figure(matched)
+        fig.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+        paths.append(folder / f"{name}.png")
+    return paths

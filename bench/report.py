@@ -37,6 +37,8 @@ class Report:
     tables: dict = field(default_factory=dict)  # name -> DataFrame
     files: list = field(default_factory=list)  # paths written
     notes: list = field(default_factory=list)  # what could not be drawn, and why
+    warnings: list = field(default_factory=list)  # said at the top: what makes a comparison unfair
+    compared: str | None = None  # the column whose values the figures tell apart
 
 
 def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -51,33 +53,38 @@ def _seeds_note(df: pd.DataFrame, by: list[str]) -> str:
     return f"n = {lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"n = {lo}..{hi} seeds"
 
 
-def training_curves(runs: pd.DataFrame, curves: pd.DataFrame):
-    """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; plain | residual."""
+def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | None = None):
+    """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; plain | residual
+    (and one row of panels per value of the compared column)."""
     ok = runs[runs["status"] != "failed"]
-    df = curves.merge(ok[["run_id", "net", "depth", "seed", "model"]], on="run_id")
-    long = df.melt(id_vars=["iteration", "net", "depth", "seed"], value_vars=["train_err", "test_err"],
-                   var_name="split", value_name="error (%)")
+    keep = ["run_id", "net", "depth", "seed", "model"] + ([COMPARE] if compare else [])
+    df = curves.merge(ok[keep], on="run_id")
+    long = df.melt(id_vars=["iteration", "net", "depth", "seed"] + ([COMPARE] if compare else []),
+                   value_vars=["train_err", "test_err"], var_name="split", value_name="error (%)")
     long["split"] = long["split"].str.replace("_err", "")
     long["error (%)"] *= 100
     g = sns.relplot(data=long, kind="line", x="iteration", y="error (%)", hue="depth", style="split",
                     style_order=["train", "test"], dashes={"train": (4, 2), "test": ""}, col="net",
                     col_order=[c for c in ("plain", "residual") if c in set(long["net"])], errorbar="sd",
-                    palette="viridis", height=3.6, aspect=1.15, facet_kws=dict(sharex=True, sharey=True))
-    g.set_titles("{col_name}")
+                    palette="viridis", height=3.6, aspect=1.15, facet_kws=dict(sharex=True, sharey=True),
+                    **(dict(row=COMPARE, row_order=sorted(long[COMPARE].unique())) if compare else {}))
+    g.set_titles("{row_name}: {col_name}" if compare else "{col_name}")
     g.figure.suptitle(f"Training curves (dashed: training error, solid: test error); {_seeds_note(df, ['model'])}", y=1.03)
     return g.figure
 
 
-def degradation(runs: pd.DataFrame):
-    """Final training and test error against depth, plain and residual side by side."""
+def degradation(runs: pd.DataFrame, compare: str | None = None):
+    """Final training and test error against depth, plain and residual side by side (line style:
+    the value of the compared column)."""
     ok = runs[runs["status"] == "ok"]
-    long = ok.melt(id_vars=["net", "depth", "seed"], value_vars=["final_train_err", "final_test_err"],
+    long = ok.melt(id_vars=["net", "depth", "seed"] + ([COMPARE] if compare else []),
+                   value_vars=["final_train_err", "final_test_err"],
                    var_name="split", value_name="error (%)")
     long["split"] = long["split"].map({"final_train_err": "final training error", "final_test_err": "final test error"})
     long["error (%)"] *= 100
     g = sns.relplot(data=long, kind="line", x="depth", y="error (%)", hue="net", col="split", marker="o",
                     hue_order=["plain", "residual"], errorbar="sd", height=3.6, aspect=1.1,
-                    facet_kws=dict(sharey=False))
+                    facet_kws=dict(sharey=False), **_style(long, compare))
     g.set_titles("{col_name}")
     g.figure.suptitle(f"The degradation problem: error against depth; {_seeds_note(ok, ['model'])}", y=1.03)
     return g.figure
@@ -91,27 +98,29 @@ def _device_title(runs: pd.DataFrame) -> str:
     return f"{' / '.join(devs)}; batch {batch}; torch {runs['torch_version'].iloc[0]}"
 
 
-def throughput(runs: pd.DataFrame):
-    """Training img/s against depth and against multiply-adds."""
+def throughput(runs: pd.DataFrame, compare: str | None = None):
+    """Training img/s against depth and against multiply-adds (line style: the compared value)."""
     ok = runs[runs["status"] == "ok"].copy()
     ok["MACs (M)"] = ok["macs"] / 1e6
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, x in zip(axes, ["depth", "MACs (M)"]):
         sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=["plain", "residual"], marker="o",
-                     errorbar="sd", ax=ax)
+                     errorbar="sd", ax=ax, **_style(ok, compare))
         ax.set_ylabel("training img/s")
     fig.suptitle(f"Training throughput: {_device_title(ok)}")
     fig.tight_layout()
     return fig
 
 
-def response_figure(resp: pd.DataFrame, runs: pd.DataFrame):
-    """He et al. Fig. 7: std of layer responses against layer index, plain against residual."""
-    df = resp.merge(runs[["run_id", "net"]], on="run_id")
+def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None = None):
+    """He et al. Fig. 7: std of layer responses against layer index, plain against residual (line
+    style: plain/residual, or the compared value when comparing)."""
+    df = resp.merge(runs[["run_id", "net"] + ([COMPARE] if compare else [])], on="run_id")
     df["model"] = df["net"] + "-" + df["depth"].astype(str)
     # one fixed colour per model in both panels
     order = sorted(df["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
-    style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd")
+    style = dict(hue="model", hue_order=order, errorbar="sd",
+                 **(_style(df, compare) or dict(style="net", style_order=["plain", "residual"])))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
     sns.lineplot(data=df, x="layer", y="std", ax=axes[0], legend=False, **style)
     axes[0].set_title("original order")
@@ -127,8 +136,13 @@ def response_figure(resp: pd.DataFrame, runs: pd.DataFrame):
     return fig
 
 
-def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Final test error (%) per net and depth against He et al. Table 6; mean +- sd over seeds."""
+def comparison_table(runs: pd.DataFrame, compare: str | None = None) -> pd.DataFrame:
+    """Final test error (%) per net and depth against He et al. Table 6; mean +- sd over seeds.
+
+    When comparing, one error column (and one n column) per value of the compared column.
+    """
+    if compare:
+        return _wide_comparison(runs, compare)
     ok = runs[(runs["status"] == "ok") & (runs["family"] == "cifar") & (runs["kind"].isin(["plain", "resnet"]))]
     rows = []
     for (kind, depth, recipe, width), g in ok.groupby(["kind", "depth", "recipe", "width"], sort=True):
@@ -146,6 +160,47 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
             + ("" if comparable or paper is None else " (other recipe)"),
         })
     return pd.DataFrame(rows)
+
+
+def _wide_comparison(runs: pd.DataFrame, compare: str) -> pd.DataFrame:
+    index = ["net", "He et al. %"] + [c for c in ("recipe", "width") if c != compare]
+    tables = []
+    for value, g in runs.groupby(COMPARE, sort=True):
+        t = comparison_table(g.drop(columns=COMPARE))
+        if len(t):
+            t = t.rename(columns={"test err % (mean ± sd)": f"test err % [{value}]", "n": f"n [{value}]"})
+            tables.append(t.drop(columns=["best %", "difference"] + [c for c in ("recipe", "width") if c not in index])
+                          .set_index(index))
+    if not tables:
+        return pd.DataFrame()
+    wide = pd.concat(tables, axis=1).reset_index()
+    depth = wide["net"].str.split("-").str[1].astype(int)
+    return wide.assign(_d=depth).sort_values(["_d", "net"]).drop(columns="_d").astype(object).fillna("-").reset_index(drop=True)
+
+
+COMPARE = "compared"  # the column holding the compared value as text
+# columns measured per run, or naming it: never "a difference between the compared folders"
+NOT_SETTINGS = {"run_id", "sweep", "results_dir", "model", "family", "kind", "depth", "residual", "seed", "params",
+                "macs", "status", "error", "iterations_done", "resumed_from", "utc_time", "net", COMPARE,
+                "cuda_visible_devices", "train_img_per_s", "step_time_ms", "timed_windows", "train_time_s",
+                "wall_time_s", "peak_memory_bytes"}
+
+
+def _style(df: pd.DataFrame, compare: str | None) -> dict:
+    return dict(style=COMPARE, style_order=sorted(df[COMPARE].unique())) if compare else {}
+
+
+def differing_columns(runs: pd.DataFrame) -> list[str]:
+    """Settings (columns constant within each compared group) whose value differs between groups."""
+    groups = runs.groupby(COMPARE)
+    out = []
+    for col in runs.columns:
+        if col in NOT_SETTINGS or col.startswith(("final_", "best_", "test_err_at")):
+            continue
+        per_group = groups[col].agg(lambda s: tuple(sorted(set(s.astype(str)))))
+        if (per_group.map(len) == 1).all() and per_group.nunique() > 1:
+            out.append(col)
+    return out
 
 
 def expected_runs(results_dir: Path) -> list | None:
@@ -174,35 +229,41 @@ def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[cols].astype(str).drop_duplicates().reset_index(drop=True)
 
 
-def build_report(results_dir, out=None, fmt: str = "png", *, data_root=None, responses: bool = True,
-                 response_images: int = 10_000) -> Report:
-    """Draw every figure and table the records allow; write them, report.md and report.html to ``out``."""
-    results_dir = Path(results_dir)
+def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, responses: bool = True,
+                 response_images: int = 10_000, compare_by: str | None = None) -> Report:
+    """Draw every figure and table the records allow; write them, report.md and report.html to ``out``.
+
+    ``results_dirs``: one results folder, or several to compare. ``compare_by`` names the run column
+    whose values tell the compared groups apart (several folders: default ``sweep``, or the folder
+    when all share one sweep name); each figure then draws one facet or line style per value.
+    """
+    dirs = [Path(d) for d in (results_dirs if isinstance(results_dirs, (list, tuple)) else [results_dirs])]
     if fmt not in ("png", "svg", "pdf"):
         raise ValueError(f"format must be png, svg or pdf, got {fmt!r}")
-    if not results_dir.is_dir():
-        raise ReportError(f"{results_dir} is not a folder; give the folder that `resbench sweep --out` wrote")
-    runs, curves = records.load(results_dir)
-    profile = _profile_frame(results_dir)
-    if not len(runs) and profile is None:
-        raise ReportError(f"{results_dir} holds no results (no runs/*.parquet, no profile/*.parquet); "
-                          f"run `resbench sweep --out {results_dir}` or `resbench profile --out {results_dir}` first")
-    out = Path(out) if out else results_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    if not dirs:
+        raise ReportError("give at least one results folder")
     rep = Report()
+    runs, curves, profile = _load(dirs, rep.notes)
+    out = Path(out) if out else dirs[0] / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    compare = None
     if len(runs):
         runs = _runs_frame(runs)
+        compare = rep.compared = _compared(runs, dirs, compare_by, rep)
         done = runs[runs["status"] != "failed"]
         if len(curves) and len(done):
-            rep.figures["training_curves"] = training_curves(runs, curves)
+            rep.figures["training_curves"] = training_curves(runs, curves, compare)
         if (runs["status"] == "ok").any():
-            rep.figures["degradation"] = degradation(runs)
-            rep.figures["throughput"] = throughput(runs)
-            rep.tables["comparison"] = comparison_table(runs)
+            rep.figures["degradation"] = degradation(runs, compare)
+            rep.figures["throughput"] = throughput(runs, compare)
+            rep.tables["comparison"] = comparison_table(runs, compare)
             if responses:
-                _responses(results_dir, runs, rep, data_root, response_images)
-        rep.tables["status"] = status_table(results_dir, runs)
+                _responses(dirs, runs, rep, data_root, response_images, compare)
+        rep.tables["status"] = pd.concat([status_table(d, runs[runs["results_dir"] == str(d)]) for d in dirs],
+                                         ignore_index=True)
         rep.tables["environment"] = environment_table(runs)
+    elif compare_by:
+        raise ReportError(f"--compare-by {compare_by}: these folders hold no runs to compare (only profiles)")
     if profile is not None:
         from bench.profile import pipeline_table, profile_figure, profile_table
 
@@ -214,8 +275,57 @@ def build_report(results_dir, out=None, fmt: str = "png", *, data_root=None, res
         path = out / f"{name}.{fmt}"
         fig.savefig(path, dpi=110, bbox_inches="tight")
         rep.files.append(path)
-    rep.files += _write_documents(results_dir, out, fmt, rep)
+    rep.files += _write_documents(dirs, out, fmt, rep, compare)
     return rep
+
+
+def _load(dirs: list[Path], notes: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """(runs, curves, profile) of several results folders. Runs get a ``results_dir`` column; a run_id
+    found in two folders is taken from the first, and a note says so."""
+    runs_frames, curve_frames, profiles, first = [], [], [], {}
+    for d in dirs:
+        if not d.is_dir():
+            raise ReportError(f"{d} is not a folder; give the folder that `resbench sweep --out` wrote")
+        runs, curves = records.load(d)
+        profile = _profile_frame(d)
+        if not len(runs) and profile is None:
+            raise ReportError(f"{d} holds no results (no runs/*.parquet, no profile/*.parquet): not a results "
+                              f"folder; run `resbench sweep --out {d}` or `resbench profile --out {d}` first")
+        if profile is not None:
+            profiles.append(profile)
+        if not len(runs):
+            continue
+        dup = runs["run_id"].isin(first.keys())
+        for rid in runs.loc[dup, "run_id"]:
+            notes.append(f"{rid} is in {first[rid]} and in {d}: the report uses the copy in {first[rid]}")
+        runs = runs[~dup].assign(results_dir=str(d))
+        first.update({rid: d for rid in runs["run_id"]})
+        runs_frames.append(runs)
+        if len(curves):
+            curve_frames.append(curves[curves["run_id"].isin(runs["run_id"])])
+    cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
+    return cat(runs_frames), cat(curve_frames), (cat(profiles) if profiles else None)
+
+
+def _compared(runs: pd.DataFrame, dirs: list[Path], compare_by: str | None, rep: Report) -> str | None:
+    """Add the COMPARE column and return the compared column's name (None: nothing compared)."""
+    if compare_by is None and len(dirs) == 1:
+        return None
+    column = compare_by or "sweep"
+    if column not in runs.columns:
+        known = ", ".join(sorted(c for c in runs.columns if c not in (COMPARE, "net")))
+        raise ReportError(f"--compare-by {column}: no such run column; choose one of: {known}")
+    if compare_by is None and runs["sweep"].nunique() == 1:
+        column = "results_dir"  # several folders of one sweep name: tell them apart by folder
+        rep.notes.append("the folders share one sweep name, so they are compared by folder")
+    runs[COMPARE] = runs[column].astype(str)
+    if runs[COMPARE].nunique() < 2:
+        rep.warnings.append(f"all runs have {column} = {runs[COMPARE].iloc[0]}: nothing to compare")
+    others = [c for c in differing_columns(runs) if c != column]
+    if others:
+        rep.warnings.append(f"these runs differ in more than {column}: also in {', '.join(others)}. "
+                            f"Differences in the figures may come from any of these.")
+    return column
 
 
 def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
@@ -223,24 +333,31 @@ def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
 
 
-def _responses(results_dir: Path, runs: pd.DataFrame, rep: Report, data_root, max_images: int) -> None:
+def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, data_root, max_images: int,
+               compare: str | None) -> None:
+    """Figure 7 from each folder's saved weights (cached per folder in analysis/responses.parquet)."""
     from bench.analysis import layer_response_std
     from bench.data import DataError
 
-    cache = results_dir / "analysis" / "responses.parquet"
-    ok_ids = set(runs.loc[runs["status"] == "ok", "run_id"])
-    resp = pd.read_parquet(cache) if cache.exists() else None
-    if resp is None or not ok_ids <= set(resp["run_id"]) | _preact_ids(runs):
-        try:
-            resp = layer_response_std(results_dir, runs, data_root=data_root, max_images=max_images,
-                                      notes=rep.notes)
-        except DataError as e:
-            rep.notes.append(f"Figure 7 (layer responses) not drawn: the test images are needed ({e})")
-            return
-        if len(resp):
-            records.write_parquet(resp, cache)
-    if resp is not None and len(resp):
-        rep.figures["layer_responses"] = response_figure(resp, runs)
+    frames = []
+    for d in dirs:
+        mine = runs[runs["results_dir"] == str(d)]
+        cache = d / "analysis" / "responses.parquet"
+        ok_ids = set(mine.loc[mine["status"] == "ok", "run_id"])
+        resp = pd.read_parquet(cache) if cache.exists() else None
+        if resp is None or not ok_ids <= set(resp["run_id"]) | _preact_ids(mine):
+            try:
+                resp = layer_response_std(d, mine, data_root=data_root, max_images=max_images, notes=rep.notes)
+            except DataError as e:
+                rep.notes.append(f"Figure 7 (layer responses) not drawn for {d}: the test images are needed ({e})")
+                continue
+            if len(resp):
+                records.write_parquet(resp, cache)
+        if resp is not None and len(resp):
+            frames.append(resp[resp["run_id"].isin(ok_ids)])
+    if frames:
+        resp = pd.concat(frames, ignore_index=True)
+        rep.figures["layer_responses"] = response_figure(resp, runs, compare)
         rep.tables["responses"] = resp
 
 
@@ -266,8 +383,11 @@ CAPTIONS = {
 }
 
 
-def _write_documents(results_dir: Path, out: Path, fmt: str, rep: Report) -> list[Path]:
-    spec = (results_dir / "sweep.toml").read_text() if (results_dir / "sweep.toml").exists() else "(no sweep.toml)"
+def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare: str | None) -> list[Path]:
+    spec = "".join((f"# {d}\n" if len(dirs) > 1 else "")
+                   + ((d / "sweep.toml").read_text() if (d / "sweep.toml").exists() else "(no sweep.toml)\n")
+                   for d in dirs)
+    title = " vs ".join(d.name for d in dirs)
     sections = [("Comparison with He et al. 2015, Table 6", "comparison",
                  f"Final test error. Source of the published numbers: {published.CITATION}. "
                  "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
@@ -277,8 +397,15 @@ def _write_documents(results_dir: Path, out: Path, fmt: str, rep: Report) -> lis
                 ("Profile: best configuration per model, mode and batch size", "profile",
                  "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),
                 ("Profile: the common pipeline against ours", "pipeline", "")]
-    md = [f"# resbench report: {results_dir.name}\n"]
-    body = [f"<h1>resbench report: {html.escape(results_dir.name)}</h1>"]
+    md = [f"# resbench report: {title}\n"]
+    body = [f"<h1>resbench report: {html.escape(title)}</h1>"]
+    for w in rep.warnings:
+        md.append(f"**Warning:** {w}\n")
+        body.append(f"<p><strong>Warning:</strong> {html.escape(w)}</p>")
+    if compare:
+        md.append(f"Compared by `{compare}`; folders: {', '.join(str(d) for d in dirs)}.\n")
+        body.append(f"<p>Compared by <code>{html.escape(compare)}</code>; folders: "
+                    f"{html.escape(', '.join(str(d) for d in dirs))}.</p>")
     for name, fig_path in ((n, out / f"{n}.{fmt}") for n in rep.figures):
         md.append(f"![{name}]({fig_path.name})\n\n{CAPTIONS.get(name, '')}\n")
         mime = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}[fmt]
