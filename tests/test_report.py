@@ -123,3 +123,20 @@ def test_report_cli_writes_files(results, cifar_root, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "c" / "report.html").exists() and (tmp_path / "c" / "training_curves.png").exists()
     assert not (tmp_path / "c" / "layer_responses.png").exists()
+
+
+def test_degradation_and_throughput_draw_the_recorded_numbers(results, tmp_path):
+    """Each point is the mean over seeds of the recorded value (in %), at its depth."""
+    rep = build_report(results, tmp_path / "rep", responses=False)
+    runs, _ = records.load(results)
+    runs["net"] = runs["residual"].map({True: "residual", False: "plain"})
+    deg = [ax for ax in rep.figures["degradation"].axes if ax.get_title()]
+    assert [ax.get_title() for ax in deg] == ["final training error", "final test error"]
+    for ax, col in zip(deg, ["final_train_err", "final_test_err"]):
+        drawn = sorted((float(x), round(float(y), 6)) for ln in ax.get_lines() if len(ln.get_xdata()) > 1
+                       for x, y in zip(ln.get_xdata(), ln.get_ydata()))
+        expect = sorted((float(d), round(100 * v, 6)) for (_, d), v in runs.groupby(["net", "depth"])[col].mean().items())
+        assert drawn == expect, col
+    ax = rep.figures["throughput"].axes[0]
+    drawn = sorted(round(float(y), 3) for ln in ax.get_lines() if len(ln.get_xdata()) > 1 for y in ln.get_ydata())
+    assert drawn == sorted(round(float(v), 3) for v in runs.groupby(["net", "depth"])["train_img_per_s"].mean())
