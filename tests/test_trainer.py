@@ -231,3 +231,33 @@ def test_cuda_checkpoint_holds_the_cuda_random_state(tmp_path, tiny, interrupt):
     ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=True)
     assert set(ck["rng"]) == {"torch", "cuda"}
 
+
+
+def test_cpu_peak_memory_reads_vmhwm_in_bytes():
+    from bench.steps import peak_memory, reset_peak_memory
+
+    assert reset_peak_memory(cpu) is True
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    rss = int(fields["VmRSS"].split()[0]) * 1024  # kB in /proc
+    peak = peak_memory(cpu)
+    assert peak == _rss_peak() and peak >= rss > 50 * 2**20  # a process with torch loaded holds > 50 MiB
+
+
+def test_peak_memory_is_unknown_where_it_cannot_be_reset(monkeypatch, tmp_path, tiny):
+    """Without /proc/self/clear_refs the lifetime peak would be misleading: the row says nothing instead."""
+    import builtins
+
+    from bench.steps import reset_peak_memory
+
+    real_open = builtins.open
+
+    def no_clear_refs(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_clear_refs)
+    assert reset_peak_memory(cpu) is False
+    row = run_one(RunSpec("plain8", tiny, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    assert row["peak_memory_bytes"] is None
