@@ -278,3 +278,18 @@ def test_fingerprint_covers_every_byte_and_checks_published_md5(tmp_path):
     import hashlib
 
     assert data.fingerprint("python10", fake)[0] == hashlib.sha256(fake.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_the_parallel_executor_skips_a_claimed_run_without_recording_a_failure(tmp_path, tiny):
+    from bench import claims
+    from bench.sweep import run_parallel
+
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    held = claims.Claim(tmp_path, spec.run_id)
+    held.acquire()  # this (live) test process holds it
+    lines = []
+    run_parallel([spec], tmp_path, CPU, [{}, {}], log=lines.append)
+    assert len(lines) == 1 and "skipped" in lines[0]
+    assert not (tmp_path / "runs").exists()  # neither trained nor recorded as failed
+    held.release()

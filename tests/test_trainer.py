@@ -261,3 +261,16 @@ def test_peak_memory_is_unknown_where_it_cannot_be_reset(monkeypatch, tmp_path, 
     assert reset_peak_memory(cpu) is False
     row = run_one(RunSpec("plain8", tiny, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
     assert row["peak_memory_bytes"] is None
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_the_training_step_runs_in_bf16_exactly_when_asked(amp):
+    """bf16 autocast reaches the convolutions (and only when asked); parameters stay fp32."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.zeros(1, 3, 8, 8))
+    seen = []
+    net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    step = TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), amp=amp)
+    step(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    assert seen == [torch.bfloat16 if amp else torch.float32]
+    assert all(p.dtype == torch.float32 for p in net.parameters())
