@@ -434,7 +434,7 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
     if reference is not None:
         matched, unmatched = prof.against(df, reference)
         if len(matched):
-            click.echo(matched.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+            click.echo(matched.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         for row in unmatched.itertuples(index=False):
             click.echo(f"no match in {against} for: " + ", ".join(f"{k}={v}" for k, v in zip(prof.CONFIG_KEYS, row)))
         for path in prof.save_against(matched, out, name):

@@ -191,14 +191,18 @@ def _style(df: pd.DataFrame, compare: str | None) -> dict:
 
 
 def differing_columns(runs: pd.DataFrame) -> list[str]:
-    """Settings (columns constant within each compared group) whose value differs between groups."""
+    """Settings (columns constant within each compared group) whose value differs between groups.
+
+    A group without the column (rows written before it existed) tells nothing, so it is left out.
+    """
     groups = runs.groupby(COMPARE)
     out = []
     for col in runs.columns:
         if col in NOT_SETTINGS or col.startswith(("final_", "best_", "test_err_at")):
             continue
-        per_group = groups[col].agg(lambda s: tuple(sorted(set(s.astype(str)))))
-        if (per_group.map(len) == 1).all() and per_group.nunique() > 1:
+        per_group = groups[col].agg(lambda s: tuple(sorted(set(s.dropna().astype(str)))))
+        known = per_group[per_group.map(len) > 0]
+        if (known.map(len) == 1).all() and known.nunique() > 1:
             out.append(col)
     return out
 

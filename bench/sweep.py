@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -197,8 +198,9 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
     jobs = slurm.read_jobs(out)
     holders = claims.held(out)
-    for rid in holders:  # a run claimed by a sweep of another grid
-        rows.setdefault(rid, dict(run_id=rid, model=rid.split("-")[0], seed=None))
+    for rid in holders:  # a run claimed by a sweep of another grid: model and seed from its run_id
+        m = re.fullmatch(r"(.+?)-.*-s(\d+)-[0-9a-f]+", rid)
+        rows.setdefault(rid, dict(run_id=rid, model=m.group(1) if m else None, seed=int(m.group(2)) if m else None))
     try:
         queue = slurm.queue_states(jobs.values()) if jobs else {}
     except (OSError, RuntimeError):  # no squeue here: report the job ids without their state
