@@ -1,0 +1,176 @@
+"""Specs and records against hand-written expectations: recipe checks, presets, run identity, the
+TOML round trip, flat record columns, atomic writes and the results-folder readers."""
+import json
+import os
+import tomllib
+
+import pandas as pd
+import pytest
+import torch
+
+from bench import records
+from bench.specs import PRESETS, RECIPES, Execution, Recipe, RunSpec, SweepSpec, model_name, recipe
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "batch_size must be >= 1"),
+    ("iterations", 0, "iterations must be >= 1"),
+    ("eval_every", 0, "eval_every must be >= 1"),
+    ("lr", 0.0, "lr must be positive"),
+    ("val_size", -1, "val_size must be >= 0"),
+    ("train_size", 31, "train_size must be at least batch_size"),
+    ("test_size", 0, "test_size must be >= 1"),
+])
+def test_recipe_checks_each_field(field, value, message):
+    with pytest.raises(ValueError, match=rf"recipe 'x': {message}"):
+        Recipe("x", **{"batch_size": 32, field: value})
+    # the boundary itself is allowed
+    ok = {"batch_size": 1, "iterations": 1, "eval_every": 1, "lr": 1e-9, "val_size": 0, "train_size": 32, "test_size": 1}
+    Recipe("x", **{"batch_size": 32, field: ok[field]})
+
+
+def test_recipe_defaults_and_lr_schedule_by_hand():
+    r = Recipe("x", lr=1.0, lr_decay=0.5, milestones=(10, 20), warmup_lr=0.25, warmup_iters=3, warmup_min_depth=20)
+    assert (r.batch_size, r.momentum, r.weight_decay, r.iterations, r.val_size, r.eval_every) == (128, 0.9, 1e-4, 64_000, 5_000, 1_000)
+    assert (r.train_size, r.test_size) == (None, None)
+    assert [r.lr_at(i, 20) for i in (0, 2, 3, 9, 10, 19, 20, 99)] == [0.25, 0.25, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert [r.lr_at(i, 14) for i in (0, 2, 10)] == [1.0, 1.0, 0.5]  # shallower than warmup_min_depth
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; choose one of he2015, quick, smoke"):
+        recipe("fast")
+    assert recipe("smoke", lr=None, batch_size=16).batch_size == 16 and recipe("smoke", lr=None).lr == 0.05
+
+
+def test_presets_are_the_documented_ones():
+    q, s = RECIPES["quick"], RECIPES["smoke"]
+    assert (q.iterations, q.milestones, q.eval_every, q.batch_size, q.lr) == (6_400, (3_200, 4_800), 400, 128, 0.1)
+    assert (s.batch_size, s.lr, s.iterations, s.milestones, s.val_size, s.train_size, s.test_size, s.eval_every) == \
+        (64, 0.05, 400, (), 1_000, 5_000, 2_000, 100)
+    assert PRESETS["smoke"] == dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5)
+    for name in ("he2015", "quick"):
+        assert PRESETS[name] == dict(recipe=name, models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0)
+
+
+def test_run_identity_and_flat_columns():
+    spec = RunSpec("plain20", recipe("smoke"), seed=3, width=0.5, shortcut="B", dataset="synthetic", sweep="s")
+    digest = spec.run_id.rsplit("-", 1)[1]
+    assert spec.run_id == f"plain20-synthetic-smoke-s3-{digest}" and len(digest) == 10
+    ident = spec.identity()
+    assert "sweep" not in ident and ident["seed"] == 3 and ident["recipe"]["name"] == "smoke"
+    row = spec.flat()
+    assert {k: row[k] for k in ("run_id", "sweep", "model", "family", "kind", "depth", "residual", "shortcut", "width",
+                                "dataset", "seed", "recipe", "milestones", "batch_size")} == dict(
+        run_id=spec.run_id, sweep="s", model="plain20", family="cifar", kind="plain", depth=20, residual=False,
+        shortcut="B", width=0.5, dataset="synthetic", seed=3, recipe="smoke", milestones="", batch_size=64)
+    assert RunSpec("resnet20", recipe("he2015")).flat()["milestones"] == "32000,48000"
+    for other in (dict(seed=4), dict(width=0.25), dict(shortcut="A"), dict(dataset="cifar10"), dict(model="resnet20")):
+        assert RunSpec(**{**dict(model="plain20", recipe=recipe("smoke"), seed=3, width=0.5, shortcut="B",
+                                 dataset="synthetic"), **other}).run_id != spec.run_id, other
+    assert RunSpec.from_dict(spec.to_dict()) == spec == RunSpec.from_dict(spec.to_json())
+    assert json.loads(spec.to_json()) == spec.to_dict() | {"recipe": {**spec.to_dict()["recipe"], "milestones": []}}
+    with pytest.raises(ValueError, match="6n\\+2"):
+        RunSpec("plain21", recipe("smoke"))
+
+
+def test_model_names_of_grid_cells():
+    assert [model_name(k, d) for k, d in (("plain", 20), ("resnet", 50), ("resnet", 152), ("plain", 18))] == \
+        ["plain20", "cifar_resnet50", "cifar_resnet152", "plain18"]
+    assert model_name("preresnet", 56) == "preresnet56"
+
+
+def test_sweep_toml_round_trip_by_hand():
+    sw = SweepSpec("n", recipe("he2015"), models=("resnet",), depths=(8, 14), seeds=(2,), width=0.5,
+                   extra={"note": "x", "flag": True})
+    text = sw.to_toml()
+    conf = tomllib.loads(text)
+    assert conf["name"] == "n" and conf["depths"] == [8, 14] and conf["seeds"] == [2] and conf["width"] == 0.5
+    assert conf["recipe"]["milestones"] == [32000, 48000] and "train_size" not in conf["recipe"]  # None is left out
+    assert conf["extra"] == {"note": "x", "flag": True}
+    assert SweepSpec.from_toml(text) == sw
+    with pytest.raises(ValueError, match="unknown model kind\\(s\\) vgg"):
+        SweepSpec("n", recipe("smoke"), models=("vgg",))
+    with pytest.raises(ValueError, match="at least one model kind, one depth and one seed"):
+        SweepSpec("n", recipe("smoke"), seeds=())
+    runs = SweepSpec("n", recipe("smoke"), models=("plain", "resnet"), depths=(8, 14), seeds=(0, 1)).runs()
+    assert [(r.model, r.seed) for r in runs[:4]] == [("plain8", 0), ("resnet8", 0), ("plain14", 0), ("resnet14", 0)]
+    assert {r.sweep for r in runs} == {"n"} and len(runs) == 8
+
+
+def test_execution_defaults_on_the_cpu():
+    ex = Execution.for_device("cpu")
+    assert (ex.device, ex.channels_last, ex.execution, ex.cudnn_benchmark, ex.eval_batch_size) == ("cpu", True, "eager", False, 500)
+    assert Execution.for_device("cpu", amp=False, channels_last=False, execution="compile").execution == "compile"
+    assert Execution() == Execution(device="cpu", amp=False, channels_last=False, execution="eager",
+                                    cudnn_benchmark=False, eval_batch_size=1000)
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        Execution.for_device("mps")
+    if not torch.cuda.is_available():
+        assert Execution.for_device("auto").device == "cpu"
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            Execution.for_device("cuda")
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "sub" / "t.parquet"
+    records.write_parquet(pd.DataFrame({"a": [1]}), target)
+    with pytest.raises(RuntimeError):
+        def fail(tmp):
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+        records.atomic_write(target, fail)
+    assert pd.read_parquet(target)["a"].tolist() == [1]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet"]  # no temporary left behind
+
+
+def test_paths_and_readers(tmp_path):
+    p = records.paths(tmp_path, "r1")
+    assert p == {"run": tmp_path / "runs" / "r1.parquet", "curves": tmp_path / "curves" / "r1.parquet",
+                 "weights": tmp_path / "weights" / "r1.pt", "ckpt": tmp_path / "ckpt" / "r1.pt"}
+    runs, curves = records.load(tmp_path)
+    assert runs.empty and curves.empty and records.finished(tmp_path) == {} and records.recorded(tmp_path, "r1") is None
+    records.write_parquet(pd.DataFrame([dict(run_id="r1", status="ok")]), p["run"])
+    records.write_parquet(pd.DataFrame([dict(run_id="r2", status="failed")]), records.paths(tmp_path, "r2")["run"])
+    records.write_parquet(pd.DataFrame(columns=["run_id", "status"]), records.paths(tmp_path, "r3")["run"])  # empty
+    assert records.finished(tmp_path) == {"r1": "ok", "r2": "failed"}
+    assert records.recorded(tmp_path, "r2") == {"run_id": "r2", "status": "failed"}
+    assert records.load(tmp_path)[0]["run_id"].tolist() == ["r1", "r2"]
+    assert records.DONE == ("ok", "diverged")
+    with pytest.raises(FileNotFoundError, match="results folder .* does not exist"):
+        records.load(tmp_path / "absent")
+
+
+def test_environment_columns(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    env = records.environment("cpu")
+    assert env["device"] == "cpu" and env["gpu_name"] is None and env["cudnn_version"] is None
+    assert env["cuda_visible_devices"] == "3" and env["torch_version"] == torch.__version__
+    assert env["cpu_threads"] == torch.get_num_threads() and env["utc_time"].endswith("+00:00")
+    assert "hostname" not in env and "host" not in env
+
+
+def test_git_sha_from_the_environment(monkeypatch):
+    records._git.cache_clear()
+    monkeypatch.setenv("RESBENCH_GIT_SHA", "abc123")
+    monkeypatch.setenv("RESBENCH_GIT_DIRTY", "1")
+    try:
+        assert records._git() == ("abc123", True)
+        records._git.cache_clear()
+        monkeypatch.setenv("RESBENCH_GIT_DIRTY", "0")
+        assert records._git() == ("abc123", False)
+    finally:
+        records._git.cache_clear()
+
+
+def test_load_torch_refuses_damage_and_code(tmp_path):
+    good = tmp_path / "g.pt"
+    records.save_torch({"w": torch.ones(2), "n": 3}, good)
+    assert records.load_torch(good)["n"] == 3
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(records.UnreadableFile, match="empty.pt is damaged"):
+        records.load_torch(tmp_path / "empty.pt")
+    with pytest.raises(FileNotFoundError):
+        records.load_torch(tmp_path / "absent.pt")
+    torch.save({"f": os.getcwd}, tmp_path / "code.pt")  # a callable: needs a full pickle load
+    with pytest.raises(records.UnreadableFile, match="beyond tensors and plain containers.*regenerate"):
+        records.load_torch(tmp_path / "code.pt")
