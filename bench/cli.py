@@ -380,6 +380,42 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
 
 
 @main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Data set  [default: the runs' recorded data_source, else $RESBENCH_DATA]")
+@click.option("--lesion/--no-lesion", default=True, help="Test error with blocks deleted (Veit et al. 2016).")
+@click.option("--shattered/--no-shattered", default=True,
+              help="Correlation of neighbouring input gradients, at init and trained (Balduzzi et al. 2017).")
+@click.option("--max-images", type=COUNT, default=2000, help="Test images for the lesion study.")
+@friendly_errors
+def diagnose(results_dir, data_root, lesion, shattered, max_images):
+    """Why plain nets degrade: lesion study and shattered gradients from the saved weights.
+
+    Writes RESULTS_DIR/analysis/lesion.parquet and shattered.parquet; `resbench report` draws them.
+
+    \b
+    Example:
+      resbench diagnose results/smoke
+    """
+    from bench import records
+    from bench.analysis import diagnose as run_diagnose
+
+    if not (Path(results_dir) / "runs").is_dir():
+        raise click.ClickException(f"{results_dir} is not a results folder (no runs/); give a folder that "
+                                   f"`resbench sweep --out` wrote")
+    runs, _ = records.load(results_dir)
+    notes: list = []
+    out = run_diagnose(results_dir, runs, data_root=data_root, lesion=lesion, shattered_=shattered,
+                       max_images=max_images, progress=sys.stderr.isatty(), notes=notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    if not out:
+        raise click.ClickException(f"nothing to diagnose in {results_dir}: no finished run with saved weights")
+    for name, df in out.items():
+        click.echo(f"{Path(results_dir) / 'analysis' / (name + '.parquet')}: {len(df)} rows")
+
+
+@main.command()
 @click.option("--models", callback=csv_list(str), default=None,
               help="Networks  [default: resnet20 on CPU; resnet20,plain20,resnet56,plain56 on CUDA]")
 @click.option("--batch-sizes", callback=csv_list(int, minimum=1), default=None, help="[default: 32,128 on CPU; 128,512,2048 on CUDA]")

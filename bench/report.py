@@ -263,6 +263,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
             rep.tables["comparison"] = comparison_table(runs, compare)
             if responses:
                 _responses(dirs, runs, rep, data_root, response_images, compare)
+            _diagnostics(dirs, runs, rep)
         rep.tables["status"] = pd.concat([status_table(d, runs[runs["results_dir"] == str(d)]) for d in dirs],
                                          ignore_index=True)
         rep.tables["environment"] = environment_table(runs)
@@ -332,6 +333,56 @@ def _compared(runs: pd.DataFrame, dirs: list[Path], compare_by: str | None, rep:
     return column
 
 
+def _analysis(dirs: list[Path], name: str, runs: pd.DataFrame) -> pd.DataFrame | None:
+    frames = [pd.read_parquet(d / "analysis" / f"{name}.parquet") for d in dirs
+              if (d / "analysis" / f"{name}.parquet").exists()]
+    if not frames:
+        return None
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df["run_id"].isin(runs["run_id"])]
+    return df.assign(net=df["residual"].map(lambda r: NET[bool(r)]))
+
+
+def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
+    """Figures of `resbench diagnose` output, where a folder has it."""
+    les = _analysis(dirs, "lesion", runs)
+    if les is not None and len(les):
+        rep.figures["lesion"] = lesion_figure(les)
+    sha = _analysis(dirs, "shattered", runs)
+    if sha is not None and len(sha):
+        rep.figures["shattered"] = shattered_figure(sha)
+
+
+def lesion_figure(les: pd.DataFrame):
+    """Test error with one block deleted (against the block) and with k random blocks deleted."""
+    les = les.assign(**{"test error (%)": 100 * les["error"], "model": les["net"] + "-" + les["depth"].astype(str)})
+    order = sorted(les["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
+    style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd", marker="o")
+    sns.lineplot(data=les[les["mode"] == "single"], x="block", y="test error (%)", ax=axes[0], legend=False, **style)
+    axes[0].set_title("one block deleted (dashed line: intact)")
+    intact = les[(les["mode"] == "random") & (les["k"] == 0)]
+    for model, g in intact.groupby("model"):
+        axes[0].axhline(100 * g["error"].mean(), ls=":", lw=1, color=sns.color_palette()[order.index(model) % 10])
+    sns.lineplot(data=les[les["mode"] == "random"], x="k", y="test error (%)", ax=axes[1], **style)
+    axes[1].set_title("k random blocks deleted")
+    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig.suptitle("Lesion study (Veit et al. 2016): residual nets barely notice a deleted block, plain nets collapse")
+    fig.tight_layout()
+    return fig
+
+
+def shattered_figure(sha: pd.DataFrame):
+    """Correlation of neighbouring input gradients against depth, at initialisation and trained."""
+    g = sns.relplot(data=sha, kind="line", x="depth", y="correlation", hue="net", hue_order=["plain", "residual"],
+                    col="state", col_order=[c for c in ("init", "trained") if c in set(sha["state"])], marker="o",
+                    errorbar="sd", height=3.4, aspect=1.1)
+    g.set_titles("{col_name}")
+    g.figure.suptitle("Shattered gradients (Balduzzi et al. 2017): neighbouring input gradients decorrelate with "
+                      "depth in plain nets", y=1.04)
+    return g.figure
+
+
 def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
     files = sorted((results_dir / "profile").glob("*.parquet")) if (results_dir / "profile").is_dir() else []
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
@@ -384,6 +435,10 @@ CAPTIONS = {
     "throughput": "Training throughput (median over timed windows; warm-up and evaluation excluded).",
     "layer_responses": "Std of layer responses in the style of He et al. Fig. 7.",
     "profile": "resbench profile: training img/s by configuration.",
+    "lesion": "Lesion study (Veit, Wilber and Belongie 2016, Residual Networks Behave Like Ensembles of Relatively "
+              "Shallow Networks): test error with one block, or k random blocks, deleted at test time.",
+    "shattered": "Shattered gradients (Balduzzi et al. 2017): mean cosine similarity of the input gradients at "
+                 "neighbouring points of a line through a test image; 1 for a linear map, near 0 for noise.",
 }
 
 
