@@ -31,6 +31,10 @@ CURVE_COLUMNS = ["run_id", "iteration", "epoch", "lr", "train_loss", "train_err"
                  "train_time_s", "img_per_s"]
 
 
+# columns of a layers row (one per run x evaluation point x weighted layer)
+LAYER_COLUMNS = ["run_id", "iteration", "layer", "layer_name", "weight_norm", "grad_norm", "update_ratio"]
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename tmp onto ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +86,7 @@ def paths(out: Path, run_id: str) -> dict[str, Path]:
         "run": out / "runs" / f"{run_id}.parquet",
         "curves": out / "curves" / f"{run_id}.parquet",
         "weights": out / "weights" / f"{run_id}.pt",
+        "layers": out / "layers" / f"{run_id}.parquet",
         "ckpt": out / "ckpt" / f"{run_id}.pt",
     }
 
@@ -146,6 +151,11 @@ def recorded(out: Path, run_id: str) -> dict | None:
     """The run's row, or None if it has none yet."""
     path = paths(out, run_id)["run"]
     return pd.read_parquet(path).iloc[0].to_dict() if path.exists() else None
+
+
+def load_layers(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """The per-layer rows (weight and gradient norms at evaluation points) of a results folder."""
+    return _read_folder(Path(results_dir) / "layers")
 
 
 def finished(out: Path) -> dict[str, str]:

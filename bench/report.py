@@ -344,13 +344,33 @@ def _analysis(dirs: list[Path], name: str, runs: pd.DataFrame) -> pd.DataFrame |
 
 
 def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
-    """Figures of `resbench diagnose` output, where a folder has it."""
+    """Per-layer gradient norms recorded in training, and figures of `resbench diagnose` output."""
+    layers = pd.concat([records.load_layers(d) for d in dirs], ignore_index=True)
+    if len(layers):
+        layers = layers.merge(runs[["run_id", "net", "depth"]], on="run_id")
+        if len(layers):
+            rep.figures["gradient_norms"] = gradient_norm_figure(layers)
     les = _analysis(dirs, "lesion", runs)
     if les is not None and len(les):
         rep.figures["lesion"] = lesion_figure(les)
     sha = _analysis(dirs, "shattered", runs)
     if sha is not None and len(sha):
         rep.figures["shattered"] = shattered_figure(sha)
+
+
+def gradient_norm_figure(layers: pd.DataFrame):
+    """Gradient norm against layer index at the first, middle and last evaluation points; plain | residual."""
+    its = sorted(layers["iteration"].unique())
+    picked = sorted({its[0], its[len(its) // 2], its[-1]})
+    df = layers[layers["iteration"].isin(picked)].assign(model=lambda d: d["net"] + "-" + d["depth"].astype(str))
+    g = sns.relplot(data=df, kind="line", x="layer", y="grad_norm", hue="iteration", palette="crest", style="model",
+                    col="net", col_order=[c for c in ("plain", "residual") if c in set(df["net"])], errorbar="sd",
+                    height=3.4, aspect=1.2, facet_kws=dict(sharey=True))
+    g.set(yscale="log")
+    g.set_titles("{col_name}")
+    g.figure.suptitle("Gradient norm per layer during training (He et al. sec. 4.1: with BN, plain nets' "
+                      "gradients do not vanish)", y=1.04)
+    return g.figure
 
 
 def lesion_figure(les: pd.DataFrame):
@@ -435,6 +455,8 @@ CAPTIONS = {
     "throughput": "Training throughput (median over timed windows; warm-up and evaluation excluded).",
     "layer_responses": "Std of layer responses in the style of He et al. Fig. 7.",
     "profile": "resbench profile: training img/s by configuration.",
+    "gradient_norms": "Norm of each weighted layer's gradient at evaluation points (He et al. 2015, sec. 4.1, argue "
+                      "the degradation is not vanishing gradients).",
     "lesion": "Lesion study (Veit, Wilber and Belongie 2016, Residual Networks Behave Like Ensembles of Relatively "
               "Shallow Networks): test error with one block, or k random blocks, deleted at test time.",
     "shattered": "Shattered gradients (Balduzzi et al. 2017): mean cosine similarity of the input gradients at "

@@ -118,12 +118,14 @@ class TrainStep:
         self.graph = None
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # gradients are cleared before the backward, not after the update: the last step's gradients
+        # then stay readable (bench.train's per-layer gradient norms at evaluation points), in every execution
+        self.opt.zero_grad(set_to_none=self.execution != "cudagraph")  # a graph needs grads in place
         with autocast(self.amp, self.device, cache=self.execution != "cudagraph"):
             logits = self.forward(x)
             loss = F.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=self.execution != "cudagraph")  # a graph needs grads in place
         self.loss_sum += loss.detach().float() * len(y)
         self.wrong_sum += (logits.detach().argmax(1) != y).sum()
 

@@ -59,6 +59,23 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Ex
     return wrong.item() / len(x)
 
 
+@torch.no_grad()
+def layer_rows(model: torch.nn.Module, opt: torch.optim.Optimizer, run_id: str, iteration: int) -> list[dict]:
+    """Each weighted layer's weight norm, the norm of the last step's gradient, and the last update
+    relative to the weight (SGD's update is lr x the momentum buffer, weight decay included)."""
+    lr = float(opt.param_groups[0]["lr"])
+    rows = []
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for i, (name, m) in enumerate(layers, 1):
+        w = m.weight
+        buf = opt.state.get(w, {}).get("momentum_buffer")
+        wn = float(w.norm())
+        rows.append(dict(run_id=run_id, iteration=iteration, layer=i, layer_name=name, weight_norm=wn,
+                         grad_norm=float(w.grad.norm()) if w.grad is not None else float("nan"),
+                         update_ratio=lr * float(buf.norm()) / wn if buf is not None and wn else float("nan")))
+    return rows
+
+
 def timed_windows(windows: list[dict], attempt: int) -> list[dict]:
     """The timing windows a run's throughput is taken from.
 
@@ -116,7 +133,7 @@ def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data
     model = model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
-    start, curves, windows, wall_before, attempt = 0, [], [], 0.0, 0
+    start, curves, windows, layers, wall_before, attempt = 0, [], [], [], 0.0, 0
     ck = read_checkpoint(p["ckpt"], spec, device)
     if ck is not None:
         model.load_state_dict(ck["model"])
@@ -125,6 +142,7 @@ def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data
         if device.type == "cuda" and "cuda" in ck["rng"]:
             torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), device)
         start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
+        layers = ck.get("layers", [])  # checkpoints of earlier versions have none
         attempt = 1 + max((w.get("attempt", 0) for w in windows), default=-1)
     step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device)
 
@@ -156,6 +174,7 @@ def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data
                                lr=current_lr(opt), train_loss=train_loss, train_err=train_err, val_err=float("nan"),
                                test_err=float("nan"), train_time_s=train_time, img_per_s=seen / window))
             break
+        layers += layer_rows(model, opt, spec.run_id, it + 1)  # before evaluation: grads of the last step
         val_err = evaluate(model, val_x, val_y, mean, ex, device)
         test_err = evaluate(model, test_x, test_y, mean, ex, device)
         curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
@@ -167,7 +186,7 @@ def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data
         t_beat = time.perf_counter()
         if it + 1 < r.iterations:
             records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), optimizer=opt.state_dict(),
-                                    rng=_rng_state(device), iteration=it + 1, curves=curves,
+                                    rng=_rng_state(device), iteration=it + 1, curves=curves, layers=layers,
                                     windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
         sync(device)
         t0 = time.perf_counter()
@@ -205,6 +224,7 @@ def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data
     records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), num_classes=arrays.num_classes,
                             in_channels=arrays.image_shape[0]), p["weights"])
     records.write_parquet(cdf, p["curves"])
+    records.write_parquet(pd.DataFrame(layers, columns=records.LAYER_COLUMNS), p["layers"])
     records.write_parquet(pd.DataFrame([row]), p["run"])
     p["ckpt"].unlink(missing_ok=True)
     return row

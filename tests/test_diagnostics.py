@@ -88,5 +88,6 @@ def test_diagnose_writes_its_parquet_and_the_report_draws_it(tmp_path):
     assert rep.exit_code == 0, rep.output
     md = (tmp_path / "report" / "report.md").read_text()
     assert "lesion.png" in md and "shattered.png" in md and "Veit" in md and "Balduzzi" in md
+    assert "gradient_norms.png" in md  # recorded during training
     bad = CliRunner().invoke(main, ["diagnose", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "not a results folder" in bad.output

@@ -8,9 +8,12 @@ import math
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
+
+import resnet
 
 from bench import records
 from bench.specs import Execution, RunSpec, recipe
@@ -274,3 +277,23 @@ def test_the_training_step_runs_in_bf16_exactly_when_asked(amp):
     step(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
     assert seen == [torch.bfloat16 if amp else torch.float32]
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_layer_rows_for_every_weighted_layer_and_evaluation_point(tmp_path, tiny, interrupt):
+    spec = RunSpec("resnet8", tiny, width=0.25, dataset="synthetic")
+    run_one(spec, tmp_path / "ref", CPU, progress=False)
+    layers = pd.read_parquet(records.paths(tmp_path / "ref", spec.run_id)["layers"])
+    assert list(layers.columns) == records.LAYER_COLUMNS
+    names = [n for n, m in resnet.build("resnet8").named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(names) == 8  # the stem, 2 convs in each of 3 blocks, the head
+    assert layers.groupby("iteration")["layer_name"].apply(list).to_dict() == {8: names, 16: names}
+    assert (layers["grad_norm"] > 0).all() and (layers["update_ratio"] > 0).all() and layers.notna().all().all()
+    # the last rows describe the final weights, by hand
+    w = torch.load(records.paths(tmp_path / "ref", spec.run_id)["weights"], weights_only=True)["model"]
+    last = layers[layers["iteration"] == 16].set_index("layer_name")["weight_norm"]
+    for name in names:
+        assert last[name] == pytest.approx(float(w[f"{name}.weight"].norm()), rel=1e-6)
+    # a resumed run keeps the rows of its first attempt
+    interrupt(spec, tmp_path / "cut", CPU)
+    run_one(spec, tmp_path / "cut", CPU, progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(records.paths(tmp_path / "cut", spec.run_id)["layers"]), layers)
