@@ -266,14 +266,14 @@ def test_peak_memory_is_unknown_where_it_cannot_be_reset(monkeypatch, tmp_path, 
     assert row["peak_memory_bytes"] is None
 
 
-@pytest.mark.parametrize("amp", [True, False])
+@pytest.mark.parametrize("amp", [True, False, None])
 def test_the_training_step_runs_in_bf16_exactly_when_asked(amp):
-    """bf16 autocast reaches the convolutions (and only when asked); parameters stay fp32."""
+    """bf16 autocast reaches the convolutions (and only when asked: not by default); parameters stay fp32."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
     net(torch.zeros(1, 3, 8, 8))
     seen = []
     net[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    step = TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), amp=amp)
+    step = TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), **({} if amp is None else {"amp": amp}))
     step(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
     assert seen == [torch.bfloat16 if amp else torch.float32]
     assert all(p.dtype == torch.float32 for p in net.parameters())
@@ -297,3 +297,11 @@ def test_layer_rows_for_every_weighted_layer_and_evaluation_point(tmp_path, tiny
     interrupt(spec, tmp_path / "cut", CPU)
     run_one(spec, tmp_path / "cut", CPU, progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(records.paths(tmp_path / "cut", spec.run_id)["layers"]), layers)
+
+
+def test_training_step_refuses_unknown_or_impossible_executions():
+    net = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"^execution must be one of eager, compile, cudagraph, got 'jit'$"):
+        TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), execution="jit")
+    with pytest.raises(ValueError, match="'cudagraph' needs a CUDA device"):
+        TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), execution="cudagraph")
