@@ -303,5 +303,13 @@ def test_training_step_refuses_unknown_or_impossible_executions():
     net = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"^execution must be one of eager, compile, cudagraph, got 'jit'$"):
         TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), execution="jit")
-    with pytest.raises(ValueError, match="'cudagraph' needs a CUDA device"):
+    with pytest.raises(ValueError, match=r"^execution 'cudagraph' needs a CUDA device; use eager or compile on the CPU$"):
         TrainStep(net, make_optimizer(net, 0.1, 0.9, 0.0, cpu), execution="cudagraph")
+
+
+def test_compile_execution_wraps_the_model_and_eager_does_not():
+    net = nn.Linear(2, 2)
+    opt = make_optimizer(net, 0.1, 0.9, 0.0, cpu)
+    assert TrainStep(net, opt).forward is net
+    compiled = TrainStep(net, opt, execution="compile").forward  # compiled lazily, at its first call
+    assert compiled is not net and getattr(compiled, "_orig_mod", None) is net
