@@ -380,14 +380,14 @@ def lesion_figure(les: pd.DataFrame):
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
     style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd", marker="o")
     sns.lineplot(data=les[les["mode"] == "single"], x="block", y="test error (%)", ax=axes[0], legend=False, **style)
-    axes[0].set_title("one block deleted (dashed line: intact)")
+    axes[0].set_title("one block deleted (dotted: the intact net)")
     intact = les[(les["mode"] == "random") & (les["k"] == 0)]
     for model, g in intact.groupby("model"):
         axes[0].axhline(100 * g["error"].mean(), ls=":", lw=1, color=sns.color_palette()[order.index(model) % 10])
     sns.lineplot(data=les[les["mode"] == "random"], x="k", y="test error (%)", ax=axes[1], **style)
     axes[1].set_title("k random blocks deleted")
     sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle("Lesion study (Veit et al. 2016): residual nets barely notice a deleted block, plain nets collapse")
+    fig.suptitle("Lesion study (Veit et al. 2016): test error with blocks deleted at test time")
     fig.tight_layout()
     return fig
 
@@ -398,8 +398,8 @@ def shattered_figure(sha: pd.DataFrame):
                     col="state", col_order=[c for c in ("init", "trained") if c in set(sha["state"])], marker="o",
                     errorbar="sd", height=3.4, aspect=1.1)
     g.set_titles("{col_name}")
-    g.figure.suptitle("Shattered gradients (Balduzzi et al. 2017): neighbouring input gradients decorrelate with "
-                      "depth in plain nets", y=1.04)
+    g.figure.suptitle("Shattered gradients (Balduzzi et al. 2017): correlation of neighbouring input gradients",
+                      y=1.04)
     return g.figure
 
 
