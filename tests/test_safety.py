@@ -241,7 +241,7 @@ def test_two_sweeps_on_one_folder_train_each_run_exactly_once(tmp_path):
 
     args = [sys.executable, "-m", "bench", "sweep", "--dataset", "synthetic", "--models", "plain,resnet", "--depths",
             "8", "--seeds", "0,1", "--width", "0.25", "--batch-size", "32", "--train-size", "256", "--val-size", "64",
-            "--test-size", "64", "--iterations", "40", "--eval-every", "10", "--device", "cpu", "--out", str(tmp_path)]
+            "--test-size", "64", "--iterations", "16", "--eval-every", "8", "--device", "cpu", "--out", str(tmp_path)]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
