@@ -112,13 +112,19 @@ def throughput(runs: pd.DataFrame, compare: str | None = None):
     return fig
 
 
+def _with_model(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``df`` with a "model" label such as plain-20, and the labels in order (plain first, by depth),
+    so each net keeps one colour in every panel."""
+    df = df.assign(model=df["net"] + "-" + df["depth"].astype(str))
+    order = sorted(df["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
+    return df, order
+
+
 def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None = None):
     """He et al. Fig. 7: std of layer responses against layer index, plain against residual (line
     style: plain/residual, or the compared value when comparing)."""
     df = resp.merge(runs[["run_id", "net"] + ([COMPARE] if compare else [])], on="run_id")
-    df["model"] = df["net"] + "-" + df["depth"].astype(str)
-    # one fixed colour per model in both panels
-    order = sorted(df["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
+    df, order = _with_model(df)
     style = dict(hue="model", hue_order=order, errorbar="sd",
                  **(_style(df, compare) or dict(style="net", style_order=["plain", "residual"])))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
@@ -362,7 +368,7 @@ def gradient_norm_figure(layers: pd.DataFrame):
     """Gradient norm against layer index at the first, middle and last evaluation points; plain | residual."""
     its = sorted(layers["iteration"].unique())
     picked = sorted({its[0], its[len(its) // 2], its[-1]})
-    df = layers[layers["iteration"].isin(picked)].assign(model=lambda d: d["net"] + "-" + d["depth"].astype(str))
+    df, _ = _with_model(layers[layers["iteration"].isin(picked)])
     g = sns.relplot(data=df, kind="line", x="layer", y="grad_norm", hue="iteration", palette="crest", style="model",
                     col="net", col_order=[c for c in ("plain", "residual") if c in set(df["net"])], errorbar="sd",
                     height=3.4, aspect=1.2, facet_kws=dict(sharey=True))
@@ -375,8 +381,7 @@ def gradient_norm_figure(layers: pd.DataFrame):
 
 def lesion_figure(les: pd.DataFrame):
     """Test error with one block deleted (against the block) and with k random blocks deleted."""
-    les = les.assign(**{"test error (%)": 100 * les["error"], "model": les["net"] + "-" + les["depth"].astype(str)})
-    order = sorted(les["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
+    les, order = _with_model(les.assign(**{"test error (%)": 100 * les["error"]}))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
     style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd", marker="o")
     sns.lineplot(data=les[les["mode"] == "single"], x="block", y="test error (%)", ax=axes[0], legend=False, **style)
