@@ -7,6 +7,11 @@ device tensor, so the schedule and the data change without re-capture.
 
 Metrics are accumulated on the device (loss sum, wrong count) and read only by ``read()``: the
 step itself never synchronises with the host.
+
+The same step trains a run group (bench.fuse): a grouped network's logits are (B, K, classes)
+and its labels (B, K); the loss is the sum of the members' mean losses, each multiplied by the
+member's entry of ``active`` (1, or 0 once ``mask`` took a diverged member out), and the metrics
+are kept per member.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+from resnet import member_losses
 
 EXECUTIONS = ("eager", "compile", "cudagraph")
 
@@ -105,15 +112,17 @@ class TrainStep:
     """``step(x, y)`` does one optimizer step and adds its loss and errors to device counters."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.SGD, *, execution: str = "eager",
-                 amp: bool = False, device: torch.device = torch.device("cpu")):
+                 amp: bool = False, device: torch.device = torch.device("cpu"), members: int = 1):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         if execution == "cudagraph" and device.type != "cuda":
             raise ValueError("execution 'cudagraph' needs a CUDA device; use eager or compile on the CPU")
         self.model, self.opt, self.execution, self.amp, self.device = model, opt, execution, amp, device
         self.forward = torch.compile(model) if execution == "compile" else model
-        self.loss_sum = torch.zeros((), device=device)
-        self.wrong_sum = torch.zeros((), device=device, dtype=torch.long)
+        self.members = members
+        self.active = torch.ones(members, device=device)  # a tensor, not a flag: the graph reads it
+        self.loss_sum = torch.zeros(members, device=device)
+        self.wrong_sum = torch.zeros(members, device=device, dtype=torch.long)
         self.seen = 0
         self.graph = None
 
@@ -123,11 +132,17 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=self.execution != "cudagraph")  # a graph needs grads in place
         with autocast(self.amp, self.device, cache=self.execution != "cudagraph"):
             logits = self.forward(x)
-            loss = F.cross_entropy(logits, y)
+            if logits.dim() == 2:  # one network: (B, classes)
+                losses = F.cross_entropy(logits, y)[None]
+                wrong = (logits.detach().argmax(1) != y).sum()[None]
+            else:  # a grouped network: (B, K, classes) against (B, K)
+                losses = member_losses(logits, y)
+                wrong = (logits.detach().argmax(2) != y).sum(0)
+            loss = (losses * self.active).sum()
         loss.backward()
         self.opt.step()
-        self.loss_sum += loss.detach().float() * len(y)
-        self.wrong_sum += (logits.detach().argmax(1) != y).sum()
+        self.loss_sum += losses.detach().float() * len(y)
+        self.wrong_sum += wrong
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.execution == "cudagraph":
@@ -169,11 +184,24 @@ class TrainStep:
         with torch.cuda.graph(self.graph):
             self._eager(self.static_x, self.static_y)
 
-    def read(self) -> tuple[float, float, int]:
-        """(mean loss, error fraction, images) since the last read. A host sync."""
+    def mask(self, k: int) -> None:
+        """Take member k out of the loss (a diverged member: the others go on; bench.fuse.Members.clear)."""
+        self.active[k] = 0.0
+
+    def read_members(self) -> tuple[list[float], list[float], int]:
+        """Each member's (mean loss, error fraction), and the images each saw, since the last read. A host sync."""
         n = self.seen
-        loss, wrong = self.loss_sum.item(), self.wrong_sum.item()
+        loss, wrong = self.loss_sum.tolist(), self.wrong_sum.tolist()
         self.loss_sum.zero_()
         self.wrong_sum.zero_()
         self.seen = 0
-        return (loss / n, wrong / n, n) if n else (float("nan"), float("nan"), 0)
+        if not n:
+            return [float("nan")] * self.members, [float("nan")] * self.members, 0
+        return [v / n for v in loss], [v / n for v in wrong], n
+
+    def read(self) -> tuple[float, float, int]:
+        """(mean loss, error fraction, images) since the last read, for a step of one network."""
+        if self.members != 1:
+            raise ValueError("a group's step has one loss per member: use read_members()")
+        loss, err, n = self.read_members()
+        return loss[0], err[0], n

@@ -1,4 +1,5 @@
-"""Training: run_one(spec) trains one network and writes its records; resumable from a checkpoint.
+"""Training: run_group(specs) trains K runs of one shape in lockstep (bench.fuse), run_one(spec) one
+run (a group of one), and each writes its own records; resumable from per-run checkpoints.
 
 The step loop never reads a value back to the host: loss and error are summed on the device and
 read at evaluation points, which are also the only places the clock is read (after a
@@ -12,16 +13,17 @@ import statistics
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 import resnet
-from bench import claims, data, records
+from bench import claims, data, fuse, records
+from bench.fuse import Members
 from bench.specs import Execution, RunSpec
-from bench.steps import (TrainStep, autocast, current_lr, load_optimizer_state, make_optimizer, peak_memory,
-                         reset_peak_memory, set_lr, sync)
+from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
 
 class Progress:
     """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
@@ -44,36 +46,27 @@ class Progress:
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Execution, device) -> float:
-    """Top-1 error (fraction) on un-augmented images, with large batches."""
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Execution, device,
+             members: Members | None = None) -> list[float]:
+    """Top-1 error (fraction) of each member on un-augmented images, with large batches.
+
+    ``members`` None: ``model`` is one network and the list has one entry.
+    """
+    k = members.k if members else 1
     if len(x) == 0:
-        return float("nan")
+        return [float("nan")] * k
     model.eval()
-    wrong = torch.zeros((), device=device, dtype=torch.long)
+    wrong = torch.zeros(k, device=device, dtype=torch.long)
     y = y.to(device)
     for i, xb in enumerate(data.eval_batches(x, mean, ex.eval_batch_size, device, ex.channels_last)):
+        yb = y[i * ex.eval_batch_size : i * ex.eval_batch_size + len(xb)]
         with autocast(ex.amp, device):
-            pred = model(xb).argmax(1)
-        wrong += (pred != y[i * ex.eval_batch_size : i * ex.eval_batch_size + len(xb)]).sum()
+            logits = model(members.eval_input(xb, ex.channels_last) if members else xb)
+        if logits.dim() == 2:
+            logits = logits[:, None]  # one network: a group of one
+        wrong += (logits.argmax(2) != yb[:, None]).sum(0)
     model.train()
-    return wrong.item() / len(x)
-
-
-@torch.no_grad()
-def layer_rows(model: torch.nn.Module, opt: torch.optim.Optimizer, run_id: str, iteration: int) -> list[dict]:
-    """Each weighted layer's weight norm, the norm of the last step's gradient, and the last update
-    relative to the weight (SGD's update is lr x the momentum buffer, weight decay included)."""
-    lr = float(opt.param_groups[0]["lr"])
-    rows = []
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    for i, (name, m) in enumerate(layers, 1):
-        w = m.weight
-        buf = opt.state.get(w, {}).get("momentum_buffer")
-        wn = float(w.norm())
-        rows.append(dict(run_id=run_id, iteration=iteration, layer=i, layer_name=name, weight_norm=wn,
-                         grad_norm=float(w.grad.norm()) if w.grad is not None else float("nan"),
-                         update_ratio=lr * float(buf.norm()) / wn if buf is not None and wn else float("nan")))
-    return rows
+    return [w / len(x) for w in wrong.tolist()]
 
 
 def timed_windows(windows: list[dict], attempt: int) -> list[dict]:
@@ -89,145 +82,256 @@ def timed_windows(windows: list[dict], attempt: int) -> list[dict]:
 
 def run_one(spec: RunSpec, out: Path, ex: Execution, *, data_root=None, download: bool = False,
             progress: bool = True) -> dict:
-    """Train ``spec`` and write runs/, curves/ and weights/ under ``out``; return the run row.
+    """Train ``spec`` alone (a group of one, see run_group) and return its run row.
 
-    The run is claimed first (bench.claims): if another live trainer holds it, or it was recorded
-    meanwhile, claims.Skip is raised and nothing is written. A checkpoint in ckpt/ (from an
-    interrupted earlier attempt) is resumed. A non-finite loss ends the run with status "diverged".
-    Other exceptions propagate (the sweep records them as "failed").
+    Raises claims.Skip if another live trainer holds the run or it was recorded meanwhile.
+    """
+    result = run_group([spec], out, ex, data_root=data_root, download=download, progress=progress)[0]
+    if isinstance(result, claims.Skip):
+        raise result
+    return result
+
+
+def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, download: bool = False,
+              progress: bool = True) -> list[dict | claims.Skip]:
+    """Train ``specs`` in lockstep as one grouped network (bench.fuse; one run is a group of one) and
+    write each member's runs/, curves/, layers/ and weights/ under ``out``, as if it had run alone.
+
+    Returns, per member, its run row or the claims.Skip that kept it out: each member is claimed
+    first (bench.claims) and skipped if another live trainer holds it or it is already recorded.
+    A member with a checkpoint in ckpt/ resumes from it (members whose checkpoints stand at
+    different iterations train as separate groups, one after another). A member whose loss turns
+    non-finite is recorded "diverged" and its slot masked; the others go on. Other exceptions
+    propagate (the sweep records the members left without a record as "failed").
     """
     out = Path(out)
-    claim = claims.Claim(out, spec.run_id)
-    claim.acquire()
+    if len(specs) > 1:
+        keys = {fuse.group_key(s) for s in specs}
+        if None in keys or len(keys) > 1:
+            raise ValueError("a run group's runs must share family (CIFAR, post-activation, shortcut A), depth, "
+                             f"width, data set and recipe; got {', '.join(s.run_id for s in specs)}")
+        if len({s.run_id for s in specs}) < len(specs):
+            raise ValueError("a run group holds each run once")
+    results: list = [None] * len(specs)
+    held, todo = [], []
     try:
-        done = records.recorded(out, spec.run_id)
-        if done is not None and done["status"] in records.DONE:
-            raise claims.Skip(f"{spec.run_id} is already recorded ({done['status']})")
-        return _train(spec, out, ex, claim, data_root=data_root, download=download, progress=progress)
+        for i, spec in enumerate(specs):
+            claim = claims.Claim(out, spec.run_id)
+            try:
+                claim.acquire()
+            except claims.Skip as e:
+                results[i] = e
+                continue
+            held.append(claim)
+            done = records.recorded(out, spec.run_id)
+            if done is not None and done["status"] in records.DONE:
+                results[i] = claims.Skip(f"{spec.run_id} is already recorded ({done['status']})")
+            else:
+                todo.append((i, claim))
+        if todo:
+            trained = _train([specs[i] for i, _ in todo], [c for _, c in todo], out, ex, data_root=data_root,
+                             download=download, progress=progress, gid=fuse.group_id(specs))
+            for (i, _), res in zip(todo, trained):
+                results[i] = res
     finally:
-        claim.release()
+        for claim in held:
+            claim.release()
+    return results
 
 
-def _train(spec: RunSpec, out: Path, ex: Execution, claim: claims.Claim, *, data_root, download: bool,
-           progress: bool) -> dict:
-    p = records.paths(out, spec.run_id)
+@dataclass
+class _Data:
+    """What every member of a group trains and is evaluated on (one split: it does not depend on the seed)."""
+
+    arrays: data.Arrays
+    train: tuple[torch.Tensor, torch.Tensor]
+    mean: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def _train(specs: list[RunSpec], held: list[claims.Claim], out: Path, ex: Execution, *, data_root, download: bool,
+           progress: bool, gid: str) -> list[dict | claims.Skip]:
     device = torch.device(ex.device)
     torch.backends.cudnn.benchmark = ex.cudnn_benchmark
-    memory_tracked = reset_peak_memory(device)
-    r, arch = spec.recipe, spec.arch
-
-    arrays = data.load(spec.dataset, data_root, download)
+    r = specs[0].recipe
+    arrays = data.load(specs[0].dataset, data_root, download)
     parts = data.split(arrays, r.val_size, r.train_size)
-    train_x, train_y = parts["train"]
-    mean = data.pixel_mean(train_x)
     # evaluation sets live on the device too: no host-to-device copies at evaluation points
-    val_x, val_y = (t.to(device) for t in parts["val"])
-    test_x, test_y = (t[: r.test_size].to(device) for t in parts["test"])
-    loader = data.DeviceLoader(train_x, train_y, mean, batch_size=r.batch_size, seed=spec.seed, device=device,
-                               channels_last=ex.channels_last)
+    d = _Data(arrays, parts["train"], data.pixel_mean(parts["train"][0]),
+              tuple(t.to(device) for t in parts["val"]), tuple(t[: r.test_size].to(device) for t in parts["test"]))
+    cks = [read_checkpoint(records.paths(out, s.run_id)["ckpt"], s, device) for s in specs]
+    starts = [ck["iteration"] if ck else 0 for ck in cks]
+    results: list = [None] * len(specs)
+    for start in sorted(set(starts)):  # lockstep needs one iteration: members resume together where they stand
+        idx = [i for i, s in enumerate(starts) if s == start]
+        for i, res in zip(idx, _lockstep([specs[i] for i in idx], [held[i] for i in idx], [cks[i] for i in idx],
+                                         d, out, ex, progress=progress, gid=gid, group_size=len(specs))):
+            results[i] = res
+    return results
 
-    torch.manual_seed(spec.seed)
-    model = resnet.build(spec.model, arrays.num_classes, width=spec.width, shortcut=spec.shortcut,
-                         in_channels=arrays.image_shape[0])
-    params, macs = resnet.count_params(model), resnet.count_macs(model, arrays.image_shape)
-    model = model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
+
+def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
+              ex: Execution, *, progress: bool, gid: str, group_size: int) -> list[dict | claims.Skip]:
+    device = torch.device(ex.device)
+    memory_tracked = reset_peak_memory(device)
+    r, arch = specs[0].recipe, specs[0].arch
+    loaders = [data.DeviceLoader(*d.train, d.mean, batch_size=r.batch_size, seed=s.seed, device=device,
+                                 channels_last=ex.channels_last) for s in specs]
+    nets = []
+    for s, ck in zip(specs, cks):
+        torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
+        net = resnet.build(s.model, d.arrays.num_classes, width=s.width, shortcut=s.shortcut,
+                           in_channels=d.arrays.image_shape[0])
+        if ck is not None:
+            net.load_state_dict(ck["model"])
+        nets.append(net)
+    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.arrays.image_shape)
+    members = Members(nets)
+    model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
-    start, curves, windows, layers, wall_before, attempt = 0, [], [], [], 0.0, 0
-    ck = read_checkpoint(p["ckpt"], spec, device)
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        load_optimizer_state(opt, ck["optimizer"])
-        torch.set_rng_state(ck["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
-        if device.type == "cuda" and "cuda" in ck["rng"]:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"].cpu(), device)
-        start, curves, windows, wall_before = ck["iteration"], ck["curves"], ck["windows"], ck["wall_s"]
-        layers = ck.get("layers", [])  # checkpoints of earlier versions have none
-        attempt = 1 + max((w.get("attempt", 0) for w in windows), default=-1)
-    step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device)
+    start = cks[0]["iteration"] if cks[0] is not None else 0
+    curves = [ck["curves"] if ck else [] for ck in cks]
+    layers = [ck.get("layers", []) if ck else [] for ck in cks]  # checkpoints of earlier versions have none
+    windows = [ck["windows"] if ck else [] for ck in cks]
+    wall_before = [ck["wall_s"] if ck else 0.0 for ck in cks]
+    attempts = [1 + max((w.get("attempt", 0) for w in ws), default=-1) for ws in windows]
+    if start:
+        members.load_optimizer_states(opt, [ck["optimizer"] for ck in cks])
+        if len(specs) == 1:  # group members saved one process's state: nothing of it is theirs to restore
+            torch.set_rng_state(cks[0]["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
+            if device.type == "cuda" and "cuda" in cks[0]["rng"]:
+                torch.cuda.set_rng_state(cks[0]["rng"]["cuda"].cpu(), device)
+    step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device, members=len(specs))
 
-    bar = Progress(r.iterations, start, spec.model, progress)
-    status, error = "ok", None
+    desc = specs[0].model if len(specs) == 1 else f"{len(specs)} x {arch.depth} layers"
+    bar = Progress(r.iterations, start, desc, progress)
+    active, results = list(range(len(specs))), [None] * len(specs)
     t_wall = t_beat = time.perf_counter()
+    train_time = [c[-1]["train_time_s"] if c else 0.0 for c in curves]
+
+    def finish(k: int, status: str, error: str | None) -> dict | claims.Skip:
+        """Write member k's records (weights and curves first, the run row last: a row means complete)."""
+        try:
+            held[k].beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
+        except claims.Claimed as e:
+            return e
+        row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
+                   status=status, error=error, start=start, train_time=train_time[k],
+                   wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, arrays=d.arrays, group_id=gid,
+                   group_size=group_size, peak=peak_memory(device) if memory_tracked else None)
+        p = records.paths(out, specs[k].run_id)
+        records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.arrays.num_classes,
+                                in_channels=d.arrays.image_shape[0]), p["weights"])
+        records.write_parquet(pd.DataFrame(curves[k], columns=records.CURVE_COLUMNS), p["curves"])
+        records.write_parquet(pd.DataFrame(layers[k], columns=records.LAYER_COLUMNS), p["layers"])
+        records.write_parquet(pd.DataFrame([row]), p["run"])
+        p["ckpt"].unlink(missing_ok=True)
+        return row
+
+    def drop(k: int, result) -> None:
+        """Member k leaves: its slot is zeroed and masked out of the loss, the others go on unchanged."""
+        results[k] = result
+        active.remove(k)
+        if len(specs) > 1:
+            members.clear(opt, k)
+            step.mask(k)
+
     sync(device)
     t0 = time.perf_counter()
-    train_time = curves[-1]["train_time_s"] if curves else 0.0
     model.train()
     lr = None
     for it in range(start, r.iterations):
         if r.lr_at(it, arch.depth) != lr:
             lr = r.lr_at(it, arch.depth)
             set_lr(opt, lr)
-        step(*loader.batch(it))
+        step(*members.inputs([loader.batch(it) for loader in loaders], ex.channels_last))
         bar.step()
         if (it + 1) % r.eval_every and it + 1 != r.iterations:
             continue
         # --- evaluation point: the only host syncs of the loop ---
         sync(device)
         window = time.perf_counter() - t0
-        train_time += window
-        train_loss, train_err, seen = step.read()
-        windows.append(dict(attempt=attempt, steps=seen // r.batch_size, seconds=window, img_per_s=seen / window))
-        if not math.isfinite(train_loss):
-            status, error = "diverged", f"non-finite training loss at iteration {it + 1}"
-            curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
-                               lr=current_lr(opt), train_loss=train_loss, train_err=train_err, val_err=float("nan"),
-                               test_err=float("nan"), train_time_s=train_time, img_per_s=seen / window))
+        losses, errs, seen = step.read_members()
+        point = dict(iteration=it + 1, epoch=(it + 1) / loaders[0].steps_per_epoch, lr=current_lr(opt),
+                     img_per_s=seen / window)
+        for k in active:
+            train_time[k] += window
+            windows[k].append(dict(attempt=attempts[k], steps=seen // r.batch_size, seconds=window,
+                                   img_per_s=seen / window, group_size=len(active)))
+        for k in [k for k in active if not math.isfinite(losses[k])]:
+            curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
+                                  val_err=float("nan"), test_err=float("nan"), train_time_s=train_time[k]))
+            drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
+        if not active:
             break
-        layers += layer_rows(model, opt, spec.run_id, it + 1)  # before evaluation: grads of the last step
-        val_err = evaluate(model, val_x, val_y, mean, ex, device)
-        test_err = evaluate(model, test_x, test_y, mean, ex, device)
-        curves.append(dict(run_id=spec.run_id, iteration=it + 1, epoch=(it + 1) / loader.steps_per_epoch,
-                           lr=current_lr(opt),
-                           train_loss=train_loss, train_err=train_err, val_err=val_err, test_err=test_err,
-                           train_time_s=train_time, img_per_s=seen / window))
-        bar.show(loss=f"{train_loss:.3f}", err=f"{train_err:.3f}", val=f"{val_err:.3f}", img_s=f"{seen / window:.0f}")
-        claim.beat(time.perf_counter() - t_beat)  # raises claims.Claimed if another trainer took the run over
+        for k in active:  # before evaluation: the gradients of the last step
+            layers[k] += members.layer_rows(opt, k, specs[k].run_id, it + 1)
+        group = members if len(specs) > 1 else None
+        val_err = evaluate(model, *d.val, d.mean, ex, device, group)
+        test_err = evaluate(model, *d.test, d.mean, ex, device, group)
+        for k in active:
+            curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
+                                  val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
+        k0 = active[0]
+        bar.show(loss=f"{losses[k0]:.3f}", err=f"{errs[k0]:.3f}", val=f"{val_err[k0]:.3f}",
+                 img_s=f"{seen * len(active) / window:.0f}")
+        for k in list(active):
+            try:
+                held[k].beat(time.perf_counter() - t_beat)
+            except claims.Claimed as e:  # another trainer took this run over: stop it without writing
+                drop(k, e)
+        if not active:
+            break
         t_beat = time.perf_counter()
         if it + 1 < r.iterations:
-            records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), optimizer=opt.state_dict(),
-                                    rng=_rng_state(device), iteration=it + 1, curves=curves, layers=layers,
-                                    windows=windows, wall_s=wall_before + time.perf_counter() - t_wall), p["ckpt"])
+            for k in active:
+                records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
+                                        optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
+                                        iteration=it + 1, curves=curves[k], layers=layers[k], windows=windows[k],
+                                        wall_s=wall_before[k] + time.perf_counter() - t_wall),
+                                   records.paths(out, specs[k].run_id)["ckpt"])
         sync(device)
         t0 = time.perf_counter()
     bar.close()
-    wall = wall_before + time.perf_counter() - t_wall
+    for k in list(active):
+        results[k] = finish(k, "ok", None)
+    return results
 
+
+def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, macs: int, status: str,
+         error: str | None, start: int, train_time: float, wall: float, ex: Execution, arrays: data.Arrays,
+         group_id: str, group_size: int, peak: int | None) -> dict:
+    """A run's row: its spec, its summary, how fast, and where (records.environment)."""
     cdf = pd.DataFrame(curves, columns=records.CURVE_COLUMNS)
-    timed = timed_windows(windows, attempt)
     # val_err is NaN throughout with --val-size 0, test_err only at a divergence point
     validated, tested = cdf[cdf["val_err"].notna()], cdf[cdf["test_err"].notna()]
-    row = spec.flat() | dict(
+    nan = float("nan")
+    return spec.flat() | dict(
         params=params, macs=macs, status=status, error=error,
         iterations_done=int(cdf["iteration"].max()) if len(cdf) else 0,
         resumed_from=start,  # the iteration this (last) attempt continued from; 0 for an uninterrupted run
-        final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else float("nan"),
-        final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else float("nan"),
-        final_val_err=validated["val_err"].iloc[-1] if len(validated) else float("nan"),
-        final_test_err=tested["test_err"].iloc[-1] if len(tested) else float("nan"),
-        best_train_err=cdf["train_err"].min() if len(cdf) else float("nan"),
-        best_val_err=validated["val_err"].min() if len(validated) else float("nan"),
+        final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else nan,
+        final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else nan,
+        final_val_err=validated["val_err"].iloc[-1] if len(validated) else nan,
+        final_test_err=tested["test_err"].iloc[-1] if len(tested) else nan,
+        best_train_err=cdf["train_err"].min() if len(cdf) else nan,
+        best_val_err=validated["val_err"].min() if len(validated) else nan,
         # test error at the best validation point: model selection never looks at the test set
-        test_err_at_best_val=validated.loc[validated["val_err"].idxmin(), "test_err"] if len(validated) else float("nan"),
-        best_test_err=tested["test_err"].min() if len(tested) else float("nan"),
-        train_img_per_s=statistics.median(w["img_per_s"] for w in timed) if timed else float("nan"),
-        step_time_ms=1e3 * statistics.median(w["seconds"] / max(w["steps"], 1) for w in timed) if timed else float("nan"),
+        test_err_at_best_val=validated.loc[validated["val_err"].idxmin(), "test_err"] if len(validated) else nan,
+        best_test_err=tested["test_err"].min() if len(tested) else nan,
+        # this run's own images per second; group_img_per_s counts every member trained meanwhile
+        train_img_per_s=statistics.median(w["img_per_s"] for w in timed) if timed else nan,
+        group_img_per_s=statistics.median(w["img_per_s"] * w.get("group_size", 1) for w in timed) if timed else nan,
+        step_time_ms=1e3 * statistics.median(w["seconds"] / max(w["steps"], 1) for w in timed) if timed else nan,
         timed_windows=len(timed),
         train_time_s=train_time, wall_time_s=wall,
-        peak_memory_bytes=peak_memory(device) if memory_tracked else None,
+        peak_memory_bytes=peak,  # the process's: a group's members share it
         amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
-        train_path=f"device-loader+{ex.execution}", data_source=arrays.source, data_sha256=arrays.sha256,
-        data_official=arrays.official,
+        train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
+        data_source=arrays.source, data_sha256=arrays.sha256, data_official=arrays.official,
     ) | records.environment(ex.device)
-    claim.beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
-    # weights and curves first, the run row last: a row in runs/ means the run is complete
-    records.save_torch(dict(spec=spec.to_json(), model=model.state_dict(), num_classes=arrays.num_classes,
-                            in_channels=arrays.image_shape[0]), p["weights"])
-    records.write_parquet(cdf, p["curves"])
-    records.write_parquet(pd.DataFrame(layers, columns=records.LAYER_COLUMNS), p["layers"])
-    records.write_parquet(pd.DataFrame([row]), p["run"])
-    p["ckpt"].unlink(missing_ok=True)
-    return row
 
 
 CHECKPOINT_KEYS = {"spec", "model", "optimizer", "rng", "iteration", "curves", "windows", "wall_s"}

@@ -20,13 +20,13 @@ from torch import nn
 
 from .blocks import SHORTCUTS
 from .cifar import cifar_resnet
-from .group import GroupedResNet, group_loss, stack, unstack
+from .group import GroupedResNet, group_loss, member_losses, stack, unstack
 from .lesion import blocks, deletable, lesioned
 from .imagenet import LAYOUTS, STEMS, imagenet_resnet
 from .stats import count_macs, count_params, layer_responses
 
 __all__ = ["build", "available", "parse", "ModelName", "count_params", "count_macs", "layer_responses",
-           "stack", "unstack", "group_loss", "GroupedResNet", "blocks", "deletable", "lesioned"]
+           "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "deletable", "lesioned"]
 
 KINDS = ("resnet", "plain", "preresnet", "preplain")
 CIFAR_EXAMPLES = (8, 14, 20, 32, 44, 56, 110, 1202)
@@ -72,6 +72,13 @@ def parse(name: str) -> ModelName:
             f"(resnet/plain only) has {', '.join(map(str, IMAGENET_DEPTHS))}"
         )
     return ModelName(name, "cifar", kind, depth)
+
+
+def groupable(name: str, shortcut: str | None = None) -> bool:
+    """Whether ``stack`` can hold this net: the CIFAR family's post-activation basic-block nets with
+    shortcut option A (the paper's Table 6 grid)."""
+    spec = parse(name)
+    return spec.family == "cifar" and not spec.preact and (shortcut or "A").upper() == "A"
 
 
 def available() -> list[str]:

@@ -127,6 +127,21 @@ def _is_head(key: str) -> bool:
     return key.startswith("fc.")
 
 
+def merge(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The grouped tensor named ``key`` from the members' tensors of that name (weights, buffers, or
+    anything shaped like them: gradients, momentum buffers)."""
+    if key.endswith("num_batches_tracked"):
+        return parts[0].clone()  # members step in lockstep: one count serves all
+    return torch.stack(parts) if _is_head(key) else torch.cat(parts)
+
+
+def split(key: str, value: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """The K members' views of the grouped tensor named ``key`` (no copies: writes go through)."""
+    if key.endswith("num_batches_tracked"):
+        return [value] * k
+    return list(value.unbind(0) if _is_head(key) else value.chunk(k, 0))
+
+
 def stack(nets: list[nn.Module]) -> GroupedResNet:
     """One grouped network holding copies of ``nets`` (same shape; plain and residual may mix)."""
     if not nets:
@@ -138,28 +153,22 @@ def stack(nets: list[nn.Module]) -> GroupedResNet:
     first = next(nets[0].parameters())
     group = GroupedResNet(len(nets), residual=residual, **shapes[0]).to(first.device, first.dtype)
     states = [n.state_dict() for n in nets]
-    merged = {}
-    for key in group.state_dict():
-        parts = [s[key] for s in states]
-        if key.endswith("num_batches_tracked"):
-            merged[key] = parts[0].clone()  # members step in lockstep: one count serves all
-        else:
-            merged[key] = torch.stack(parts) if _is_head(key) else torch.cat(parts)
-    group.load_state_dict(merged)
+    group.load_state_dict({key: merge(key, [s[key] for s in states]) for key in group.state_dict()})
     return group
 
 
 def unstack(group: GroupedResNet) -> list[dict[str, torch.Tensor]]:
-    """The members' state dicts, with the names and shapes ``resnet.build`` gives them."""
+    """The members' state dicts, with the names and shapes ``resnet.build`` gives them (copies)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(group.k)]
     for key, value in group.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            parts = [value] * group.k
-        else:
-            parts = value.unbind(0) if _is_head(key) else value.chunk(group.k, 0)
-        for member, part in zip(out, parts):
+        for member, part in zip(out, split(key, value, group.k)):
             member[key] = part.detach().clone()
     return out
+
+
+def member_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each member's mean cross-entropy, shape (K,): logits (B, K, classes), targets (B, K)."""
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(0)
 
 
 def group_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -167,4 +176,4 @@ def group_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     The sum keeps gradients apart: member k's parameters see exactly d(loss_k)/d(theta_k).
     """
-    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(0).sum()
+    return member_losses(logits, targets).sum()

@@ -50,7 +50,7 @@ def test_real_cifar_run_writes_self_describing_records(tmp_path, cifar_root, tin
     net.load_state_dict(saved["model"])
     a = data.load("cifar10", cifar_root)
     parts = data.split(a, tiny.val_size, tiny.train_size)
-    err = evaluate(net, a.test_x[:256], a.test_y[:256], data.pixel_mean(parts["train"][0]), CPU, torch.device("cpu"))
+    [err] = evaluate(net, a.test_x[:256], a.test_y[:256], data.pixel_mean(parts["train"][0]), CPU, torch.device("cpu"))
     assert err == pytest.approx(r["final_test_err"])
     assert not records.paths(tmp_path, spec.run_id)["ckpt"].exists()
 

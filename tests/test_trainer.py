@@ -110,10 +110,10 @@ def test_evaluate_compares_every_batch_with_its_own_labels():
     model = FirstValues()
     model.train()
     ex = Execution(eval_batch_size=3)
-    err = evaluate(model, x, torch.tensor(labels), torch.zeros(3, 1, 1), ex, cpu)
+    [err] = evaluate(model, x, torch.tensor(labels), torch.zeros(3, 1, 1), ex, cpu)
     assert err == pytest.approx(2 / 7)
     assert model.training  # evaluation puts the net back into training mode
-    assert math.isnan(evaluate(model, x[:0], torch.tensor([]), torch.zeros(3, 1, 1), ex, cpu))
+    assert math.isnan(evaluate(model, x[:0], torch.tensor([]), torch.zeros(3, 1, 1), ex, cpu)[0])
 
 
 def test_run_summary_is_taken_from_its_curves(tmp_path, tiny):

@@ -1,0 +1,209 @@
+"""Fused training (bench.train.run_group): a group of K runs must be the same experiment as K runs.
+
+CPU, no amp, a group of four: plain8 and resnet8, seeds 0 and 1 (width 0.25, batch 32, 20 steps).
+A grouped convolution sums the same products in another order than K separate ones, and training
+amplifies that rounding. Measured on the 2-core CI machine (torch 2.14.1) after 20 steps in fp32:
+train losses agree to 1.5e-5, weights to 2.5e-3, training errors exactly and test errors to one
+image in 256; the same runs in float64 agree to 1.4e-15 in the weights. So the fp32 test bounds
+losses by 1e-4 and weights by 1e-2, and the float64 tests, which also check resuming, by 1e-9:
+any real mistake (a member seeing another's data, gradient, momentum or BN statistics) is orders of
+magnitude larger.
+"""
+import pandas as pd
+import pytest
+import torch
+
+import resnet
+from bench import claims, data, fuse, records
+from bench.specs import Execution, RunSpec, recipe
+from bench.train import run_group, run_one
+
+CPU = Execution.for_device("cpu", amp=False)
+MEMBERS = [("plain8", 0), ("resnet8", 0), ("plain8", 1), ("resnet8", 1)]
+
+
+def _specs(n_eval=256):
+    r = recipe("smoke", batch_size=32, iterations=20, eval_every=10, train_size=256, val_size=n_eval, test_size=n_eval)
+    return [RunSpec(m, r, seed=s, width=0.25, dataset="synthetic") for m, s in MEMBERS]
+
+
+def _curves(out, spec):
+    return pd.read_parquet(records.paths(out, spec.run_id)["curves"])
+
+
+def _science(curves):
+    return curves.drop(columns=["train_time_s", "img_per_s"])  # what was learned, not how fast
+
+
+def _weights(out, spec):
+    return records.load_torch(records.paths(out, spec.run_id)["weights"])["model"]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The four runs trained separately and as one group (fp32), and each member's weights as the group began."""
+    out = tmp_path_factory.mktemp("fused")
+    specs = _specs()
+    for s in specs:
+        run_one(s, out / "alone", CPU, progress=False)
+    initial = []
+    real_init = fuse.Members.__init__
+
+    def spy(self, nets):
+        real_init(self, nets)
+        initial.extend(self.state(k) for k in range(self.k))
+
+    fuse.Members.__init__ = spy
+    try:
+        rows = run_group(specs, out / "group", CPU, progress=False)
+    finally:
+        fuse.Members.__init__ = real_init
+    return out, specs, rows, initial
+
+
+def test_each_member_starts_from_the_weights_its_seed_gives_alone(trained):
+    _, specs, _, initial = trained
+    assert len(initial) == 4
+    for s, state in zip(specs, initial):
+        torch.manual_seed(s.seed)
+        alone = resnet.build(s.model, width=s.width).state_dict()
+        assert all(torch.equal(state[k], alone[k]) for k in alone), s.run_id
+
+
+def test_a_group_of_four_trains_like_four_separate_runs(trained):
+    out, specs, rows, _ = trained
+    for s, row in zip(specs, rows):
+        a, b = _curves(out / "alone", s), _curves(out / "group", s)
+        assert list(a["iteration"]) == list(b["iteration"]) == [10, 20]
+        assert (a["train_loss"] - b["train_loss"]).abs().max() < 1e-4
+        assert (a["train_err"] - b["train_err"]).abs().max() <= 1 / 320  # one image of 10 steps x 32
+        assert (a["test_err"] - b["test_err"]).abs().max() <= 1 / 256
+        start = resnet.build(s.model, width=s.width).state_dict()
+        assert _max_diff(_weights(out / "alone", s), start) > 0.05  # training moved the weights ...
+        assert _max_diff(_weights(out / "group", s), _weights(out / "alone", s)) < 1e-2  # ... the same way
+
+
+def test_members_keep_their_own_records_with_their_group(trained):
+    out, specs, rows, _ = trained
+    alone, _ = records.load(out / "alone")
+    group, _ = records.load(out / "group")
+    assert sorted(group["run_id"]) == sorted(s.run_id for s in specs) == sorted(alone["run_id"])
+    assert set(group.columns) == set(alone.columns)
+    assert (group["group_size"] == 4).all() and group["group_id"].nunique() == 1
+    assert (alone["group_size"] == 1).all() and (alone["group_id"] == alone["run_id"]).all()
+    assert [r["run_id"] for r in rows] == [s.run_id for s in specs]
+    # each member's own images per second; the group's count all four
+    assert list(group["group_img_per_s"]) == pytest.approx(list(4 * group["train_img_per_s"]))
+    for s in specs:
+        layers = pd.read_parquet(records.paths(out / "group", s.run_id)["layers"])
+        solo = pd.read_parquet(records.paths(out / "alone", s.run_id)["layers"])
+        assert list(layers["layer_name"]) == list(solo["layer_name"])  # every weighted layer, every point
+        # fp32 rounding, amplified by 20 steps, moves gradient norms by up to 2 % (measured); float64 below
+        assert ((layers["grad_norm"] - solo["grad_norm"]).abs() / solo["grad_norm"]).max() < 0.05
+        assert not records.paths(out / "group", s.run_id)["ckpt"].exists()
+
+
+def test_a_nan_in_one_member_leaves_the_others_unchanged(trained, tmp_path, monkeypatch):
+    out, specs, _, _ = trained
+    calls = []
+    real = fuse.Members.inputs
+
+    def poisoned(self, batches, channels_last):
+        calls.append(1)
+        if len(calls) == 13:  # step 13: member 2 (plain8, seed 1) gets a NaN image
+            batches[2][0][0, 0, 0, 0] = float("nan")
+        return real(self, batches, channels_last)
+
+    monkeypatch.setattr(fuse.Members, "inputs", poisoned)
+    rows = run_group(specs, tmp_path, CPU, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "ok", "diverged", "ok"]
+    assert "iteration 20" in rows[2]["error"]
+    for k in (0, 1, 3):
+        pd.testing.assert_frame_equal(_science(_curves(tmp_path, specs[k])), _science(_curves(out / "group", specs[k])))
+        assert _max_diff(_weights(tmp_path, specs[k]), _weights(out / "group", specs[k])) == 0
+    bad = _curves(tmp_path, specs[2])
+    assert bad["train_loss"].isna().tolist() == [False, True]
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Train in float64: nets, batches and evaluation images (the optimizer follows the weights)."""
+    build = resnet.build
+    monkeypatch.setattr(resnet, "build", lambda *a, **k: build(*a, **k).double())
+    monkeypatch.setattr(data.DeviceLoader, "normalize", lambda self, x: x.double().div_(255).sub_(self.mean))
+    batches = data.eval_batches
+    monkeypatch.setattr(data, "eval_batches", lambda *a, **k: (b.double() for b in batches(*a, **k)))
+
+
+def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, monkeypatch, float64):
+    specs = _specs(n_eval=64)
+    for s in specs:
+        run_one(s, tmp_path / "alone", CPU, progress=False)
+    real_save, saved = records.save_torch, []
+
+    def save_then_interrupt(obj, path):  # stop the group once all four checkpoints are written
+        real_save(obj, path)
+        saved.append(path)
+        if len(saved) == 4:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(records, "save_torch", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_group(specs, tmp_path / "cut", CPU, progress=False)
+    assert all(records.paths(tmp_path / "cut", s.run_id)["ckpt"].exists() for s in specs)
+    # member 1 alone; the other three as a group of three
+    assert run_one(specs[1], tmp_path / "cut", CPU, progress=False)["resumed_from"] == 10
+    rows = run_group([specs[0], specs[2], specs[3]], tmp_path / "cut", CPU, progress=False)
+    assert [r["resumed_from"] for r in rows] == [10, 10, 10]
+    for s in specs:
+        a, b = _curves(tmp_path / "alone", s), _curves(tmp_path / "cut", s)
+        pd.testing.assert_frame_equal(_science(a), _science(b), rtol=1e-9, atol=1e-9)
+        assert _max_diff(_weights(tmp_path / "alone", s), _weights(tmp_path / "cut", s)) < 1e-9
+        la, lb = (pd.read_parquet(records.paths(tmp_path / o, s.run_id)["layers"]) for o in ("alone", "cut"))
+        pd.testing.assert_frame_equal(la, lb, rtol=1e-9, atol=1e-12)  # norms of weights, gradients, momentum
+    # the whole group again: every member is recorded, so each is skipped, and nothing is trained
+    again = run_group(specs, tmp_path / "cut", CPU, progress=False)
+    assert all(isinstance(r, claims.Skip) and "already recorded" in str(r) for r in again)
+
+
+def test_plan_groups_runs_of_one_shape():
+    r = recipe("smoke")
+    runs = [RunSpec(m, r, seed=s) for s in (0, 1, 2) for m in ("plain20", "resnet20", "plain32", "resnet32")]
+    runs += [RunSpec("resnet110", r), RunSpec("preresnet20", r), RunSpec("resnet20", r, shortcut="B"),
+             RunSpec("resnet18", r)]
+
+    def names(groups):
+        return [[f"{s.model}/{s.seed}" for s in g] for g in groups]
+
+    assert names(fuse.plan(runs, "auto", "cpu")) == [[f"{s.model}/{s.seed}"] for s in runs]
+    assert names(fuse.plan(runs, "off", "cuda")) == [[f"{s.model}/{s.seed}"] for s in runs]
+    auto = names(fuse.plan(runs, "auto", "cuda"))
+    assert auto[:2] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1", "plain20/2", "resnet20/2"],
+                        ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1", "plain32/2", "resnet32/2"]]
+    assert auto[2:] == [["resnet110/0"], ["preresnet20/0"], ["resnet20/0"], ["resnet18/0"]]  # each alone
+    four = names(fuse.plan(runs, "4", "cpu"))
+    assert four[:4] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1"],
+                        ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1"],
+                        ["plain20/2", "resnet20/2"], ["plain32/2", "resnet32/2"]]
+    assert sorted(sum(four, [])) == sorted(sum(names(fuse.plan(runs, "off")), []))  # every run, once
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", ""])
+def test_fuse_option_refuses_what_is_not_a_group_size(value):
+    with pytest.raises(ValueError, match="auto, off or a group size"):
+        fuse.parse_fuse(value)
+
+
+def test_a_group_of_different_shapes_is_refused_before_anything_is_written(tmp_path):
+    r = recipe("smoke")
+    with pytest.raises(ValueError, match="must share"):
+        run_group([RunSpec("resnet20", r), RunSpec("resnet32", r)], tmp_path, CPU, progress=False)
+    with pytest.raises(ValueError, match="each run once"):
+        run_group([RunSpec("resnet20", r), RunSpec("resnet20", r)], tmp_path, CPU, progress=False)
+    assert not any(tmp_path.iterdir())
