@@ -10,6 +10,7 @@ import click
 
 import resnet
 from bench.data import DATASETS, DataError
+from bench.fuse import FUSE_HELP, parse_fuse
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -185,6 +186,14 @@ def _fail_if_failed(runs, out: Path) -> None:
                                    f"`resbench status {out}` lists them): {', '.join(failed)}")
 
 
+def _fuse_option(ctx, param, value):
+    try:
+        parse_fuse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("--fuse ")) from None
+    return value
+
+
 @main.command()
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
               help="TOML file of option values (keys as option names); explicit options win.")
@@ -197,6 +206,8 @@ def _fail_if_failed(runs, out: Path) -> None:
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
 @click.option("--jobs", type=COUNT, default=None, help="CPU: runs at a time (each in its own process).")
 @click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
+@click.option("--fuse", default="auto", show_default=True, callback=_fuse_option, metavar="auto|off|K",
+              help="Train runs of one shape as one grouped network (fused training). " + FUSE_HELP + ".")
 @recipe_options
 @exec_options
 @friendly_errors
@@ -207,8 +218,8 @@ def _fail_if_failed(runs, out: Path) -> None:
 @click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
               help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
-def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, partition, gpus_per_run, time_min,
-          max_parallel, slurm_opt, wait, **o):
+def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, fuse, partition, gpus_per_run,
+          time_min, max_parallel, slurm_opt, wait, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
 
     Finished runs are skipped, an interrupted run continues from its checkpoint.
@@ -217,6 +228,7 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     Examples:
       resbench sweep --preset smoke
       resbench sweep --preset he2015 --depths 20,56,110 --seeds 0,1,2 --device cuda
+      resbench sweep --preset he2015 --seeds 0,1,2,3,4 --fuse 10   # 5 seeds x twins: one group per depth
       resbench sweep --config my-sweep.toml --seeds 3
     """
     from bench import sweep as sw
@@ -236,13 +248,13 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     _require_data(o)
     sw.check_writable(out)
     if executor == "slurm":
-        return _submit_slurm(spec, runs, out, o, slurm_opts)
+        return _submit_slurm(spec, runs, out, o, slurm_opts | dict(fuse=fuse))
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
                f"{len(todo)} to train on {ex.device} -> {out}")
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
-    kw = dict(data_root=o["data_root"], download=o["download"], log=click.echo)
+    kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
     if len(slots) > 1:
         sw.run_parallel(todo, out, ex, slots, **kw)
     else:
@@ -274,7 +286,7 @@ def _submit_slurm(spec, runs, out, o, so) -> None:
     overrides = dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"])
     submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
                              partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
-                             max_parallel=so["max_parallel"], extra=so["extra"])
+                             max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"])
     busy = len(todo) - len(submitted)
     jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {busy} already queued, "

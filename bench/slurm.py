@@ -1,8 +1,9 @@
 """The Slurm executor: a sweep's pending runs as one job array, through submitit.
 
-Each array task trains one run and writes its own files into the shared results folder. The
-task is checkpointable: when Slurm preempts or times it out, submitit requeues it, and the run
-continues from its own checkpoint (ckpt/<run_id>.pt). Submitting the same sweep again submits only
+Each array task trains one group (bench.fuse.plan: runs of one shape as one grouped network, or
+one run alone) and writes its runs' own files into the shared results folder. The task is
+checkpointable: when Slurm preempts or times it out, submitit requeues it, and each run continues
+from its own checkpoint (ckpt/<run_id>.pt). Submitting the same sweep again submits only
 the runs that have no record and no job still queued or running.
 
 Job ids are kept in ``<results>/slurm/jobs.json`` (run_id -> job id) for ``resbench status``.
@@ -28,8 +29,12 @@ class SlurmRun:
     def __init__(self, out: str, device: str, overrides: dict, data_root: str | None):
         self.out, self.device, self.overrides, self.data_root = out, device, overrides, data_root
 
-    def __call__(self, spec: dict) -> str:
-        from bench.train import record_failure, run_one
+    def __call__(self, specs: list[dict] | dict) -> list[str]:
+        """Train the group; each member's status ("ok", "diverged", "failed", or "skipped" where another
+        trainer holds or finished it). A single spec dict (jobs of earlier versions) is a group of one."""
+        from bench.claims import Skip
+        from bench.sweep import _failed
+        from bench.train import run_group
 
         import os
 
@@ -37,20 +42,17 @@ class SlurmRun:
 
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the cores Slurm gave us, not every core of the node
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-        run = RunSpec.from_dict(spec)
-        done = records.finished(Path(self.out)).get(run.run_id)
-        if done in ("ok", "diverged"):  # a requeued task whose run had already finished
-            return done
+        runs = [RunSpec.from_dict(d) for d in (specs if isinstance(specs, list) else [specs])]
+        recorded = records.finished(Path(self.out))
+        runs = [r for r in runs if recorded.get(r.run_id) not in records.DONE]  # a requeued task's finished runs
+        if not runs:
+            return []
         ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
-        from bench.claims import Skip
-
         try:
-            return run_one(run, Path(self.out), ex, data_root=self.data_root, progress=False)["status"]
-        except Skip:  # another trainer holds the run (or finished it): not this task's to record
-            return "skipped"
+            results = run_group(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
         except Exception as e:
-            record_failure(run, self.out, ex, e)
-            return "failed"
+            return [_failed(r, Path(self.out), ex, e)["status"] for r in runs]
+        return ["skipped" if isinstance(res, Skip) else res["status"] for res in results]
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -88,9 +90,12 @@ def alive(out: Path) -> dict[str, str]:
 
 def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: dict | None = None, data_root=None,
            partition: str | None = None, gpus_per_run: int = 0, time_min: int = 60, max_parallel: int = 16,
-           cpus_per_task: int | None = None, extra: dict | None = None) -> dict[str, str]:
-    """Submit ``runs`` (already filtered to the pending ones) as one array; returns run_id -> job id."""
+           cpus_per_task: int | None = None, extra: dict | None = None, fuse: str = "off") -> dict[str, str]:
+    """Submit ``runs`` (already filtered to the pending ones) as one array, one task per group
+    (``fuse``, bench.fuse.plan; "auto" groups when tasks get a GPU); returns run_id -> job id."""
     import submitit
+
+    from bench.fuse import plan
 
     out = Path(out).resolve()
     busy = alive(out)
@@ -108,8 +113,9 @@ def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: d
         params["cpus_per_task"] = cpus_per_task
     executor.update_parameters(**params)
     task = SlurmRun(str(out), device, dict(overrides or {}), str(data_root) if data_root else None)
-    jobs = executor.map_array(task, [r.to_dict() for r in todo])
-    submitted = {r.run_id: j.job_id for r, j in zip(todo, jobs)}
+    groups = plan(todo, fuse, "cuda" if gpus_per_run or str(device).startswith("cuda") else "cpu")
+    jobs = executor.map_array(task, [[r.to_dict() for r in g] for g in groups])
+    submitted = {r.run_id: j.job_id for g, j in zip(groups, jobs) for r in g}
     all_jobs = read_jobs(out) | submitted
     records.atomic_write(jobs_file(out), lambda tmp: tmp.write_text(json.dumps(all_jobs, indent=1)))
     return submitted

@@ -1,11 +1,14 @@
 """Sweeps: expand the grid, skip what is recorded, run the rest on an executor, summarise.
 
 Executors:
-  local, one slot   in this process, one run after another (a failing run is recorded and the
+  local, one slot   in this process, one group after another (a failing run is recorded and the
                     sweep goes on)
-  local, N slots    one subprocess per run, N at a time; on GPUs each slot is pinned to one
+  local, N slots    one subprocess per group, N at a time; on GPUs each slot is pinned to one
                     device with CUDA_VISIBLE_DEVICES (``runs_per_gpu`` slots per device)
-  slurm             see bench.slurm
+  slurm             one array task per group, see bench.slurm
+
+A group is what ``fuse`` asks for (bench.fuse.plan): runs of one shape trained as one grouped
+network, or each run alone (``fuse="off"``, a group of one).
 """
 from __future__ import annotations
 
@@ -21,9 +24,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import claims, records
+from bench import claims, fuse as fusing, records
 from bench.specs import Execution, RunSpec, SweepSpec
-from bench.train import record_failure, run_one
+from bench.train import record_failure, run_group
 
 DONE = records.DONE
 EXIT_SKIPPED = 3  # a worker's exit code when another trainer holds (or has finished) its run
@@ -61,21 +64,31 @@ def read_sweep_toml(out: Path) -> SweepSpec | None:
     return SweepSpec.from_toml(path.read_text()) if path.exists() else None
 
 
-def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, download=False,
+def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off", data_root=None, download=False,
               progress=True, log=print) -> None:
-    """One run after another in this process."""
-    for i, spec in enumerate(runs, 1):
+    """One group after another in this process."""
+    n, i = len(runs), 0
+    for group in fusing.plan(runs, fuse, ex.device):
         t = time.perf_counter()
         try:
-            row = run_one(spec, out, ex, data_root=data_root, download=download, progress=progress)
+            results = run_group(group, out, ex, data_root=data_root, download=download, progress=progress)
         except KeyboardInterrupt:
             raise
-        except claims.Skip as e:  # another sweep trains it (or has done so)
-            log(f"[{i}/{len(runs)}] {spec.run_id}: skipped ({e})")
-            continue
-        except Exception as e:  # one run's failure never stops the sweep
-            row = record_failure(spec, out, ex, e)
-        log(_line(i, len(runs), row, time.perf_counter() - t))
+        except Exception as e:  # one group's failure never stops the sweep
+            results = [_failed(spec, out, ex, e) for spec in group]
+        for spec, res in zip(group, results):
+            i += 1
+            if isinstance(res, claims.Skip):  # another sweep trains it (or has done so)
+                log(f"[{i}/{n}] {spec.run_id}: skipped ({res})")
+            else:
+                log(_line(i, n, res, time.perf_counter() - t))
+
+
+def _failed(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
+    """The row of a group member after its group raised: its own record if it had finished (diverged
+    members are written as they diverge), else a failed row."""
+    row = records.recorded(out, spec.run_id)
+    return row if row is not None and row["status"] in DONE else record_failure(spec, out, ex, exc)
 
 
 def _line(i: int, n: int, row: dict, seconds: float) -> str:
@@ -107,11 +120,11 @@ def worker_slots(device: str, jobs: int | None, runs_per_gpu: int, visible: list
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
 
 
-def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, data_root=None,
-                 download=False, log=print, poll_s: float = 0.2) -> None:
-    """Each run in its own subprocess (`python -m bench worker`), len(slots) at a time."""
-    queue = list(runs)
-    active: dict[int, tuple[subprocess.Popen, RunSpec, float]] = {}
+def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, fuse: str = "off",
+                 data_root=None, download=False, log=print, poll_s: float = 0.2) -> None:
+    """Each group in its own subprocess (`python -m bench worker`), len(slots) at a time."""
+    queue = fusing.plan(runs, fuse, ex.device)
+    active: dict[int, tuple[subprocess.Popen, list[RunSpec], Path, float]] = {}
     n, done = len(runs), 0
     spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
     # a pinned worker sees its GPU as cuda:0
@@ -121,46 +134,55 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
             for slot, env in enumerate(slots):
                 if slot in active or not queue:
                     continue
-                spec = queue.pop(0)
-                f = spec_dir / f"{spec.run_id}.json"
-                f.write_text(json.dumps(dict(spec=spec.to_dict(), execution=asdict(wex),
+                group = queue.pop(0)
+                f = spec_dir / f"{group[0].run_id}.json"
+                f.write_text(json.dumps(dict(specs=[s.to_dict() for s in group], execution=asdict(wex),
                                              data_root=str(data_root) if data_root else None, download=download)))
                 cmd = [sys.executable, "-m", "bench", "worker", str(f), "--out", str(out)]
-                active[slot] = (subprocess.Popen(cmd, env=os.environ | env), spec, time.perf_counter())
-            for slot, (proc, spec, t) in list(active.items()):
+                active[slot] = (subprocess.Popen(cmd, env=os.environ | env), group, f, time.perf_counter())
+            for slot, (proc, group, f, t) in list(active.items()):
                 if proc.poll() is None:
                     continue
                 del active[slot]
-                done += 1
-                if proc.returncode == EXIT_SKIPPED:
-                    log(f"[{done}/{n}] {spec.run_id}: skipped (another trainer holds or finished it)")
-                    continue
-                row = records.recorded(out, spec.run_id)
-                if row is None:  # the worker died without recording anything (killed, segfault, OOM kill)
-                    row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
-                log(_line(done, n, row, time.perf_counter() - t))
+                skipped = set(json.loads(_skipped_file(f).read_text())) if _skipped_file(f).exists() else set()
+                for spec in group:
+                    done += 1
+                    if spec.run_id in skipped or proc.returncode == EXIT_SKIPPED:
+                        log(f"[{done}/{n}] {spec.run_id}: skipped (another trainer holds or finished it)")
+                        continue
+                    row = records.recorded(out, spec.run_id)
+                    if row is None:  # the worker died without recording it (killed, segfault, OOM kill)
+                        row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
+                    log(_line(done, n, row, time.perf_counter() - t))
             time.sleep(poll_s)
     finally:
-        for proc, _, _ in active.values():
+        for proc, _, _, _ in active.values():
             proc.terminate()
         for f in spec_dir.iterdir():
             f.unlink()
         spec_dir.rmdir()
 
 
+def _skipped_file(spec_file: Path) -> Path:
+    return spec_file.with_name(spec_file.stem + ".skipped.json")
+
+
 def worker(spec_file: Path, out: Path) -> int:
-    """Entry point of one subprocess: run one spec and record it (failed rows included)."""
+    """Entry point of one subprocess: train one group and record it (failed rows included). Writes
+    the run_ids it skipped beside the spec file; exits with EXIT_SKIPPED if it skipped them all."""
     job = json.loads(Path(spec_file).read_text())
-    spec, ex = RunSpec.from_dict(job["spec"]), Execution(**job["execution"])
+    specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
     try:
-        run_one(spec, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
-    except claims.Skip as e:
-        print(f"{spec.run_id}: skipped ({e})", file=sys.stderr)
-        return EXIT_SKIPPED
+        results = run_group(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
     except Exception as e:
-        record_failure(spec, out, ex, e)
+        for spec in specs:
+            _failed(spec, out, ex, e)
         return 1
-    return 0
+    skipped = [s.run_id for s, res in zip(specs, results) if isinstance(res, claims.Skip)]
+    for run_id, res in zip(skipped, (r for r in results if isinstance(r, claims.Skip))):
+        print(f"{run_id}: skipped ({res})", file=sys.stderr)
+    records.atomic_write(_skipped_file(Path(spec_file)), lambda tmp: tmp.write_text(json.dumps(skipped)))
+    return EXIT_SKIPPED if len(skipped) == len(specs) else 0
 
 
 def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:

@@ -207,3 +207,38 @@ def test_a_group_of_different_shapes_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ValueError, match="each run once"):
         run_group([RunSpec("resnet20", r), RunSpec("resnet20", r)], tmp_path, CPU, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_member_taken_over_by_another_trainer_stops_and_the_others_go_on(trained, tmp_path, monkeypatch):
+    out, specs, _, _ = trained
+    real_beat = claims.Claim.beat
+
+    def beat(self, interval_s):
+        if self.run_id == specs[1].run_id:  # as if another sweep had found its heartbeat stale and taken it
+            raise claims.Claimed(f"{self.run_id} was taken over")
+        return real_beat(self, interval_s)
+
+    monkeypatch.setattr(claims.Claim, "beat", beat)
+    rows = run_group(specs, tmp_path, CPU, progress=False)
+    assert isinstance(rows[1], claims.Claimed) and [rows[k]["status"] for k in (0, 2, 3)] == ["ok"] * 3
+    assert records.recorded(tmp_path, specs[1].run_id) is None  # nothing written for the lost run
+    assert not records.paths(tmp_path, specs[1].run_id)["ckpt"].exists()
+    for k in (0, 2, 3):  # the others never noticed
+        pd.testing.assert_frame_equal(_science(_curves(tmp_path, specs[k])), _science(_curves(out / "group", specs[k])))
+
+
+def test_sweep_fuse_option_trains_groups_and_says_so(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    args = ["sweep", "--dataset", "synthetic", "--models", "plain,resnet", "--depths", "8", "--seeds", "0,1",
+            "--width", "0.25", "--batch-size", "32", "--train-size", "128", "--val-size", "32", "--test-size", "32",
+            "--iterations", "4", "--eval-every", "4", "--device", "cpu", "--out", str(tmp_path)]
+    res = CliRunner().invoke(main, args + ["--fuse", "3"])
+    assert res.exit_code == 0, res.output
+    runs, _ = records.load(tmp_path)
+    assert sorted(runs["group_size"]) == [1, 3, 3, 3] and runs["group_id"].nunique() == 2
+    assert res.output.count("[") >= 4 and "[4/4]" in res.output
+    bad = CliRunner().invoke(main, args + ["--fuse", "none"])
+    assert bad.exit_code == 2 and "must be auto, off or a group size" in bad.output

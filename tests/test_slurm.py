@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from bench import records
+from bench.slurm import read_jobs
 from bench.specs import Execution, RunSpec, recipe
 from bench.sweep import run_parallel, worker_slots
 
@@ -30,12 +31,16 @@ def test_local_slots_pin_each_worker_to_one_gpu():
 @pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_parallel_workers_get_their_device(tmp_path):
     r = recipe("smoke", batch_size=32, iterations=4, eval_every=4, train_size=64, val_size=32, test_size=32)
-    runs = [RunSpec("plain8", r, seed=s, width=0.25, dataset="synthetic") for s in range(4)]
+    runs = [RunSpec("plain8", r, seed=s, width=0.25, dataset="synthetic") for s in range(6)]
     slots = [{"CUDA_VISIBLE_DEVICES": g} for g in ("0", "1")]  # a fake two-GPU list; the runs use the CPU
-    run_parallel(runs, tmp_path, Execution.for_device("cpu"), slots, log=lambda s: None)
+    lines = []
+    run_parallel(runs, tmp_path, Execution.for_device("cpu"), slots, fuse="2", log=lines.append)
     got = records.load(tmp_path)[0]
-    assert len(got) == 4 and (got["status"] == "ok").all()
+    assert len(got) == 6 and (got["status"] == "ok").all() and len(lines) == 6
     assert set(got["cuda_visible_devices"]) == {"0", "1"}
+    # one worker per group of two: each group on one slot
+    assert (got["group_size"] == 2).all() and got["group_id"].nunique() == 3
+    assert (got.groupby("group_id")["cuda_visible_devices"].nunique() == 1).all()
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +59,17 @@ def _sweep(out, *extra, timeout=300):
 
 @pytest.mark.slurm
 def test_slurm_sweep_lands_every_row(slurm, tmp_path):
-    res = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8")
+    res = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8", "--fuse", "2")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 submitted to Slurm" in res.stdout
     runs, curves = records.load(tmp_path)
     assert len(runs) == 4 and runs["run_id"].is_unique and (runs["status"] == "ok").all()
     assert len(curves) == 8
+    # one array task per group of two: each group's members share a task (job id) and a group_id
+    jobs = read_jobs(tmp_path)
+    assert (runs["group_size"] == 2).all() and runs["group_id"].nunique() == 2
+    assert (runs.assign(job=runs["run_id"].map(jobs)).groupby("group_id")["job"].nunique() == 1).all()
+    assert len(set(jobs.values())) == 2
     again = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8")
     assert "4 recorded" in again.stdout and "0 submitted" in again.stdout
     status = subprocess.run([sys.executable, "-m", "bench", "status", str(tmp_path)], capture_output=True, text=True)
