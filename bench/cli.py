@@ -435,6 +435,9 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images):
 @click.option("--formats", callback=csv_list(str), default=None, help="nchw, channels_last  [default: both on CPU; channels_last on CUDA]")
 @click.option("--executions", callback=csv_list(str), default=None, help="eager, compile, cudagraph  [default: eager on CPU; eager,cudagraph on CUDA]")
 @click.option("--modes", callback=csv_list(str), default=None, help="train, infer  [default: both]")
+@click.option("--group-sizes", callback=csv_list(int, minimum=1), default=None,
+              help="Run groups of K nets trained as one grouped network (fused training; img/s is the group's "
+                   "aggregate)  [default: 1]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=COUNT, default=5, help="Timed blocks per configuration (median and spread).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Untimed steps first.")
@@ -459,6 +462,7 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
       resbench profile
       resbench profile --models resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
       resbench profile --models resnet20 --batch-sizes 128 --against results/reference-profile-h200
+      resbench profile --models resnet20,resnet56 --batch-sizes 128 --group-sizes 1,2,5,10,20 --executions cudagraph
     """
     import pandas as pd
 

@@ -1,7 +1,11 @@
 """Throughput profiling: training-step and inference img/s over a grid of configurations.
 
 Grid: models x batch sizes x precision (fp32, tf32, bf16 autocast) x memory format (nchw,
-channels_last) x execution (eager, compile, cudagraph) x mode (train, infer).
+channels_last) x execution (eager, compile, cudagraph) x mode (train, infer) x group size.
+
+A group size K > 1 times a run group (bench.fuse): K copies of the model (seeds 0..K-1) as one
+grouped network, each member with its own batch of ``batch_size`` images; img/s is the group's
+aggregate (K x batch_size images per step), and MFU counts all of them.
 
 Timing: warm-up steps first (cuDNN autotuning, compilation, graph capture), then ``repeats``
 blocks of steps, each block timed with CUDA events (on the CPU, a wall clock) around the whole
@@ -57,9 +61,10 @@ def peak_flops(gpu_name: str | None, precision: str) -> float | None:
 # what `resbench profile` measures when not told: small on the CPU, the interesting grid on CUDA
 DEFAULTS = {
     "cpu": dict(models=("resnet20",), batch_sizes=(32, 128), precisions=("fp32", "bf16"), formats=FORMATS,
-                executions=("eager",), workers=2),
+                executions=("eager",), group_sizes=(1,), workers=2),
     "cuda": dict(models=("resnet20", "plain20", "resnet56", "plain56"), batch_sizes=(128, 512, 2048),
-                 precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), workers=8),
+                 precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), group_sizes=(1,),
+                 workers=8),
 }
 
 
@@ -75,8 +80,13 @@ def resolve_grid(device: str, **given) -> dict:
     grid.setdefault("modes", MODES)
     if given.get("modes") is not None:
         grid["modes"] = given["modes"]
-    for key in ("models", "batch_sizes", "precisions", "formats", "executions", "modes"):
+    for key in ("models", "batch_sizes", "precisions", "formats", "executions", "modes", "group_sizes"):
         grid[key] = tuple(dict.fromkeys(grid[key]))  # a repeated value would be timed twice
+    if any(k > 1 for k in grid["group_sizes"]):
+        bad = [m for m in grid["models"] if not resnet.groupable(m)]
+        if bad:
+            raise ValueError(f"--group-sizes above 1 need CIFAR nets with shortcut A (resnet{{d}}, plain{{d}}); "
+                             f"not {', '.join(bad)}")
     for key, allowed in (("precisions", PRECISIONS), ("formats", FORMATS), ("executions", EXECUTIONS), ("modes", MODES)):
         bad = [v for v in grid[key] if v not in allowed]
         if bad:
@@ -103,6 +113,7 @@ class Config:
     memory_format: str = "channels_last"
     execution: str = "eager"
     mode: str = "train"
+    group_size: int = 1
 
 
 def _set_precision(precision: str) -> None:
@@ -159,24 +170,27 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
     arch = resnet.parse(cfg.model)
     row = dict(model=cfg.model, family=arch.family, kind=arch.kind, depth=arch.depth, residual=arch.residual,
                batch_size=cfg.batch_size, precision=cfg.precision, memory_format=cfg.memory_format,
-               execution=cfg.execution, mode=cfg.mode, status="ok", error=None)
+               execution=cfg.execution, mode=cfg.mode, group_size=cfg.group_size, status="ok", error=None)
+    k = cfg.group_size
     fmt = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
     try:
         _set_precision(cfg.precision)
         torch.backends.cudnn.benchmark = device.type == "cuda"
-        torch.manual_seed(0)
-        net = resnet.build(cfg.model)
-        row.update(params=resnet.count_params(net), macs=resnet.count_macs(net))
-        net = net.to(device, memory_format=fmt)
-        x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
-        y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+        nets = []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            nets.append(resnet.build(cfg.model))
+        row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0]))  # per member
+        net = (nets[0] if k == 1 else resnet.stack(nets)).to(device, memory_format=fmt)
+        x = torch.randn(cfg.batch_size, 3 * k, 32, 32, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (cfg.batch_size, k) if k > 1 else (cfg.batch_size,), device=device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         amp = cfg.precision == "bf16"
         if cfg.mode == "train":
             step = TrainStep(net, make_optimizer(net, 0.01, 0.9, 1e-4, device), execution=cfg.execution, amp=amp,
-                             device=device)
+                             device=device, members=k)
             fn = lambda: step(x, y)  # noqa: E731
         else:
             fn = _inference_fn(net, x, cfg.execution, amp, device)
@@ -194,30 +208,31 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
         return row
     finally:
         sync(device)
-    rates = [steps * cfg.batch_size / t for t in times]
+    rates = [steps * cfg.batch_size * k / t for t in times]  # a group's aggregate
     flops_per_img = (6 if cfg.mode == "train" else 2) * row["macs"]
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None, cfg.precision)
     med = statistics.median(rates)
     row.update(img_per_s=med, img_per_s_min=min(rates), img_per_s_max=max(rates),
-               step_ms=1e3 * cfg.batch_size / med, steps_per_block=steps, repeats=repeats, warmup_steps=warmup,
+               step_ms=1e3 * cfg.batch_size * k / med, steps_per_block=steps, repeats=repeats, warmup_steps=warmup,
                warmup_s=t_warm, peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                mfu=flops_per_img * med / peak if peak else None)
     return row
 
 
 def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",), executions=("eager",),
-            modes=MODES, device: str = "cpu", log=print, **timing) -> pd.DataFrame:
+            modes=MODES, group_sizes=(1,), device: str = "cpu", log=print, **timing) -> pd.DataFrame:
     """Measure the whole grid. Batch sizes run smallest first; after an OOM the larger ones of that
     configuration are skipped (recorded as oom) instead of being tried."""
     dev = torch.device(device)
     rows, oom = [], set()
-    for model, precision, fmt, execution, mode in itertools.product(models, precisions, formats, executions, modes):
+    for model, precision, fmt, execution, mode, k in itertools.product(models, precisions, formats, executions, modes,
+                                                                        group_sizes):
         for bs in sorted(batch_sizes):
-            key = (model, precision, fmt, execution, mode)
-            cfg = Config(model, bs, precision, fmt, execution, mode)
+            key = (model, precision, fmt, execution, mode, k)
+            cfg = Config(model, bs, precision, fmt, execution, mode, k)
             if key in oom:
                 row = dict(model=model, batch_size=bs, precision=precision, memory_format=fmt, execution=execution,
-                           mode=mode, status="oom", error="skipped: a smaller batch ran out of memory")
+                           mode=mode, group_size=k, status="oom", error="skipped: a smaller batch ran out of memory")
             else:
                 row = measure(cfg, dev, **timing)
                 if row["status"] == "oom":
@@ -229,7 +244,9 @@ def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",
 
 
 def _line(r: dict) -> str:
-    head = f"{r['model']:<10} {r['mode']:<5} bs {r['batch_size']:<5} {r['precision']:<4} {r['memory_format']:<13} {r['execution']:<9}"
+    group = f" x{r['group_size']}" if r.get("group_size", 1) > 1 else ""
+    head = (f"{r['model'] + group:<10} {r['mode']:<5} bs {r['batch_size']:<5} {r['precision']:<4} "
+            f"{r['memory_format']:<13} {r['execution']:<9}")
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['error']}"
     mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
@@ -394,7 +411,7 @@ def profile_figure(df: pd.DataFrame):
 
 # -- against a saved profile (`resbench profile --against`) -----------------------------------------
 
-CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode"]
+CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode", "group_size"]
 
 
 def read_reference(path) -> pd.DataFrame:
@@ -413,6 +430,8 @@ def read_reference(path) -> pd.DataFrame:
         ref = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise ValueError(f"--against {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if "group_size" not in ref.columns:  # profiles of earlier versions timed single nets only
+        ref = ref.assign(group_size=1)
     missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
     if missing:
         raise ValueError(f"--against {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "
@@ -428,7 +447,7 @@ def _machine(df: pd.DataFrame) -> pd.Series:
 
 def against(new: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(matched, unmatched): each new measurement beside the reference's median img/s for the same
-    configuration (model, batch size, precision, memory format, execution, mode), with
+    configuration (model, batch size, precision, memory format, execution, mode, group size), with
     ratio = this machine / reference; unmatched lists the new configurations the reference lacks."""
     def grid(df):
         return df[(df["status"] == "ok") & (df["mode"] != "train-pipeline")].assign(machine=_machine)

@@ -69,6 +69,29 @@ def test_profile_on_cpu_writes_rows_with_spread():
     assert df["macs"].iloc[0] == resnet.count_macs(resnet.build("resnet8"))
 
 
+def test_profile_times_run_groups_as_one_grouped_step(monkeypatch):
+    from bench import profile as prof
+
+    shapes = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y):
+        shapes.append((tuple(x.shape), tuple(y.shape), self.members))
+        return real(self, x, y)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    df = profile(["plain8"], [8], precisions=("fp32",), formats=("nchw",), modes=("train",), group_sizes=(1, 3),
+                 device="cpu", log=lambda s: None, repeats=2, warmup=1, block_s=0.02)
+    assert list(df["group_size"]) == [1, 3] and (df["status"] == "ok").all()
+    assert {s for s in shapes} == {((8, 3, 32, 32), (8,), 1), ((8, 9, 32, 32), (8, 3), 3)}
+    # img/s of a group counts every member's images: steps x batch x K over the time
+    row = df.iloc[1]
+    assert row["step_ms"] == pytest.approx(1e3 * 8 * 3 / row["img_per_s"])
+    assert row["macs"] == resnet.count_macs(resnet.build("plain8"))  # per member
+    with pytest.raises(ValueError, match="group-sizes above 1 need CIFAR nets"):
+        prof.resolve_grid("cpu", models=("resnet18",), group_sizes=(1, 2))
+
+
 def test_profile_records_errors_instead_of_crashing():
     row = measure(Config("resnet8", 4, execution="cudagraph"), torch.device("cpu"), warmup=1, repeats=1)
     assert row["status"] == "error" and "CUDA" in row["error"]
