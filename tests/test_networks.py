@@ -104,8 +104,9 @@ def test_parse_and_available():
     assert resnet.parse("preplain110").residual is False
     names = resnet.available()
     assert {"resnet20", "plain56", "preresnet110", "resnet18", "plain152", "cifar_plain50"} <= set(names)
+    assert {"cifar_resnet50", "cifar_resnet152", "cifar_plain152"} <= set(names)
     for name in names:
-        resnet.parse(name)
+        assert resnet.parse(name).name == name == name.lower()  # canonical names, as the CLI prints them
 
 
 @pytest.mark.parametrize("name", ["resnet21", "plain7", "preresnet18", "plain2", "resnet0"])
@@ -127,3 +128,57 @@ def test_unknown_family_lists_families(name):
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         resnet.build("resnet18" if "stem" in opts else "resnet20", **opts)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_imagenet_stem_nets_are_torchvisions(depth):
+    """With the 7x7/2 stem and 1000 classes, ResNet-18/50 have torchvision's parameters and
+    multiply-adds at 224x224 (stem kernel, stride and padding, max-pool, stage strides)."""
+    import torchvision
+
+    ours = resnet.build(f"resnet{depth}", 1000, stem="imagenet")
+    ref = getattr(torchvision.models, f"resnet{depth}")()
+    assert resnet.count_params(ours) == resnet.count_params(ref)
+    assert resnet.count_macs(ours, (3, 224, 224)) == resnet.count_macs(ref, (3, 224, 224))
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B", "C"])
+@pytest.mark.parametrize("grow", [False, True])  # same shape, or stride 2 and more channels
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "preact"])
+def test_a_residual_block_whose_branch_is_silenced_passes_its_shortcut(kind, grow, shortcut):
+    """The addition itself: branch output zero -> the block returns the shortcut (through the final
+    ReLU of post-activation blocks). A subtraction or a missing addition fails here."""
+    from resnet.blocks import BasicBlock, Bottleneck, PadShortcut, PreActBlock
+
+    cls = {"basic": BasicBlock, "bottleneck": Bottleneck, "preact": PreActBlock}[kind]
+    planes = 8 if grow else (4 if kind == "bottleneck" else 16)
+    block = cls(16, planes, 2 if grow else 1, residual=True, shortcut=shortcut).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        if kind == "preact":
+            block.conv2.weight.zero_()
+        else:
+            block.last_bn().weight.zero_()
+            block.last_bn().bias.zero_()
+        if block.shortcut is None:
+            sc = x
+        elif kind == "preact" and not isinstance(block.shortcut, PadShortcut):
+            sc = block.shortcut(torch.relu(block.bn1(x)))  # a projection sees the pre-activated input
+        else:
+            sc = block.shortcut(x)
+        expect = sc if kind == "preact" else torch.relu(sc)
+        torch.testing.assert_close(block(x), expect)
+        assert expect.abs().sum() > 0
+
+
+def test_block_defaults_are_the_papers():
+    """Stride 1 and residual; option A for the CIFAR blocks, B for the bottleneck (as torchvision)."""
+    from torch import nn
+
+    from resnet.blocks import BasicBlock, Bottleneck, PadShortcut, PreActBlock
+
+    for cls, cin, planes, shortcut in [(BasicBlock, 16, 32, PadShortcut), (PreActBlock, 16, 32, PadShortcut),
+                                       (Bottleneck, 32, 16, nn.Sequential)]:
+        block = cls(cin, planes)
+        assert block.residual and isinstance(block.shortcut, shortcut), cls
+        assert block(torch.randn(2, cin, 8, 8)).shape == (2, planes * cls.expansion, 8, 8)
