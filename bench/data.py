@@ -449,20 +449,50 @@ class DeviceLoader:
 
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``it`` (counting from 0 over the whole run)."""
-        epoch, i = divmod(it, self.steps_per_epoch)
-        perm, shift, flip = self._epoch_plan(epoch)
-        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        idx = perm[sl]
-        x = self.normalize(self.x[idx])
-        if self.augment:
-            x = torch.where(flip[sl, None, None, None], x.flip(3), x)
-            x = crop(x, shift[0, sl], shift[1, sl], self.pad)
+        idx, shift, flip = self.plan(it)
+        x = self.images(idx, shift, flip)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, self.y[idx]
 
+    def plan(self, it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch ``it``'s image indices (B,), crop offsets (2, B) and flips (B,): views, no copies."""
+        epoch, i = divmod(it, self.steps_per_epoch)
+        perm, shift, flip = self._epoch_plan(epoch)
+        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return perm[sl], shift[:, sl], flip[sl]
+
+    def images(self, idx: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """The augmented, normalized images ``idx`` (any number), each flipped and cropped as planned."""
+        x = self.normalize(self.x[idx])
+        if self.augment:
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = crop(x, shift[0], shift[1], self.pad)
+        return x
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return x.float().div_(255).sub_(self.mean)
+
+
+def group_batch(loaders: list[DeviceLoader], it: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``it`` of a run group: each member's own batch (its loader's seed), cut and augmented
+    for all members at once, so a step's loader work is a handful of kernels whatever the group size.
+
+    Returns images (B, K*C, H, W), member k in channels k*C..(k+1)*C-1 (resnet.stack's layout), and
+    labels (B, K). Member k's images are exactly ``loaders[k].batch(it)``'s. The loaders must share
+    one training set on the device (the same tensor) and its mean.
+    """
+    first = loaders[0]
+    if any(l.x is not first.x or l.mean is not first.mean or l.batch_size != first.batch_size for l in loaders):
+        raise ValueError("a group's loaders must share one training set, mean and batch size")
+    plans = [l.plan(it) for l in loaders]
+    idx = torch.cat([p[0] for p in plans])
+    x = first.images(idx, torch.cat([p[1] for p in plans], 1), torch.cat([p[2] for p in plans]))
+    k, b = len(loaders), first.batch_size
+    x = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, k * x.shape[1], *x.shape[2:])
+    if first.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, first.y[idx].reshape(k, b).T
 
 
 def crop(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, pad: int) -> torch.Tensor:

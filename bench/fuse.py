@@ -171,15 +171,6 @@ class Members:
                              if buf is not None and wn else float("nan")))
         return rows
 
-    def inputs(self, batches: list[tuple[torch.Tensor, torch.Tensor]], channels_last: bool):
-        """One step's input from each member's batch: images side by side along channels, labels (B, K)."""
-        if self.k == 1:
-            return batches[0]
-        x = torch.cat([b[0] for b in batches], 1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, torch.stack([b[1] for b in batches], 1)
-
     def eval_input(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """Every member sees the same evaluation images (member-major channels: x's channels K times)."""
         if self.k == 1:

@@ -176,7 +176,9 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     device = torch.device(ex.device)
     memory_tracked = reset_peak_memory(device)
     r, arch = specs[0].recipe, specs[0].arch
-    loaders = [data.DeviceLoader(*d.train, d.mean, batch_size=r.batch_size, seed=s.seed, device=device,
+    # one copy of the training set on the device, shared by every member's loader (seeded by its run)
+    train_x, train_y, mean = (t.to(device) for t in (*d.train, d.mean))
+    loaders = [data.DeviceLoader(train_x, train_y, mean, batch_size=r.batch_size, seed=s.seed, device=device,
                                  channels_last=ex.channels_last) for s in specs]
     nets = []
     for s, ck in zip(specs, cks):
@@ -246,7 +248,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         if r.lr_at(it, arch.depth) != lr:
             lr = r.lr_at(it, arch.depth)
             set_lr(opt, lr)
-        step(*members.inputs([loader.batch(it) for loader in loaders], ex.channels_last))
+        step(*(loaders[0].batch(it) if len(loaders) == 1 else data.group_batch(loaders, it)))
         bar.step()
         if (it + 1) % r.eval_every and it + 1 != r.iterations:
             continue

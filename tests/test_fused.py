@@ -110,16 +110,15 @@ def test_members_keep_their_own_records_with_their_group(trained):
 
 def test_a_nan_in_one_member_leaves_the_others_unchanged(trained, tmp_path, monkeypatch):
     out, specs, _, _ = trained
-    calls = []
-    real = fuse.Members.inputs
+    real = data.group_batch
 
-    def poisoned(self, batches, channels_last):
-        calls.append(1)
-        if len(calls) == 13:  # step 13: member 2 (plain8, seed 1) gets a NaN image
-            batches[2][0][0, 0, 0, 0] = float("nan")
-        return real(self, batches, channels_last)
+    def poisoned(loaders, it):
+        x, y = real(loaders, it)
+        if it == 12:  # step 13: member 2 (plain8, seed 1; channels 6..8) gets a NaN pixel
+            x[0, 6, 0, 0] = float("nan")
+        return x, y
 
-    monkeypatch.setattr(fuse.Members, "inputs", poisoned)
+    monkeypatch.setattr(data, "group_batch", poisoned)
     rows = run_group(specs, tmp_path, CPU, progress=False)
     assert [r["status"] for r in rows] == ["ok", "ok", "diverged", "ok"]
     assert "iteration 20" in rows[2]["error"]
@@ -170,6 +169,22 @@ def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, m
     # the whole group again: every member is recorded, so each is skipped, and nothing is trained
     again = run_group(specs, tmp_path / "cut", CPU, progress=False)
     assert all(isinstance(r, claims.Skip) and "already recorded" in str(r) for r in again)
+
+
+def test_a_group_batch_is_each_members_own_batch_side_by_side(tmp_path):
+    a = data.synthetic(n_train=300, n_test=10)
+    x, y = a.train_x[:200], a.train_y[:200]
+    mean = data.pixel_mean(x)
+    loaders = [data.DeviceLoader(x, y, mean, batch_size=16, seed=s, device=torch.device("cpu")) for s in (0, 1, 2)]
+    for it in (0, 5, 12, 13):  # 12 steps per epoch: 12 and 13 are the second epoch
+        gx, gy = data.group_batch(loaders, it)
+        assert gx.shape == (16, 9, 32, 32) and gy.shape == (16, 3)
+        for k, loader in enumerate(loaders):
+            bx, by = loader.batch(it)
+            assert torch.equal(gx[:, 3 * k : 3 * k + 3], bx) and torch.equal(gy[:, k], by)
+    other = data.DeviceLoader(x.clone(), y, mean, batch_size=16, seed=3, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="share one training set"):
+        data.group_batch([loaders[0], other], 0)
 
 
 def test_plan_groups_runs_of_one_shape():
