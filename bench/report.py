@@ -285,6 +285,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
     for name, fig in rep.figures.items():
         path = out / f"{name}.{fmt}"
         fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)  # saved: pyplot need not keep it (the Figure itself stays readable in rep.figures)
         rep.files.append(path)
     rep.files += _write_documents(dirs, out, fmt, rep, compare)
     return rep
