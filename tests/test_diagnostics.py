@@ -91,3 +91,14 @@ def test_diagnose_writes_its_parquet_and_the_report_draws_it(tmp_path):
     assert "gradient_norms.png" in md  # recorded during training
     bad = CliRunner().invoke(main, ["diagnose", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "not a results folder" in bad.output
+
+
+def test_a_plain_block_is_deletable_only_where_its_input_and_output_shapes_match():
+    """ImageNet-style bottlenecks change the channels without a stride (64 -> 256 in the first block):
+    shape means stride and channels both."""
+    net = resnet.build("plain50", width=0.125)
+    first, second = resnet.blocks(net)[:2]
+    assert first.conv2.stride == (1, 1) and not resnet.deletable(first)  # 8 -> 32 channels at stride 1
+    assert resnet.deletable(second)
+    x = torch.randn(2, 3, 32, 32)
+    assert resnet.lesioned(net.eval(), [1])(x).shape == (2, 10)

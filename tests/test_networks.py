@@ -182,3 +182,12 @@ def test_block_defaults_are_the_papers():
         block = cls(cin, planes)
         assert block.residual and isinstance(block.shortcut, shortcut), cls
         assert block(torch.randn(2, cin, 8, 8)).shape == (2, planes * cls.expansion, 8, 8)
+
+
+@pytest.mark.parametrize("name,shortcut", [("resnet20", "A"), ("resnet20", "B"), ("resnet20", "C"), ("plain20", "A")])
+def test_response_layers_are_the_bn_after_each_3x3_conv(name, shortcut):
+    """He et al. Fig. 7 draws one response per 3x3 conv layer: projection shortcuts' BNs are not layers."""
+    net = resnet.build(name, shortcut=shortcut)
+    layers = resnet.stats.response_layers(net)
+    assert len(layers) == 19 and not any("shortcut" in n for n, _ in layers)
+    assert [n for n, _ in layers][:3] == ["stem.1", "stages.0.0.bn1", "stages.0.0.bn2"]
