@@ -101,3 +101,19 @@ def test_group_loss_is_the_sum_of_member_means():
 def test_what_a_group_cannot_hold_is_refused(nets, message):
     with pytest.raises(ValueError, match=message):
         resnet.stack(nets())
+
+
+@pytest.mark.parametrize("names", [["resnet14"], ["plain14", "resnet14", "resnet14"]])
+def test_groups_of_one_and_of_deeper_nets_compute_their_members(names):
+    """Depth 14 has two blocks per stage (the second keeps stride 1 and its stage's width); a group
+    of one is a valid group (the trainer's K = 1 never builds one, a user may)."""
+    nets = []
+    for seed, name in enumerate(names):
+        torch.manual_seed(seed)
+        nets.append(resnet.build(name, width=0.5).eval())
+    group = resnet.stack(nets).eval()
+    xs, _ = _batches(len(nets), n=4)
+    out = group(torch.cat(xs, 1))
+    for k, (net, x) in enumerate(zip(nets, xs)):
+        torch.testing.assert_close(out[:, k], net(x), rtol=1e-5, atol=1e-5)
+    assert group.residual == [n.startswith("resnet") for n in names]
