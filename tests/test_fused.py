@@ -22,8 +22,9 @@ CPU = Execution.for_device("cpu", amp=False)
 MEMBERS = [("plain8", 0), ("resnet8", 0), ("plain8", 1), ("resnet8", 1)]
 
 
-def _specs(n_eval=256):
-    r = recipe("smoke", batch_size=32, iterations=20, eval_every=10, train_size=256, val_size=n_eval, test_size=n_eval)
+def _specs(n_eval=256, batch=32):
+    r = recipe("smoke", batch_size=batch, iterations=20, eval_every=10, train_size=256, val_size=n_eval,
+               test_size=n_eval)
     return [RunSpec(m, r, seed=s, width=0.25, dataset="synthetic") for m, s in MEMBERS]
 
 
@@ -140,7 +141,7 @@ def float64(monkeypatch):
 
 
 def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, monkeypatch, float64):
-    specs = _specs(n_eval=64)
+    specs = _specs(n_eval=64, batch=16)
     for s in specs:
         run_one(s, tmp_path / "alone", CPU, progress=False)
     real_save, saved = records.save_torch, []
