@@ -10,7 +10,7 @@ import click
 
 import resnet
 from bench.data import DATASETS, DataError
-from bench.fuse import FUSE_HELP, parse_fuse
+from bench.fuse import FUSE_HELP, parse_fuse, plan
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -251,8 +251,10 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
         return _submit_slurm(spec, runs, out, o, slurm_opts | dict(fuse=fuse))
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
+    groups = len(plan(todo, fuse, ex.device))
+    fused = f" in {groups} fused group(s)" if groups < len(todo) else ""
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
-               f"{len(todo)} to train on {ex.device} -> {out}")
+               f"{len(todo)} to train on {ex.device}{fused} -> {out}")
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
     kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
     if len(slots) > 1:

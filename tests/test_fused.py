@@ -255,7 +255,7 @@ def test_sweep_fuse_option_trains_groups_and_says_so(tmp_path):
     assert res.exit_code == 0, res.output
     runs, _ = records.load(tmp_path)
     assert sorted(runs["group_size"]) == [1, 3, 3, 3] and runs["group_id"].nunique() == 2
-    assert res.output.count("[") >= 4 and "[4/4]" in res.output
+    assert "4 to train on cpu in 2 fused group(s)" in res.output and "[4/4]" in res.output
     bad = CliRunner().invoke(main, args + ["--fuse", "none"])
     assert bad.exit_code == 2 and "must be auto, off or a group size" in bad.output
 
