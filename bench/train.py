@@ -130,7 +130,7 @@ def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None,
                 todo.append((i, claim))
         if todo:
             trained = _train([specs[i] for i, _ in todo], [c for _, c in todo], out, ex, data_root=data_root,
-                             download=download, progress=progress, gid=fuse.group_id(specs))
+                             download=download, progress=progress)
             for (i, _), res in zip(todo, trained):
                 results[i] = res
     finally:
@@ -151,7 +151,7 @@ class _Data:
 
 
 def _train(specs: list[RunSpec], held: list[claims.Claim], out: Path, ex: Execution, *, data_root, download: bool,
-           progress: bool, gid: str) -> list[dict | claims.Skip]:
+           progress: bool) -> list[dict | claims.Skip]:
     device = torch.device(ex.device)
     torch.backends.cudnn.benchmark = ex.cudnn_benchmark
     r = specs[0].recipe
@@ -166,14 +166,16 @@ def _train(specs: list[RunSpec], held: list[claims.Claim], out: Path, ex: Execut
     for start in sorted(set(starts)):  # lockstep needs one iteration: members resume together where they stand
         idx = [i for i, s in enumerate(starts) if s == start]
         for i, res in zip(idx, _lockstep([specs[i] for i in idx], [held[i] for i in idx], [cks[i] for i in idx],
-                                         d, out, ex, progress=progress, gid=gid, group_size=len(specs))):
+                                         d, out, ex, progress=progress)):
             results[i] = res
     return results
 
 
 def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
-              ex: Execution, *, progress: bool, gid: str, group_size: int) -> list[dict | claims.Skip]:
+              ex: Execution, *, progress: bool) -> list[dict | claims.Skip]:
+    """Train ``specs`` (all starting at one iteration) as one group; write and return each one's row."""
     device = torch.device(ex.device)
+    gid = fuse.group_id(specs)  # the runs that really trained together
     memory_tracked = reset_peak_memory(device)
     r, arch = specs[0].recipe, specs[0].arch
     # one copy of the training set on the device, shared by every member's loader (seeded by its run)
@@ -222,7 +224,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
                    status=status, error=error, start=start, train_time=train_time[k],
                    wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, arrays=d.arrays, group_id=gid,
-                   group_size=group_size, peak=peak_memory(device) if memory_tracked else None)
+                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None)
         p = records.paths(out, specs[k].run_id)
         records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.arrays.num_classes,
                                 in_channels=d.arrays.image_shape[0]), p["weights"])

@@ -158,9 +158,10 @@ def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, m
             run_group(specs, tmp_path / "cut", CPU, progress=False)
     assert all(records.paths(tmp_path / "cut", s.run_id)["ckpt"].exists() for s in specs)
     # member 1 alone; the other three as a group of three
-    assert run_one(specs[1], tmp_path / "cut", CPU, progress=False)["resumed_from"] == 10
+    alone = run_one(specs[1], tmp_path / "cut", CPU, progress=False)
+    assert alone["resumed_from"] == 10 and alone["group_size"] == 1 and alone["group_id"] == specs[1].run_id
     rows = run_group([specs[0], specs[2], specs[3]], tmp_path / "cut", CPU, progress=False)
-    assert [r["resumed_from"] for r in rows] == [10, 10, 10]
+    assert [(r["resumed_from"], r["group_size"]) for r in rows] == [(10, 3)] * 3  # the last attempt's group
     for s in specs:
         a, b = _curves(tmp_path / "alone", s), _curves(tmp_path / "cut", s)
         pd.testing.assert_frame_equal(_science(a), _science(b), rtol=1e-9, atol=1e-9)
