@@ -280,3 +280,11 @@ def test_a_cuda_group_trains_like_its_members_alone(tmp_path, execution):
         a, b = _curves(tmp_path / "alone", s), _curves(tmp_path / "group", s)
         assert (a["train_loss"] - b["train_loss"]).abs().max() < 0.05
         assert (a["test_err"] - b["test_err"]).abs().max() < 0.05
+
+
+def test_members_at_different_iterations_train_one_after_another(tmp_path, interrupt):
+    specs = _specs(n_eval=32)[:2]
+    interrupt(specs[0], tmp_path, CPU)  # plain8 stopped at its first checkpoint (iteration 10)
+    rows = run_group(specs, tmp_path, CPU, progress=False)
+    assert [(r["status"], r["resumed_from"], r["group_size"]) for r in rows] == [("ok", 10, 1), ("ok", 0, 1)]
+    assert [list(_curves(tmp_path, s)["iteration"]) for s in specs] == [[10, 20], [10, 20]]
