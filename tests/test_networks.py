@@ -92,6 +92,10 @@ def test_zero_init_residual_makes_blocks_start_as_identity():
     assert all((b.bn2.weight == 0).all() for b in net.stages.modules() if hasattr(b, "bn2"))
     plain = resnet.build("plain20", zero_init_residual=True)  # ignored by plain twins
     assert all((b.bn2.weight == 1).all() for b in plain.stages.modules() if hasattr(b, "bn2"))
+    for name in ("resnet18", "resnet50", "preresnet20"):  # every family passes the option on
+        net = resnet.build(name, width=0.125 if name != "preresnet20" else 1.0, zero_init_residual=True)
+        blocks = [b for b in net.modules() if hasattr(b, "last_bn")]
+        assert blocks and all((b.last_bn().weight == 0).all() for b in blocks), name
 
 
 def test_in_channels_for_grayscale():
