@@ -288,3 +288,29 @@ def test_members_at_different_iterations_train_one_after_another(tmp_path, inter
     rows = run_group(specs, tmp_path, CPU, progress=False)
     assert [(r["status"], r["resumed_from"], r["group_size"]) for r in rows] == [("ok", 10, 1), ("ok", 0, 1)]
     assert [list(_curves(tmp_path, s)["iteration"]) for s in specs] == [[10, 20], [10, 20]]
+
+
+def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_record(tmp_path, tiny, monkeypatch):
+    """A diverged member is written when it diverges; an exception later fails only the others."""
+    from bench import sweep, train
+
+    specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
+    real = data.group_batch
+
+    def poisoned(loaders, it):
+        x, y = real(loaders, it)
+        x[0, 0, 0, 0] = float("nan")  # member 0 (channels 0..2)
+        return x, y
+
+    def boom(*a, **k):
+        raise RuntimeError("evaluation exploded")
+
+    monkeypatch.setattr(data, "group_batch", poisoned)
+    monkeypatch.setattr(train, "evaluate", boom)
+    lines = []
+    sweep.run_local(specs, tmp_path, CPU, fuse="2", progress=False, log=lines.append)
+    runs = records.load(tmp_path)[0].set_index("model")
+    assert runs.loc["plain8", "status"] == "diverged" and runs.loc["plain8", "group_size"] == 2
+    assert runs.loc["resnet8", "status"] == "failed" and "evaluation exploded" in runs.loc["resnet8", "error"]
+    assert len(lines) == 2 and "failed" in lines[1]
+    assert not list((tmp_path / "claims").glob("*.json"))  # both claims released
