@@ -235,7 +235,7 @@ def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
 def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ["device", "gpu_name", "cpu", "cpu_threads", "torch_version", "cuda_version", "cudnn_version",
                         "python_version", "resbench_version", "git_sha", "git_dirty", "amp", "channels_last",
-                        "execution", "train_path"] if c in runs]
+                        "execution", "train_path", "group_size"] if c in runs]  # group_size: fused training
     return runs[cols].astype(str).drop_duplicates().reset_index(drop=True)
 
 
