@@ -198,6 +198,7 @@ def test_plan_groups_runs_of_one_shape():
     def names(groups):
         return [[f"{s.model}/{s.seed}" for s in g] for g in groups]
 
+    assert names(fuse.plan(runs)) == [[f"{s.model}/{s.seed}"] for s in runs]  # auto, on the CPU: alone
     assert names(fuse.plan(runs, "auto", "cpu")) == [[f"{s.model}/{s.seed}"] for s in runs]
     assert names(fuse.plan(runs, "off", "cuda")) == [[f"{s.model}/{s.seed}"] for s in runs]
     auto = names(fuse.plan(runs, "auto", "cuda"))
@@ -209,6 +210,11 @@ def test_plan_groups_runs_of_one_shape():
                         ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1"],
                         ["plain20/2", "resnet20/2"], ["plain32/2", "resnet32/2"]]
     assert sorted(sum(four, [])) == sorted(sum(names(fuse.plan(runs, "off")), []))  # every run, once
+
+
+def test_fuse_option_values():
+    assert fuse.parse_fuse(" AUTO ") is None and fuse.parse_fuse("Off") == 1
+    assert fuse.parse_fuse("1") == 1 and fuse.parse_fuse("12") == 12
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", ""])
