@@ -320,3 +320,11 @@ def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_recor
     assert runs.loc["resnet8", "status"] == "failed" and "evaluation exploded" in runs.loc["resnet8", "error"]
     assert len(lines) == 2 and "failed" in lines[1]
     assert not list((tmp_path / "claims").glob("*.json"))  # both claims released
+
+
+def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny):
+    """Seed 0 of one depth is a pair (plain and residual twin): the he2015 grid's groups of two."""
+    specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
+    rows = run_group(specs, tmp_path, CPU, progress=False)
+    assert [(r["status"], r["group_size"]) for r in rows] == [("ok", 2), ("ok", 2)]
+    assert all(0 <= r["final_test_err"] <= 1 for r in rows)
