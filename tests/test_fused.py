@@ -322,9 +322,30 @@ def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_recor
     assert not list((tmp_path / "claims").glob("*.json"))  # both claims released
 
 
-def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny):
-    """Seed 0 of one depth is a pair (plain and residual twin): the he2015 grid's groups of two."""
+def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny, monkeypatch):
+    """Seed 0 of one depth is a pair (plain and residual twin): the he2015 grid's groups of two.
+    Interrupted at its checkpoints, each member's checkpoint has its own net's shapes, and the pair resumes."""
     specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
+    real_save, saved = records.save_torch, []
+
+    def save_then_interrupt(obj, path):
+        real_save(obj, path)
+        saved.append(path)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(records, "save_torch", save_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_group(specs, tmp_path, CPU, progress=False)
+    for s in specs:
+        ck = records.load_torch(records.paths(tmp_path, s.run_id)["ckpt"])
+        alone = resnet.build(s.model, width=s.width)
+        shapes = [tuple(p.shape) for p in alone.parameters()]
+        own = {k: tuple(v.shape) for k, v in alone.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in ck["model"].items()} == own
+        assert [tuple(ck["optimizer"]["state"][i]["momentum_buffer"].shape) for i in range(len(shapes))] == shapes
+        assert ck["optimizer"]["param_groups"][0]["params"] == list(range(len(shapes)))
     rows = run_group(specs, tmp_path, CPU, progress=False)
-    assert [(r["status"], r["group_size"]) for r in rows] == [("ok", 2), ("ok", 2)]
+    assert [(r["status"], r["group_size"], r["resumed_from"]) for r in rows] == [("ok", 2, 8), ("ok", 2, 8)]
     assert all(0 <= r["final_test_err"] <= 1 for r in rows)
