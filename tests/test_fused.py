@@ -193,7 +193,7 @@ def test_plan_groups_runs_of_one_shape():
     r = recipe("smoke")
     runs = [RunSpec(m, r, seed=s) for s in (0, 1, 2) for m in ("plain20", "resnet20", "plain32", "resnet32")]
     runs += [RunSpec("resnet110", r), RunSpec("preresnet20", r), RunSpec("resnet20", r, shortcut="B"),
-             RunSpec("resnet18", r)]
+             RunSpec("resnet20", r, seed=1, shortcut="B"), RunSpec("resnet18", r)]
 
     def names(groups):
         return [[f"{s.model}/{s.seed}" for s in g] for g in groups]
@@ -204,7 +204,7 @@ def test_plan_groups_runs_of_one_shape():
     auto = names(fuse.plan(runs, "auto", "cuda"))
     assert auto[:2] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1", "plain20/2", "resnet20/2"],
                         ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1", "plain32/2", "resnet32/2"]]
-    assert auto[2:] == [["resnet110/0"], ["preresnet20/0"], ["resnet20/0"], ["resnet18/0"]]  # each alone
+    assert auto[2:] == [["resnet110/0"], ["preresnet20/0"], ["resnet20/0"], ["resnet20/1"], ["resnet18/0"]]  # alone
     four = names(fuse.plan(runs, "4", "cpu"))
     assert four[:4] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1"],
                         ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1"],
