@@ -77,14 +77,25 @@ def test_model_names_of_grid_cells():
     assert model_name("preresnet", 56) == "preresnet56"
 
 
+def test_union_grows_the_axes_merges_notes_and_names_every_other_difference():
+    a = SweepSpec("n", recipe("smoke"), models=("plain",), depths=(8,), seeds=(0,), extra={"by": "a", "gpu": "x"})
+    b = SweepSpec("n", recipe("smoke"), models=("resnet", "plain"), depths=(20, 8), seeds=(1,), extra={"by": "b"})
+    u = a.union(b)  # notes may differ: they are not settings
+    assert (u.models, u.depths, u.seeds) == (("plain", "resnet"), (8, 20), (0, 1))
+    assert u.extra == {"by": "b", "gpu": "x"}
+    c = SweepSpec("n", recipe("smoke", lr=0.1), width=0.5)
+    with pytest.raises(ValueError, match=r"recipe: .* recorded, .* asked for; width: 1.0 recorded, 0.5 asked for"):
+        a.union(c)
+
+
 def test_sweep_toml_round_trip_by_hand():
     sw = SweepSpec("n", recipe("he2015"), models=("resnet",), depths=(8, 14), seeds=(2,), width=0.5,
-                   extra={"note": "x", "flag": True})
+                   extra={"note": "x", "flag": True, "off": False})
     text = sw.to_toml()
     conf = tomllib.loads(text)
     assert conf["name"] == "n" and conf["depths"] == [8, 14] and conf["seeds"] == [2] and conf["width"] == 0.5
     assert conf["recipe"]["milestones"] == [32000, 48000] and "train_size" not in conf["recipe"]  # None is left out
-    assert conf["extra"] == {"note": "x", "flag": True}
+    assert conf["extra"] == {"note": "x", "flag": True, "off": False}
     assert SweepSpec.from_toml(text) == sw
     with pytest.raises(ValueError, match="unknown model kind\\(s\\) vgg"):
         SweepSpec("n", recipe("smoke"), models=("vgg",))
