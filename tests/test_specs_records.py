@@ -115,9 +115,17 @@ def test_execution_defaults_on_the_cpu():
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         Execution.for_device("mps")
     if not torch.cuda.is_available():
-        assert Execution.for_device("auto").device == "cpu"
+        assert Execution.for_device("auto").device == "cpu" and Execution.for_device().device == "cpu"  # auto
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             Execution.for_device("cuda")
+
+
+def test_cpu_bf16_autocast_follows_what_onednn_reports():
+    """bf16 autocast on the CPU only where oneDNN runs bf16 natively (elsewhere it is slower than fp32)."""
+    from bench.specs import _cpu_bf16
+
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert _cpu_bf16() is bool(native) and Execution.for_device("cpu").amp is bool(native)
 
 
 # -- records ---------------------------------------------------------------------------------------
