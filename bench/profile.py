@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import resnet
 from bench import data, records
+from bench.fuse import Members
 from bench.steps import TrainStep, autocast, make_optimizer, sync
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -181,7 +182,7 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
             torch.manual_seed(seed)
             nets.append(resnet.build(cfg.model))
         row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0]))  # per member
-        net = (nets[0] if k == 1 else resnet.stack(nets)).to(device, memory_format=fmt)
+        net = Members(nets).model.to(device, memory_format=fmt)  # the net itself, or the grouped net
         x = torch.randn(cfg.batch_size, 3 * k, 32, 32, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (cfg.batch_size, k) if k > 1 else (cfg.batch_size,), device=device)
         if device.type == "cuda":

@@ -178,9 +178,11 @@ def worker(spec_file: Path, out: Path) -> int:
         for spec in specs:
             _failed(spec, out, ex, e)
         return 1
-    skipped = [s.run_id for s, res in zip(specs, results) if isinstance(res, claims.Skip)]
-    for run_id, res in zip(skipped, (r for r in results if isinstance(r, claims.Skip))):
-        print(f"{run_id}: skipped ({res})", file=sys.stderr)
+    skipped = []
+    for spec, res in zip(specs, results):
+        if isinstance(res, claims.Skip):
+            print(f"{spec.run_id}: skipped ({res})", file=sys.stderr)
+            skipped.append(spec.run_id)
     records.atomic_write(_skipped_file(Path(spec_file)), lambda tmp: tmp.write_text(json.dumps(skipped)))
     return EXIT_SKIPPED if len(skipped) == len(specs) else 0
 

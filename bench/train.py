@@ -272,9 +272,8 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             break
         for k in active:  # before evaluation: the gradients of the last step
             layers[k] += members.layer_rows(opt, k, specs[k].run_id, it + 1)
-        group = members if len(specs) > 1 else None
-        val_err = evaluate(model, *d.val, d.mean, ex, device, group)
-        test_err = evaluate(model, *d.test, d.mean, ex, device, group)
+        val_err = evaluate(model, *d.val, d.mean, ex, device, members)
+        test_err = evaluate(model, *d.test, d.mean, ex, device, members)
         for k in active:
             curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
                                   val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))

@@ -37,23 +37,31 @@ def tiny():
 
 @pytest.fixture
 def interrupt(monkeypatch):
-    """``interrupt(spec, out, ex)`` runs ``spec`` until its first checkpoint is written, then stops it as Ctrl-C would."""
+    """``interrupt(spec, out, ex)`` runs ``spec`` until its first checkpoint is written, then stops it as Ctrl-C
+    would. Given a list of specs, it trains them as one group (run_group) until each has written one."""
     from bench import records
-    from bench.train import run_one
+    from bench.train import run_group, run_one
 
     def run_until_first_checkpoint(spec, out, ex, **kw):
-        real_save = records.save_torch
+        specs = spec if isinstance(spec, list) else [spec]
+        real_save, saved = records.save_torch, []
 
         def save_then_interrupt(obj, path):
             real_save(obj, path)
             if "ckpt" in str(path):
-                raise KeyboardInterrupt
+                saved.append(path)
+                if len(saved) == len(specs):
+                    raise KeyboardInterrupt
 
         with monkeypatch.context() as m:
             m.setattr(records, "save_torch", save_then_interrupt)
             with pytest.raises(KeyboardInterrupt):
-                run_one(spec, out, ex, progress=False, **kw)
-        assert records.paths(out, spec.run_id)["ckpt"].exists()
-        assert not records.paths(out, spec.run_id)["run"].exists()
+                if isinstance(spec, list):
+                    run_group(specs, out, ex, progress=False, **kw)
+                else:
+                    run_one(spec, out, ex, progress=False, **kw)
+        for s in specs:
+            assert records.paths(out, s.run_id)["ckpt"].exists()
+            assert not records.paths(out, s.run_id)["run"].exists()
 
     return run_until_first_checkpoint

@@ -140,23 +140,11 @@ def float64(monkeypatch):
     monkeypatch.setattr(data, "eval_batches", lambda *a, **k: (b.double() for b in batches(*a, **k)))
 
 
-def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, monkeypatch, float64):
+def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, interrupt, float64):
     specs = _specs(n_eval=64, batch=16)
     for s in specs:
         run_one(s, tmp_path / "alone", CPU, progress=False)
-    real_save, saved = records.save_torch, []
-
-    def save_then_interrupt(obj, path):  # stop the group once all four checkpoints are written
-        real_save(obj, path)
-        saved.append(path)
-        if len(saved) == 4:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(records, "save_torch", save_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            run_group(specs, tmp_path / "cut", CPU, progress=False)
-    assert all(records.paths(tmp_path / "cut", s.run_id)["ckpt"].exists() for s in specs)
+    interrupt(specs, tmp_path / "cut", CPU)  # the group stops once all four checkpoints are written
     # member 1 alone; the other three as a group of three
     alone = run_one(specs[1], tmp_path / "cut", CPU, progress=False)
     assert alone["resumed_from"] == 10 and alone["group_size"] == 1 and alone["group_id"] == specs[1].run_id
@@ -322,22 +310,11 @@ def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_recor
     assert not list((tmp_path / "claims").glob("*.json"))  # both claims released
 
 
-def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny, monkeypatch):
+def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny, interrupt):
     """Seed 0 of one depth is a pair (plain and residual twin): the he2015 grid's groups of two.
     Interrupted at its checkpoints, each member's checkpoint has its own net's shapes, and the pair resumes."""
     specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
-    real_save, saved = records.save_torch, []
-
-    def save_then_interrupt(obj, path):
-        real_save(obj, path)
-        saved.append(path)
-        if len(saved) == 2:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(records, "save_torch", save_then_interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            run_group(specs, tmp_path, CPU, progress=False)
+    interrupt(specs, tmp_path, CPU)
     for s in specs:
         ck = records.load_torch(records.paths(tmp_path, s.run_id)["ckpt"])
         alone = resnet.build(s.model, width=s.width)
