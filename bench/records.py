@@ -59,6 +59,10 @@ class UnreadableFile(Exception):
     """A checkpoint or weights file that is damaged, or that only a code-running load could read."""
 
 
+# the lines of torch's weights-only failure message around the one that says what was wrong
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
 def load_torch(path: Path, map_location=None):
     """A checkpoint or weights file, read with ``weights_only=True``: tensors and plain containers only.
 
@@ -69,11 +73,15 @@ def load_torch(path: Path, map_location=None):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
+        # torch wraps every failure of its weights-only unpickler in one long message; only a refused
+        # GLOBAL (a class or function the pickle names) means code, anything else (a bad opcode) is damage
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if any("global" in line.lower() for line in lines):
             raise UnreadableFile(f"{path} holds objects beyond tensors and plain containers (written by other "
                                  f"software, or crafted to run code): refused. Delete it and rerun its run to "
                                  f"regenerate it") from e
-        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {e})") from e
+        detail = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {(detail or lines or [''])[0]})") from e
     except FileNotFoundError:
         raise
     except Exception as e:  # a truncated zip, an empty file, a bad header: torch raises many types

@@ -189,8 +189,23 @@ def test_load_torch_refuses_damage_and_code(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(records.UnreadableFile, match="empty.pt is damaged"):
         records.load_torch(tmp_path / "empty.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle at all")  # torch reports it as a weights-only failure
+    with pytest.raises(records.UnreadableFile, match=r"junk.pt is damaged \(UnpicklingError: Unsupported operand"):
+        records.load_torch(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError):
         records.load_torch(tmp_path / "absent.pt")
     torch.save({"f": os.getcwd}, tmp_path / "code.pt")  # a callable: needs a full pickle load
     with pytest.raises(records.UnreadableFile, match="beyond tensors and plain containers.*regenerate"):
         records.load_torch(tmp_path / "code.pt")
+
+
+def test_load_torch_stays_weights_only_and_maps_to_the_device_asked(tmp_path, monkeypatch):
+    # torch reads an unset weights_only as False when this variable is set: ours is explicit, so a
+    # user's environment cannot turn a crafted checkpoint back into code that runs
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"f": os.getcwd}, tmp_path / "code.pt")
+    with pytest.raises(records.UnreadableFile, match="beyond tensors"):
+        records.load_torch(tmp_path / "code.pt")
+    # a checkpoint from another device lands where the resuming run asks ("meta" stands in for a GPU)
+    records.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
+    assert records.load_torch(tmp_path / "w.pt", map_location="meta")["w"].device.type == "meta"
