@@ -1,12 +1,17 @@
 """Specs and records against hand-written expectations: recipe checks, presets, run identity, the
 TOML round trip, flat record columns, atomic writes and the results-folder readers."""
+import datetime as dt
 import json
 import os
+import platform
 import tomllib
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
+
+import bench
 
 from bench import records
 from bench.specs import PRESETS, RECIPES, Execution, Recipe, RunSpec, SweepSpec, model_name, recipe
@@ -142,6 +147,14 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet"]  # no temporary left behind
 
 
+def test_parquet_tables_hold_their_columns_only(tmp_path):
+    # a filtered frame keeps its row labels; written as a column they would reach every other reader
+    # (pyarrow, polars, duckdb) as a stray "__index_level_0__"
+    records.write_parquet(pd.DataFrame({"a": [1, 2, 3]}).iloc[[2]], tmp_path / "t.parquet")
+    assert pq.read_schema(tmp_path / "t.parquet").names == ["a"]
+    assert pd.read_parquet(tmp_path / "t.parquet").index.tolist() == [0]
+
+
 def test_paths_and_readers(tmp_path):
     p = records.paths(tmp_path, "r1")
     assert p == {"run": tmp_path / "runs" / "r1.parquet", "curves": tmp_path / "curves" / "r1.parquet",
@@ -167,6 +180,13 @@ def test_environment_columns(monkeypatch):
     assert env["cuda_visible_devices"] == "3" and env["torch_version"] == torch.__version__
     assert env["cpu_threads"] == torch.get_num_threads() and env["utc_time"].endswith("+00:00")
     assert "hostname" not in env and "host" not in env
+    assert env["cpu"] == (platform.processor() or platform.machine()) and env["cuda_version"] == torch.version.cuda
+    assert env["python_version"] == platform.python_version() and env["resbench_version"] == bench.__version__
+    assert (env["git_sha"], env["git_dirty"]) == records._git()
+    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(env["utc_time"])
+    assert dt.timedelta(0) <= age < dt.timedelta(minutes=1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert records.environment("cpu")["cuda_visible_devices"] is None
 
 
 def test_git_sha_from_the_environment(monkeypatch):
@@ -187,8 +207,11 @@ def test_load_torch_refuses_damage_and_code(tmp_path):
     records.save_torch({"w": torch.ones(2), "n": 3}, good)
     assert records.load_torch(good)["n"] == 3
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(records.UnreadableFile, match="empty.pt is damaged"):
+    with pytest.raises(records.UnreadableFile, match=r"empty.pt is damaged \(EOFError: \)$"):
         records.load_torch(tmp_path / "empty.pt")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:40])  # a copy cut short
+    with pytest.raises(records.UnreadableFile, match=r"cut.pt is damaged \(RuntimeError: PytorchStreamReader failed"):
+        records.load_torch(tmp_path / "cut.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a pickle at all")  # torch reports it as a weights-only failure
     with pytest.raises(records.UnreadableFile, match=r"junk.pt is damaged \(UnpicklingError: Unsupported operand"):
         records.load_torch(tmp_path / "junk.pt")
