@@ -189,6 +189,16 @@ def test_environment_columns(monkeypatch):
     assert records.environment("cpu")["cuda_visible_devices"] is None
 
 
+def test_environment_names_the_gpu_of_a_cuda_run_only(monkeypatch):
+    # what a GPU machine reports, faked: a CUDA run records its GPU, a CPU run on that machine none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"Fake GPU {d}")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    assert records.environment("cuda:1")["gpu_name"] == "Fake GPU cuda:1"
+    assert records.environment("cuda:1")["cudnn_version"] == 91000
+    assert records.environment("cpu")["gpu_name"] is None and records.environment("cpu")["cudnn_version"] is None
+
+
 def test_git_sha_from_the_environment(monkeypatch):
     records._git.cache_clear()
     monkeypatch.setenv("RESBENCH_GIT_SHA", "abc123")
