@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from bench import data
@@ -93,6 +94,54 @@ def test_image_folder_tree_and_tar(tmp_path):
     assert torch.equal(a.train_x, b.train_x)
 
 
+def test_image_folder_of_mixed_files(tmp_path):
+    """What a hand-made tree holds: other sizes and modes, upper-case extensions, stray files, a class
+    missing from the test split, fewer test images than training images."""
+    tree = tmp_path / "tree"
+    for split, per_class in (("train", 2), ("test", 1)):
+        for ci, c in enumerate(data.CIFAR10_CLASSES[: 10 if split == "train" else 9]):  # no test trucks
+            (tree / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (32, 32), (ci * 20, i * 50, 7)).save(tree / split / c / f"{i:04d}.png")
+    Image.new("RGBA", (40, 40), (9, 99, 199, 128)).save(tree / "train" / "cat" / "big.PNG")  # resized, alpha dropped
+    Image.new("L", (32, 32), 77).save(tree / "train" / "dog" / "grey.png")  # grey -> three equal channels
+    (tree / "README.txt").write_text("not an image")
+    with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
+        tar.add(tree, arcname="tree")
+    for root in (tree, tmp_path / "tree.tar.gz"):
+        a = data.load("cifar10", root)
+        assert a.classes == data.CIFAR10_CLASSES and a.source == str(root) and a.train_x.dtype == torch.uint8
+        assert a.train_x.shape == (22, 3, 32, 32) and a.test_x.shape == (9, 3, 32, 32)
+        assert a.test_y.tolist() == list(range(9)) and a.train_y.tolist().count(3) == 3  # cat: 2 + big.PNG
+        cat = a.train_x[a.train_y == 3]
+        assert (cat[2] == torch.tensor([9, 99, 199], dtype=torch.uint8)[:, None, None]).all()  # after 0000, 0001
+        dog = a.train_x[a.train_y == 5]
+        assert (dog[2] == 77).all()
+    upper = tmp_path / "upper"  # a camera's names: IMG_0001.JPG
+    for split in ("train", "test"):
+        for c in data.CIFAR10_CLASSES:
+            (upper / split / c).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(upper / split / c / "IMG_0001.JPG")
+    with tarfile.open(tmp_path / "upper.tar.gz", "w:gz") as tar:
+        tar.add(upper, arcname="upper")
+    assert data.load("cifar10", tmp_path / "upper.tar.gz").train_x.shape == (10, 3, 32, 32)
+    (tmp_path / "no-test" / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "no-test" / "train" / "cat" / "0.png")
+    (tmp_path / "no-test" / "test").mkdir()
+    with pytest.raises(data.DataError, match=r"no-test has no test/<class>/\*.jpg\|png images"):
+        data.load("cifar10", tmp_path / "no-test")
+
+
+def test_a_cifar100_archive_given_as_the_root(tmp_path):
+    folder = _official_python_dir(tmp_path / "src", classes=100, hundred=True)
+    with tarfile.open(tmp_path / "c100.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-100-python")
+    a = data.load("cifar100", tmp_path / "c100.tar.gz")
+    assert a.num_classes == 100 and a.source == str(tmp_path / "c100.tar.gz")
+    with pytest.raises(data.DataError, match="cifar10 not found"):  # a CIFAR-100 archive is not CIFAR-10
+        data.load("cifar10", tmp_path / "c100.tar.gz")
+
+
 def _idx(path, arr):
     header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     with gzip.open(path, "wb") as f:
@@ -108,14 +157,30 @@ def test_fashion_mnist_idx(tmp_path):
     a = data.load("fashion-mnist", tmp_path)
     assert a.train_x.shape == (30, 1, 28, 28) and a.image_shape == (1, 28, 28)
     assert torch.equal(a.train_x[:, 0], torch.from_numpy(x.astype(np.uint8)))
+    assert torch.equal(a.test_x[:, 0], torch.from_numpy(x[:10].astype(np.uint8)))
+    assert a.train_y.tolist() == y.tolist() and a.test_y.tolist() == y[:10].tolist() and a.train_y.dtype == torch.int64
+    assert a.classes == tuple(torchvision.datasets.FashionMNIST.classes) and a.source == str(tmp_path)
+
+
+@pytest.mark.parametrize("zero,dtype", [(1, 8), (0, 0x0D)])  # a stray first word; floats instead of bytes
+def test_an_idx_file_of_other_than_unsigned_bytes_is_refused(tmp_path, zero, dtype):
+    for name in data.FASHION_FILES:
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(struct.pack(">HBBI", zero, dtype, 1, 3) + bytes(12))
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte.gz is not an IDX file of unsigned bytes"):
+        data.load("fashion-mnist", tmp_path)
 
 
 def test_missing_data_names_places_and_fixes(tmp_path, monkeypatch):
     monkeypatch.delenv("RESBENCH_DATA", raising=False)
     with pytest.raises(data.DataError, match=r"not found: looked under .*--data-root.*RESBENCH_DATA.*--download"):
         data.load("cifar10", tmp_path)
-    with pytest.raises(data.DataError, match="no --data-root given and RESBENCH_DATA is not set"):
+    with pytest.raises(data.DataError, match=r"looked nowhere: no --data-root given and RESBENCH_DATA is not set\. "
+                                             r"Fix: pass --data-root PATH"):
         data.load("cifar10")
+    with pytest.raises(data.DataError, match=rf"fashion-mnist not found: looked under {tmp_path} and in "
+                                             rf"{data.DEBIAN_FASHION}\. Fix: apt-get install dataset-fashion-mnist, pass"):
+        data.load("fashion-mnist", tmp_path)
 
 
 def test_env_variable_is_used(tmp_path, monkeypatch):
@@ -140,8 +205,11 @@ def test_truncated_tar_is_a_clear_error(tmp_path):
     with tarfile.open(good, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
     blob = good.read_bytes()
-    good.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(data.DataError):
+    good.write_bytes(blob[: len(blob) // 2])  # its first members still say what it holds; a batch is cut
+    with pytest.raises(data.DataError, match=r"could not read cifar10 from .*: EOFError: .* corrupt or incomplete"):
+        data.load("cifar10", good)
+    good.write_bytes(blob[:20])  # not even its first member can be read
+    with pytest.raises(data.DataError, match=r"cifar-10-python.tar.gz is corrupt or truncated \((ReadError|EOFError): "):
         data.load("cifar10", good)
 
 
