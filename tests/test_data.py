@@ -1,5 +1,6 @@
 """Data: every accepted layout decodes, the cache is used, missing/corrupt data errors clearly."""
 import gzip
+import hashlib
 import pickle
 import struct
 import tarfile
@@ -40,6 +41,77 @@ def _official_python_dir(root, n=20, classes=10, hundred=False):
     return folder
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2's str (BINSTRING), as the official CIFAR batches hold their pixels."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def test_python2_pickles_keep_every_byte(tmp_path):
+    """The official batches were pickled by Python 2: pixel bytes >= 128 survive only a latin-1 load."""
+    folder = _official_python_dir(tmp_path)
+    x = np.arange(20 * 3072).reshape(20, 3072).astype(np.uint8)  # every byte value, 128..255 included
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f)
+        d["data"] = x
+        with open(folder / name, "wb") as f:
+            _Py2Pickler(f, protocol=2).dump(d)
+    a = data.load("cifar10", tmp_path)
+    assert torch.equal(a.test_x, torch.from_numpy(x).reshape(20, 3, 32, 32)) and a.source == str(folder)
+
+
+def test_check_names_every_problem(tmp_path):
+    def arrays(n_train=4, train_labels=(0, 1, 2, 9), n_test=1, test_labels=(0,), classes=10):
+        return data.Arrays(torch.zeros(n_train, 3, 32, 32, dtype=torch.uint8), torch.tensor(train_labels),
+                           torch.zeros(n_test, 3, 32, 32, dtype=torch.uint8), torch.tensor(test_labels, dtype=torch.int64),
+                           tuple(map(str, range(classes))), "x")
+
+    data._check(arrays(), "cifar10", tmp_path)  # one test image and labels up to 9 are fine
+    bad = arrays(n_train=5, n_test=0, test_labels=(), classes=3)
+    with pytest.raises(data.DataError) as e:
+        data._check(bad, "cifar10", tmp_path / "d")
+    assert str(e.value) == (f"{tmp_path / 'd'} does not look like cifar10: 3 classes instead of 10; "
+                            f"5 train images with 4 labels; 0 test images with 0 labels")
+    with pytest.raises(data.DataError, match=r": train labels outside 0\.\.9; test labels outside 0\.\.9$"):
+        data._check(arrays(train_labels=(0, 1, 2, -1), test_labels=(10,)), "cifar10", tmp_path)
+    with pytest.raises(data.DataError, match=r": train labels outside 0\.\.99$"):
+        data._check(arrays(train_labels=(0, 1, 2, 100), classes=100), "cifar100", tmp_path)
+
+
+def test_fingerprint_by_hand_for_each_layout(tmp_path, monkeypatch):
+    def digest(root, files):
+        sha = hashlib.sha256()
+        for f in files:
+            sha.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+        return sha.hexdigest()
+
+    folder = _official_python_dir(tmp_path / "py")
+    assert data.fingerprint("pydir", folder) == (digest(folder, sorted(folder.iterdir())), None)
+    fashion = tmp_path / "fashion"
+    fashion.mkdir()
+    for name in data.FASHION_FILES:
+        _idx(fashion / name, np.zeros((2, 2)))
+    (fashion / "notes.txt").write_text("not part of the data")
+    assert data.fingerprint("idx", fashion)[0] == digest(fashion, [fashion / f for f in data.FASHION_FILES])
+    tree = tmp_path / "tree"
+    _image_folder(tree, per_class=1)
+    Image.new("RGB", (32, 32)).save(tree / "train" / "cat" / "UPPER.PNG")
+    (tree / "train" / "cat" / "notes.txt").write_text("not an image")
+    images = sorted(p for p in tree.glob("*/*/*") if p.suffix in (".png", ".PNG"))
+    assert len(images) == 21 and data.fingerprint("folderdir", tree) == (digest(tree, images), None)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"some bytes")
+    monkeypatch.setitem(data.PUBLISHED_MD5, "cifar-10-python.tar.gz", hashlib.md5(b"some bytes").hexdigest())
+    assert data.fingerprint("python10", archive) == (hashlib.sha256(b"some bytes").hexdigest(), True)
+
+
 def test_real_cifar10_archive_decodes_with_published_statistics(cifar_root):
     a = data.load("cifar10", cifar_root)
     assert a.train_x.shape == (50_000, 3, 32, 32) and a.train_x.dtype == torch.uint8
@@ -58,10 +130,13 @@ def test_official_python_folder_and_its_tar(tmp_path):
     folder = _official_python_dir(tmp_path / "dl")
     a = data.load("cifar10", tmp_path / "dl")
     assert a.train_x.shape == (100, 3, 32, 32) and a.test_x.shape == (20, 3, 32, 32)
+    assert a.source == str(folder)
+    (folder / "readme.html").write_text("<html>as in the official archive</html>")
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
+        tar.add(folder, arcname="copy/cifar-10-batches-py")  # a re-packed copy, one folder deeper
     b = data.load("cifar10", tmp_path / "cifar-10-python.tar.gz")
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert b.source == str(tmp_path / "cifar-10-python.tar.gz")
 
 
 def test_cifar100_python_layout(tmp_path):
@@ -195,7 +270,9 @@ def test_corrupt_archive_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="could not read cifar10 .*corrupt"):
         data.load("cifar10", tmp_path / "src")
     (folder / "test_batch").unlink()
-    with pytest.raises(data.DataError, match="test_batch.*incomplete"):
+    (folder / "data_batch_2").unlink()
+    with pytest.raises(data.DataError, match=rf"^{folder} lacks data_batch_2, test_batch: not a complete cifar10 "
+                                             rf"python-version archive$"):
         data.load("cifar10", tmp_path / "src")
 
 

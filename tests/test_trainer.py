@@ -313,3 +313,14 @@ def test_compile_execution_wraps_the_model_and_eager_does_not():
     assert TrainStep(net, opt).forward is net
     compiled = TrainStep(net, opt, execution="compile").forward  # compiled lazily, at its first call
     assert compiled is not net and getattr(compiled, "_orig_mod", None) is net
+
+
+def test_a_failed_run_records_its_error_text_whole(tmp_path, tiny):
+    from bench.train import record_failure
+
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    err = RuntimeError("CUDA out of memory")
+    err.add_note("while training plain8")  # a note travels as a second line
+    row = record_failure(spec, tmp_path, Execution.for_device("cpu"), err)
+    assert row["error"] == "RuntimeError: CUDA out of memory\nwhile training plain8" and row["status"] == "failed"
+    assert records.recorded(tmp_path, spec.run_id)["error"] == row["error"]
