@@ -258,6 +258,44 @@ def test_missing_data_names_places_and_fixes(tmp_path, monkeypatch):
         data.load("fashion-mnist", tmp_path)
 
 
+@pytest.mark.parametrize("dataset,cls", [("cifar10", "CIFAR10"), ("cifar100", "CIFAR100"), ("fashion-mnist", "FashionMNIST")])
+def test_download_fetches_with_torchvision_into_the_root_or_the_cache(tmp_path, monkeypatch, dataset, cls):
+    """torchvision's downloader, faked (no network here): it is asked for the training split of the
+    right class into --data-root, else into the cache; what it fetched is then found and decoded."""
+    calls = []
+
+    def fetch(root, train, download):
+        calls.append((root, train, download))
+        if dataset == "fashion-mnist":  # where torchvision puts them
+            raw = data.Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True)
+            for name in data.FASHION_FILES:
+                _idx(raw / name, np.zeros((10, 28, 28) if "images" in name else (10,)))
+        else:
+            _official_python_dir(data.Path(root), classes=100 if dataset == "cifar100" else 10, hundred=dataset == "cifar100")
+
+    monkeypatch.setattr(torchvision.datasets, cls, fetch)
+    monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "no-debian-package")
+    monkeypatch.delenv("RESBENCH_DATA", raising=False)
+    with pytest.raises(data.DataError, match="not found"):
+        data.load(dataset, tmp_path / "root")
+    assert calls == []  # only with download=True
+    assert len(data.load(dataset, tmp_path / "root", download=True).train_x) in (10, 20, 100)
+    assert calls == [(str(tmp_path / "root"), True, True)]
+    data.load(dataset, download=True)
+    assert calls[-1] == (str(data.cache_dir() / "download"), True, True)
+
+
+def test_a_failed_download_says_what_to_do(tmp_path, monkeypatch):
+    def offline(root, train, download):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(data.DataError, match=rf"^--download of cifar10 into {tmp_path} failed \(no route to host\); "
+                                             r"pass --data-root or RESBENCH_DATA instead$"):
+        data.load("cifar10", tmp_path, download=True)
+
+
 def test_env_variable_is_used(tmp_path, monkeypatch):
     _official_python_dir(tmp_path)
     monkeypatch.setenv("RESBENCH_DATA", str(tmp_path))
