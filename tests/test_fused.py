@@ -172,9 +172,14 @@ def test_a_group_batch_is_each_members_own_batch_side_by_side(tmp_path):
         for k, loader in enumerate(loaders):
             bx, by = loader.batch(it)
             assert torch.equal(gx[:, 3 * k : 3 * k + 3], bx) and torch.equal(gy[:, k], by)
+    alone = data.group_batch(loaders[1:2], 7)  # a group of one is the loader's own batch
+    assert all(torch.equal(g, b) for g, b in zip(alone, (loaders[1].batch(7)[0], loaders[1].batch(7)[1][:, None])))
     other = data.DeviceLoader(x.clone(), y, mean, batch_size=16, seed=3, device=torch.device("cpu"))
-    with pytest.raises(ValueError, match="share one training set"):
-        data.group_batch([loaders[0], other], 0)
+    smaller = data.DeviceLoader(x, y, mean, batch_size=8, seed=3, device=torch.device("cpu"))
+    smaller.x, smaller.mean = loaders[0].x, loaders[0].mean  # the same tensors, only the batch size differs
+    for odd in (other, smaller):
+        with pytest.raises(ValueError, match="^a group's loaders must share one training set, mean and batch size$"):
+            data.group_batch([loaders[0], odd], 0)
 
 
 def test_plan_groups_runs_of_one_shape():

@@ -100,6 +100,9 @@ def test_training_step_counts_wrong_answers_and_weights_loss_by_batch():
     assert loss == pytest.approx(expect, rel=1e-6)
     again = step.read()  # read() starts a new window
     assert again[2] == 0 and math.isnan(again[0]) and math.isnan(again[1])
+    pair = TrainStep(model, make_optimizer(model, 0.0, 0.9, 0.0, cpu), members=2)
+    losses, errors, n = pair.read_members()  # nothing seen yet: unknown, per member
+    assert n == 0 and len(losses) == len(errors) == 2 and all(map(math.isnan, losses + errors))
 
 
 def test_evaluate_compares_every_batch_with_its_own_labels():
