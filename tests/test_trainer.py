@@ -327,3 +327,26 @@ def test_a_failed_run_records_its_error_text_whole(tmp_path, tiny):
     row = record_failure(spec, tmp_path, Execution.for_device("cpu"), err)
     assert row["error"] == "RuntimeError: CUDA out of memory\nwhile training plain8" and row["status"] == "failed"
     assert records.recorded(tmp_path, spec.run_id)["error"] == row["error"]
+
+
+class PairLogits(nn.Module):
+    """Two members' logits, each its own parameter row: (B, 2, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2, 3))
+
+    def forward(self, x):
+        return self.w.expand(len(x), 2, 3)
+
+
+def test_a_masked_member_takes_no_step_and_the_other_its_own():
+    model = PairLogits()
+    step = TrainStep(model, make_optimizer(model, 1.0, 0.0, 0.0, cpu), members=2)
+    step.mask(1)  # member 1 diverged
+    step(torch.zeros(2, 1), torch.tensor([[0, 1], [0, 1]]))
+    # member 0: the gradient of its mean cross-entropy at uniform logits, label 0: (1/3 - 1, 1/3, 1/3)
+    assert torch.allclose(model.w[0], torch.tensor([2 / 3, -1 / 3, -1 / 3]))
+    assert torch.equal(model.w[1], torch.zeros(3))
+    losses, errors, n = step.read_members()  # both are still measured
+    assert n == 2 and losses == pytest.approx([math.log(3)] * 2) and errors == [0.0, 1.0]
