@@ -350,3 +350,50 @@ def test_a_masked_member_takes_no_step_and_the_other_its_own():
     assert torch.equal(model.w[1], torch.zeros(3))
     losses, errors, n = step.read_members()  # both are still measured
     assert n == 2 and losses == pytest.approx([math.log(3)] * 2) and errors == [0.0, 1.0]
+
+
+def _curve(it, loss, train, val, test):
+    return dict(run_id="r", iteration=it, epoch=it / 10, lr=0.1, train_loss=loss, train_err=train, val_err=val,
+                test_err=test, train_time_s=it / 100, img_per_s=1.0)
+
+
+def test_run_row_summary_and_columns_by_hand():
+    """Every summary column of a run's row from hand-made curves and timing windows."""
+    from bench.data import Arrays
+    from bench.train import _row
+
+    spec = RunSpec("plain8", recipe("smoke"), seed=2, width=0.5, dataset="synthetic", sweep="s")
+    curves = [_curve(100, 2.0, 0.6, 0.5, 0.52), _curve(200, 1.5, 0.4, 0.3, 0.33), _curve(300, 1.2, 0.45, 0.35, 0.31),
+              _curve(400, float("nan"), 0.9, float("nan"), float("nan"))]  # the point it diverged at
+    timed = [dict(img_per_s=100.0, group_size=3, seconds=1.0, steps=10),
+             dict(img_per_s=150.0, group_size=1, seconds=3.0, steps=10),
+             dict(img_per_s=120.0, seconds=2.0, steps=4)]  # a window of an earlier version: no group size
+    arrays = Arrays(*(torch.zeros(1),) * 4, classes=("a",), source="/data/x.tar.gz", sha256="abc", official=False)
+    ex = Execution("cpu", amp=True, channels_last=True, execution="compile", cudnn_benchmark=True)
+    kw = dict(params=7, macs=11, status="diverged", error="boom", start=100, train_time=3.5, wall=9.0, ex=ex,
+              arrays=arrays, group_id="g1", group_size=3, peak=12345)
+    row = _row(spec, curves, timed, **kw)
+    assert {k: row[k] for k in ("iterations_done", "resumed_from", "final_train_err", "final_val_err",
+                                "final_test_err", "best_train_err", "best_val_err", "test_err_at_best_val",
+                                "best_test_err", "train_img_per_s", "group_img_per_s", "timed_windows")} == dict(
+        iterations_done=400, resumed_from=100, final_train_err=0.9, final_val_err=0.35, final_test_err=0.31,
+        best_train_err=0.4, best_val_err=0.3, test_err_at_best_val=0.33, best_test_err=0.31,
+        train_img_per_s=120.0, group_img_per_s=150.0, timed_windows=3)  # group: median of 300, 150, 120
+    assert math.isnan(row["final_train_loss"]) and row["step_time_ms"] == pytest.approx(300.0)
+    assert {k: row[k] for k in ("params", "macs", "status", "error", "train_time_s", "wall_time_s",
+                                "peak_memory_bytes", "amp", "channels_last", "execution", "cudnn_benchmark",
+                                "train_path", "group_size", "group_id", "data_source", "data_sha256",
+                                "data_official", "device")} == dict(
+        params=7, macs=11, status="diverged", error="boom", train_time_s=3.5, wall_time_s=9.0, peak_memory_bytes=12345,
+        amp=True, channels_last=True, execution="compile", cudnn_benchmark=True, train_path="device-loader+compile",
+        group_size=3, group_id="g1", data_source="/data/x.tar.gz", data_sha256="abc", data_official=False,
+        device="cpu")
+    assert spec.flat().items() <= row.items() and records.environment("cpu").keys() <= row.keys()
+    assert _row(spec, curves[:3], timed[2:], **kw)["final_train_loss"] == 1.2
+    assert _row(spec, curves, [dict(seconds=0.5, steps=0, img_per_s=1.0)], **kw)["step_time_ms"] == 500.0
+    empty = _row(spec, [], [], **kw)  # failed before its first evaluation point
+    assert empty["iterations_done"] == 0 and empty["timed_windows"] == 0
+    for k in ("final_train_loss", "final_train_err", "final_val_err", "final_test_err", "best_train_err",
+              "best_val_err", "test_err_at_best_val", "best_test_err", "train_img_per_s", "group_img_per_s",
+              "step_time_ms"):
+        assert math.isnan(empty[k]), k
