@@ -277,6 +277,7 @@ def test_download_fetches_with_torchvision_into_the_root_or_the_cache(tmp_path, 
     monkeypatch.setattr(torchvision.datasets, cls, fetch)
     monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "no-debian-package")
     monkeypatch.delenv("RESBENCH_DATA", raising=False)
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))  # this test's own: the fake writes there
     with pytest.raises(data.DataError, match="not found"):
         data.load(dataset, tmp_path / "root")
     assert calls == []  # only with download=True
