@@ -15,7 +15,7 @@ from torch import nn
 
 import resnet
 
-from bench import records
+from bench import data, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
 from bench.train import evaluate, run_one, timed_windows
@@ -397,3 +397,43 @@ def test_run_row_summary_and_columns_by_hand():
               "best_val_err", "test_err_at_best_val", "best_test_err", "train_img_per_s", "group_img_per_s",
               "step_time_ms"):
         assert math.isnan(empty[k]), k
+
+
+def test_each_run_trains_the_net_its_spec_and_data_set_describe(tmp_path, monkeypatch):
+    """The trained net is the spec's (shortcut B: projections) on the data set's shape: 100 classes for
+    CIFAR-100, one 28x28 channel for Fashion-MNIST; params, multiply-adds and weights say so."""
+    from tests.test_data import _idx, _official_python_dir
+
+    _official_python_dir(tmp_path / "c100", n=40, classes=100, hundred=True)
+    fashion = tmp_path / "fashion"
+    fashion.mkdir()
+    for name in data.FASHION_FILES:
+        _idx(fashion / name, np.random.default_rng(0).integers(0, 10, (40, 28, 28) if "images" in name else 40))
+    r = recipe("smoke", batch_size=8, iterations=2, eval_every=2, val_size=8, train_size=None, test_size=8)
+    for dataset, root, classes, shape in (("cifar100", tmp_path / "c100", 100, (3, 32, 32)),
+                                          ("fashion-mnist", fashion, 10, (1, 28, 28))):
+        spec = RunSpec("resnet8", r, width=0.25, shortcut="B", dataset=dataset)
+        row = run_one(spec, tmp_path / "out", CPU, data_root=root, progress=False)
+        net = resnet.build("resnet8", classes, width=0.25, shortcut="B", in_channels=shape[0])
+        assert row["status"] == "ok" and row["params"] == resnet.count_params(net)
+        assert row["macs"] == resnet.count_macs(net, shape)  # 28x28 images cost less than 32x32 ones
+        saved = records.load_torch(records.paths(tmp_path / "out", spec.run_id)["weights"])
+        assert (saved["num_classes"], saved["in_channels"]) == (classes, shape[0])
+        net.load_state_dict(saved["model"])  # the same layers, shortcut projections included
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_step_sees_the_memory_format_asked_for(tmp_path, tiny, monkeypatch, channels_last):
+    seen = []
+    real = TrainStep.__call__
+
+    def spy(self, x, y):
+        conv = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous(),
+                     conv.weight.is_contiguous(memory_format=torch.channels_last), conv.weight.is_contiguous()))
+        return real(self, x, y)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    ex = Execution("cpu", channels_last=channels_last)
+    run_one(RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic"), tmp_path, ex, progress=False)
+    assert seen == [(True, False, True, False) if channels_last else (False, True, False, True)] * 2
