@@ -4,7 +4,9 @@ resumed run reports, and its memory peak.
 
 Each test is named after the mistake it catches; plant that mistake and it fails.
 """
+import io
 import math
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -437,3 +439,24 @@ def test_the_step_sees_the_memory_format_asked_for(tmp_path, tiny, monkeypatch, 
     ex = Execution("cpu", channels_last=channels_last)
     run_one(RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic"), tmp_path, ex, progress=False)
     assert seen == [(True, False, True, False) if channels_last else (False, True, False, True)] * 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
+    from bench.train import Progress
+
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    bar = Progress(10, 2, "plain8", enabled=True)  # a resumed run starts at its checkpoint
+    assert not bar.bar.disable and (bar.bar.total, bar.bar.n, bar.bar.desc, bar.bar.unit) == (10, 2, "plain8", "step")
+    assert not bar.bar.leave and bar.bar.dynamic_ncols  # a sweep's bars do not pile up
+    bar.step(3)
+    bar.step()
+    bar.show(loss="1.250", err="0.400")
+    assert bar.bar.n == 6 and bar.bar.postfix == "loss=1.250, err=0.400"
+    bar.close()
+    assert "plain8:  20%" in sys.stderr.getvalue()  # drawn where it resumed; later draws are throttled
+    assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
