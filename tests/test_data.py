@@ -2,6 +2,7 @@
 import gzip
 import hashlib
 import pickle
+import re
 import struct
 import tarfile
 
@@ -439,3 +440,48 @@ def test_a_cached_archive_is_not_decompressed_again(cifar_root, monkeypatch):
     monkeypatch.setattr(gzip._GzipReader, "read", counting)
     a = data.load("cifar10", archive)
     assert len(a.train_x) == 50_000 and sum(read) < 2**20
+
+
+def test_the_decoded_cache_its_place_name_and_upgrade(tmp_path, monkeypatch):
+    """Decoded once into RESBENCH_CACHE (default ~/.cache/resbench) under a 16-hex key; a later load
+    comes from it, source included; an entry of an earlier version (no fingerprint) gets one."""
+    monkeypatch.delenv("RESBENCH_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data.cache_dir() == tmp_path / "home" / ".cache" / "resbench"
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
+    assert data.cache_dir() == tmp_path / "cache"
+    folder = _official_python_dir(tmp_path / "src")
+    first = data.load("cifar10", tmp_path / "src")
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert re.fullmatch(r"cifar10-[0-9a-f]{16}\.pt", entry.name)
+    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded again instead of read from the cache"))
+    again = data.load("cifar10", tmp_path / "src")
+    assert torch.equal(again.train_x, first.train_x) and again.source == str(folder) == first.source
+    assert (again.sha256, again.official) == (first.sha256, first.official) == data.fingerprint("pydir", folder)
+    old = torch.load(entry, weights_only=True)
+    del old["sha256"], old["official"]  # what an earlier version wrote
+    torch.save(old, entry)
+    upgraded = data.load("cifar10", tmp_path / "src")
+    assert (upgraded.sha256, upgraded.official) == data.fingerprint("pydir", folder)
+
+
+def test_a_crafted_cache_entry_runs_nothing_and_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch then loads code unless told not to
+    _official_python_dir(tmp_path / "src")
+    first = data.load("cifar10", tmp_path / "src")
+    (entry,) = (tmp_path / "cache").iterdir()
+    marker = tmp_path / "ran"
+    torch.save({"train_x": _Opens(marker)}, entry)
+    again = data.load("cifar10", tmp_path / "src")
+    assert not marker.exists() and torch.equal(again.train_x, first.train_x)
+
+
+class _Opens:
+    """Unpickling this would create ``path``: a stand-in for any code a crafted cache entry could run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
