@@ -3,6 +3,7 @@ import gzip
 import hashlib
 import pickle
 import re
+import shutil
 import struct
 import tarfile
 
@@ -184,6 +185,7 @@ def test_image_folder_of_mixed_files(tmp_path):
     (tree / "README.txt").write_text("not an image")
     with tarfile.open(tmp_path / "tree.tar.gz", "w:gz") as tar:
         tar.add(tree, arcname="tree")
+    assert data.load("cifar10", tree).sha256 == data.fingerprint("folderdir", tree)[0]
     for root in (tree, tmp_path / "tree.tar.gz"):
         a = data.load("cifar10", root)
         assert a.classes == data.CIFAR10_CLASSES and a.source == str(root) and a.train_x.dtype == torch.uint8
@@ -231,6 +233,11 @@ def test_fashion_mnist_idx(tmp_path):
     for name, arr in zip(data.FASHION_FILES, (x, y, x[:10], y[:10])):
         _idx(tmp_path / name, arr)
     a = data.load("fashion-mnist", tmp_path)
+    assert (a.sha256, a.official) == data.fingerprint("idx", tmp_path)
+    (tmp_path / "up" / "fashion-mnist").mkdir(parents=True)  # --data-root may name the folder above
+    for name in data.FASHION_FILES:
+        (tmp_path / name).rename(tmp_path / "up" / "fashion-mnist" / name)
+    assert torch.equal(data.load("fashion-mnist", tmp_path / "up").train_x, a.train_x)
     assert a.train_x.shape == (30, 1, 28, 28) and a.image_shape == (1, 28, 28)
     assert torch.equal(a.train_x[:, 0], torch.from_numpy(x.astype(np.uint8)))
     assert torch.equal(a.test_x[:, 0], torch.from_numpy(x[:10].astype(np.uint8)))
@@ -448,11 +455,11 @@ def test_the_decoded_cache_its_place_name_and_upgrade(tmp_path, monkeypatch):
     monkeypatch.delenv("RESBENCH_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data.cache_dir() == tmp_path / "home" / ".cache" / "resbench"
-    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
-    assert data.cache_dir() == tmp_path / "cache"
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "not" / "yet" / "cache"))  # made when first needed
+    assert data.cache_dir() == tmp_path / "not" / "yet" / "cache"
     folder = _official_python_dir(tmp_path / "src")
     first = data.load("cifar10", tmp_path / "src")
-    (entry,) = (tmp_path / "cache").iterdir()
+    (entry,) = data.cache_dir().iterdir()
     assert re.fullmatch(r"cifar10-[0-9a-f]{16}\.pt", entry.name)
     monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded again instead of read from the cache"))
     again = data.load("cifar10", tmp_path / "src")
@@ -485,3 +492,12 @@ class _Opens:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_data_set_of_the_wrong_shape_names_its_place(tmp_path):
+    _image_folder(tmp_path / "tree")
+    for c in data.CIFAR10_CLASSES[3:]:
+        for split in ("train", "test"):
+            shutil.rmtree(tmp_path / "tree" / split / c)
+    with pytest.raises(data.DataError, match=rf"^{tmp_path / 'tree'} does not look like cifar10: 3 classes instead of 10$"):
+        data.load("cifar10", tmp_path / "tree")
