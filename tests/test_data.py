@@ -501,3 +501,30 @@ def test_a_data_set_of_the_wrong_shape_names_its_place(tmp_path):
             shutil.rmtree(tmp_path / "tree" / split / c)
     with pytest.raises(data.DataError, match=rf"^{tmp_path / 'tree'} does not look like cifar10: 3 classes instead of 10$"):
         data.load("cifar10", tmp_path / "tree")
+
+
+def test_which_archive_a_folder_offers(tmp_path):
+    """In a folder: the official archive by its name first (before other archives), CIFAR-100's by its
+    name, any other .tar.gz or .tgz by what it holds, and a train/ without a test/ is no image tree."""
+    py = _official_python_dir(tmp_path / "src")
+    c100 = _official_python_dir(tmp_path / "src100", classes=100, hundred=True)
+
+    def pack(path, folder, arcname):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(folder, arcname=arcname)
+        return path
+
+    _image_folder(tmp_path / "tree", per_class=1)
+    both = tmp_path / "both"
+    pack(both / "a-jpeg-copy.tar.gz", tmp_path / "tree", "")  # sorts before the official name
+    official = pack(both / "cifar-10-python.tar.gz", py, "cifar-10-batches-py")
+    assert data.find("cifar10", both) == ("python10", official)
+    assert data.find("cifar100", pack(tmp_path / "h" / "cifar-100-python.tar.gz", c100, "cifar-100-python").parent) \
+        == ("python100", tmp_path / "h" / "cifar-100-python.tar.gz")
+    tgz = pack(tmp_path / "t" / "cifar.tgz", py, "cifar-10-batches-py")
+    assert data.find("cifar10", tgz.parent) == ("python10", tgz)
+    half = tmp_path / "half"
+    (half / "train").mkdir(parents=True)  # a train/ folder of something else, beside a renamed archive
+    copy = pack(half / "copy.tar.gz", py, "cifar-10-batches-py")
+    assert data.find("cifar10", half) == ("python10", copy)

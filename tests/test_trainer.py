@@ -105,6 +105,8 @@ def test_training_step_counts_wrong_answers_and_weights_loss_by_batch():
     pair = TrainStep(model, make_optimizer(model, 0.0, 0.9, 0.0, cpu), members=2)
     losses, errors, n = pair.read_members()  # nothing seen yet: unknown, per member
     assert n == 0 and len(losses) == len(errors) == 2 and all(map(math.isnan, losses + errors))
+    with pytest.raises(ValueError, match=r"^a group's step has one loss per member: use read_members\(\)$"):
+        pair.read()
 
 
 def test_evaluate_compares_every_batch_with_its_own_labels():
