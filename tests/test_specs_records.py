@@ -125,6 +125,22 @@ def test_execution_defaults_on_the_cpu():
             Execution.for_device("cuda")
 
 
+def test_execution_defaults_on_a_gpu_machine(monkeypatch):
+    """What a GPU machine gets (CUDA faked: only torch.cuda.is_available is asked): auto picks CUDA,
+    with bf16, channels_last, cuDNN autotuning, one CUDA graph per step and large evaluation batches."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("auto", "cuda", "cuda:1"):
+        ex = Execution.for_device(device)
+        assert ex == Execution(device="cuda" if device == "auto" else device, amp=True, channels_last=True,
+                               execution="cudagraph", cudnn_benchmark=True, eval_batch_size=2000)
+    assert Execution.for_device("cuda", execution="eager", amp=False).execution == "eager"
+    assert Execution.for_device("cpu").execution == "eager"  # a CPU run on a GPU machine
+    with pytest.raises(ValueError, match="^execution must be one of eager, compile, cudagraph, got 'graph'$"):
+        Execution.for_device("cuda", execution="graph")
+    with pytest.raises(ValueError, match="^execution 'cudagraph' needs CUDA; use eager or compile on the CPU$"):
+        Execution.for_device("cpu", execution="cudagraph")
+
+
 def test_cpu_bf16_autocast_follows_what_onednn_reports():
     """bf16 autocast on the CPU only where oneDNN runs bf16 natively (elsewhere it is slower than fp32)."""
     from bench.specs import _cpu_bf16
