@@ -462,3 +462,11 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
     bar.close()
     assert "plain8:  20%" in sys.stderr.getvalue()  # drawn where it resumed; later draws are throttled
     assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
+
+
+def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("downloaded without --download"))
+    with pytest.raises(data.DataError, match="cifar10 not found"):
+        run_one(RunSpec("plain8", tiny, width=0.25), tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
