@@ -182,6 +182,12 @@ def test_a_group_batch_is_each_members_own_batch_side_by_side(tmp_path):
             data.group_batch([loaders[0], odd], 0)
 
 
+def test_which_nets_a_group_can_hold():
+    assert resnet.groupable("resnet20") and resnet.groupable("plain56", "a") and resnet.groupable("resnet8", "A")
+    assert not resnet.groupable("resnet20", "B") and not resnet.groupable("preresnet20")
+    assert not resnet.groupable("resnet18") and not resnet.groupable("cifar_resnet50")
+
+
 def test_plan_groups_runs_of_one_shape():
     r = recipe("smoke")
     runs = [RunSpec(m, r, seed=s) for s in (0, 1, 2) for m in ("plain20", "resnet20", "plain32", "resnet32")]

@@ -470,3 +470,20 @@ def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("downloaded without --download"))
     with pytest.raises(data.DataError, match="cifar10 not found"):
         run_one(RunSpec("plain8", tiny, width=0.25), tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
+
+
+def test_a_run_shows_its_progress_unless_told_not_to(tmp_path, tiny, monkeypatch):
+    from bench import train
+
+    shown = []
+    real = train.Progress.__init__
+
+    def spy(self, total, initial, desc, enabled):
+        shown.append(enabled)
+        real(self, total, initial, desc, enabled)
+
+    monkeypatch.setattr(train.Progress, "__init__", spy)
+    spec = RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic")
+    run_one(spec, tmp_path / "a", CPU)
+    run_one(spec, tmp_path / "b", CPU, progress=False)
+    assert shown == [True, False]
