@@ -185,7 +185,8 @@ def test_a_group_batch_is_each_members_own_batch_side_by_side(tmp_path):
 def test_which_nets_a_group_can_hold():
     assert resnet.groupable("resnet20") and resnet.groupable("plain56", "a") and resnet.groupable("resnet8", "A")
     assert not resnet.groupable("resnet20", "B") and not resnet.groupable("preresnet20")
-    assert not resnet.groupable("resnet18") and not resnet.groupable("cifar_resnet50")
+    assert not resnet.groupable("resnet18") and not resnet.groupable("resnet50")  # the ImageNet stem's
+    assert resnet.groupable("cifar_resnet50")  # the CIFAR family's 6n+2 net at depth 50
 
 
 def test_plan_groups_runs_of_one_shape():
