@@ -102,6 +102,8 @@ def test_sweep_toml_round_trip_by_hand():
     assert conf["recipe"]["milestones"] == [32000, 48000] and "train_size" not in conf["recipe"]  # None is left out
     assert conf["extra"] == {"note": "x", "flag": True, "off": False}
     assert SweepSpec.from_toml(text) == sw
+    by_hand = 'name = "h"\nmodels = ["plain"]\ndepths = [8]\nseeds = [0]\n[recipe]\nname = "mine"\niterations = 10\n'
+    assert SweepSpec.from_toml(by_hand).recipe.milestones == ()  # a recipe written without milestones keeps its lr
     with pytest.raises(ValueError, match="unknown model kind\\(s\\) vgg"):
         SweepSpec("n", recipe("smoke"), models=("vgg",))
     with pytest.raises(ValueError, match="at least one model kind, one depth and one seed"):
