@@ -467,9 +467,15 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
 def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     import torchvision
 
+    from tests.test_data import _official_python_dir
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("downloaded without --download"))
+    spec = RunSpec("plain8", replace(tiny, iterations=2, train_size=None, val_size=20, batch_size=8), width=0.25)
     with pytest.raises(data.DataError, match="cifar10 not found"):
-        run_one(RunSpec("plain8", tiny, width=0.25), tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
+        run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **k: _official_python_dir(data.Path(root)))
+    row = run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", download=True, progress=False)
+    assert row["status"] == "ok" and row["data_source"] == str(tmp_path / "empty" / "cifar-10-batches-py")
 
 
 def test_a_run_shows_its_progress_unless_told_not_to(tmp_path, tiny, monkeypatch):
