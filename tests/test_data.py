@@ -451,25 +451,31 @@ def test_a_cached_archive_is_not_decompressed_again(cifar_root, monkeypatch):
 
 def test_the_decoded_cache_its_place_name_and_upgrade(tmp_path, monkeypatch):
     """Decoded once into RESBENCH_CACHE (default ~/.cache/resbench) under a 16-hex key; a later load
-    comes from it, source included; an entry of an earlier version (no fingerprint) gets one."""
+    comes from it, source and fingerprint included, without reading the source again; an entry of an
+    earlier version (no fingerprint) gets one."""
     monkeypatch.delenv("RESBENCH_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert data.cache_dir() == tmp_path / "home" / ".cache" / "resbench"
     monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "not" / "yet" / "cache"))  # made when first needed
     assert data.cache_dir() == tmp_path / "not" / "yet" / "cache"
-    folder = _official_python_dir(tmp_path / "src")
-    first = data.load("cifar10", tmp_path / "src")
+    tree = tmp_path / "tree"
+    _image_folder(tree, per_class=1)
+    first = data.load("cifar10", tree)
     (entry,) = data.cache_dir().iterdir()
     assert re.fullmatch(r"cifar10-[0-9a-f]{16}\.pt", entry.name)
-    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded again instead of read from the cache"))
-    again = data.load("cifar10", tmp_path / "src")
-    assert torch.equal(again.train_x, first.train_x) and again.source == str(folder) == first.source
-    assert (again.sha256, again.official) == (first.sha256, first.official) == data.fingerprint("pydir", folder)
+    real_fingerprint = data.fingerprint
+    with monkeypatch.context() as m:
+        m.setattr(data, "_decode", lambda *a: pytest.fail("decoded again instead of read from the cache"))
+        m.setattr(data, "fingerprint", lambda *a: pytest.fail("the source read again on a cached load"))
+        again = data.load("cifar10", tree)
+    assert torch.equal(again.train_x, first.train_x) and again.source == str(tree) == first.source
+    assert (again.sha256, again.official) == (first.sha256, first.official) == real_fingerprint("folderdir", tree)
     old = torch.load(entry, weights_only=True)
     del old["sha256"], old["official"]  # what an earlier version wrote
     torch.save(old, entry)
-    upgraded = data.load("cifar10", tmp_path / "src")
-    assert (upgraded.sha256, upgraded.official) == data.fingerprint("pydir", folder)
+    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded again instead of upgraded"))
+    upgraded = data.load("cifar10", tree)
+    assert (upgraded.sha256, upgraded.official) == real_fingerprint("folderdir", tree)
 
 
 def test_a_crafted_cache_entry_runs_nothing_and_is_rebuilt(tmp_path, monkeypatch):
