@@ -534,3 +534,14 @@ def test_which_archive_a_folder_offers(tmp_path):
     (half / "train").mkdir(parents=True)  # a train/ folder of something else, beside a renamed archive
     copy = pack(half / "copy.tar.gz", py, "cifar-10-batches-py")
     assert data.find("cifar10", half) == ("python10", copy)
+
+
+def test_synthetic_data_has_cifar10s_shape_and_range():
+    a = data.synthetic()  # seed 0: the same images on every machine
+    assert a.train_x.shape == (10_000, 3, 32, 32) and a.test_x.shape == (2_000, 3, 32, 32)
+    assert a.train_x.dtype == a.test_x.dtype == torch.uint8 and a.train_y.dtype == torch.int64
+    assert a.train_y[:8].tolist() == [5, 3, 0, 0, 8, 9, 7, 4] and a.test_y[:4].tolist() == [2, 7, 7, 5]
+    for x, y in ((a.train_x, a.train_y), (a.test_x, a.test_y)):
+        assert (int(x.min()), int(x.max()), int(y.min()), int(y.max())) == (0, 255, 0, 9)
+    assert a.classes == tuple(f"class{i}" for i in range(10)) and a.source == "synthetic"
+    assert not torch.equal(data.synthetic(seed=1).train_y, a.train_y)
