@@ -80,8 +80,8 @@ def load_torch(path: Path, map_location=None):
             raise UnreadableFile(f"{path} holds objects beyond tensors and plain containers (written by other "
                                  f"software, or crafted to run code): refused. Delete it and rerun its run to "
                                  f"regenerate it") from e
-        detail = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
-        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {(detail or lines or [''])[0]})") from e
+        detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), lines[0] if lines else "")
+        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {detail})") from e
     except FileNotFoundError:
         raise
     except Exception as e:  # a truncated zip, an empty file, a bad header: torch raises many types
