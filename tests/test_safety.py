@@ -44,6 +44,18 @@ def _cifar_dir(root, test_batch_labels):
     return folder
 
 
+def test_a_crafted_cache_entry_runs_nothing_and_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch then loads code unless told not to
+    _cifar_dir(tmp_path / "src", list(range(8)))
+    first = data.load("cifar10", tmp_path / "src")
+    (entry,) = (tmp_path / "cache").iterdir()
+    marker = tmp_path / "pwned"
+    torch.save({"train_x": Marker(marker)}, entry)
+    again = data.load("cifar10", tmp_path / "src")
+    assert not marker.exists() and torch.equal(again.train_x, first.train_x)
+
+
 def test_a_crafted_data_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     folder = _cifar_dir(tmp_path / "d", Marker(marker))
