@@ -15,33 +15,7 @@ import torchvision
 from PIL import Image
 
 from bench import data
-
-
-def _official_python_dir(root, n=20, classes=10, hundred=False):
-    """A tiny data set in the official python layout (Python-2-style pickles, with 'filenames')."""
-    rng = np.random.default_rng(0)
-    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
-    folder.mkdir(parents=True)
-    key = "fine_labels" if hundred else "labels"
-
-    def batch(name, label):
-        d = {"batch_label": label, key: rng.integers(0, classes, n).tolist(),
-             "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f, protocol=2)
-
-    if hundred:
-        batch("train", "train")
-        batch("test", "test")
-        with open(folder / "meta", "wb") as f:
-            pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
-    else:
-        for i in range(1, 6):
-            batch(f"data_batch_{i}", f"training batch {i} of 5")
-        batch("test_batch", "testing batch 1 of 1")
-        with open(folder / "batches.meta", "wb") as f:
-            pickle.dump({"label_names": list(data.CIFAR10_CLASSES), "num_vis": 3072}, f, protocol=2)
-    return folder
+from tests.fakes import cifar_python_dir, idx_file
 
 
 class _Py2Pickler(pickle._Pickler):
@@ -58,7 +32,7 @@ class _Py2Pickler(pickle._Pickler):
 
 def test_python2_pickles_keep_every_byte(tmp_path):
     """The official batches were pickled by Python 2: pixel bytes >= 128 survive only a latin-1 load."""
-    folder = _official_python_dir(tmp_path)
+    folder = cifar_python_dir(tmp_path)
     x = np.arange(20 * 3072).reshape(20, 3072).astype(np.uint8)  # every byte value, 128..255 included
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "rb") as f:
@@ -95,12 +69,12 @@ def test_fingerprint_by_hand_for_each_layout(tmp_path, monkeypatch):
             sha.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
         return sha.hexdigest()
 
-    folder = _official_python_dir(tmp_path / "py")
+    folder = cifar_python_dir(tmp_path / "py")
     assert data.fingerprint("pydir", folder) == (digest(folder, sorted(folder.iterdir())), None)
     fashion = tmp_path / "fashion"
     fashion.mkdir()
     for name in data.FASHION_FILES:
-        _idx(fashion / name, np.zeros((2, 2)))
+        idx_file(fashion / name, np.zeros((2, 2)))
     (fashion / "notes.txt").write_text("not part of the data")
     assert data.fingerprint("idx", fashion)[0] == digest(fashion, [fashion / f for f in data.FASHION_FILES])
     tree = tmp_path / "tree"
@@ -130,7 +104,7 @@ def test_real_cifar10_archive_decodes_with_published_statistics(cifar_root):
 
 
 def test_official_python_folder_and_its_tar(tmp_path):
-    folder = _official_python_dir(tmp_path / "dl")
+    folder = cifar_python_dir(tmp_path / "dl")
     a = data.load("cifar10", tmp_path / "dl")
     assert a.train_x.shape == (100, 3, 32, 32) and a.test_x.shape == (20, 3, 32, 32)
     assert a.source == str(folder)
@@ -143,7 +117,7 @@ def test_official_python_folder_and_its_tar(tmp_path):
 
 
 def test_cifar100_python_layout(tmp_path):
-    _official_python_dir(tmp_path, classes=100, hundred=True)
+    cifar_python_dir(tmp_path, classes=100, hundred=True)
     a = data.load("cifar100", tmp_path)
     assert a.num_classes == 100 and a.train_x.shape == (20, 3, 32, 32)
 
@@ -212,7 +186,7 @@ def test_image_folder_of_mixed_files(tmp_path):
 
 
 def test_a_cifar100_archive_given_as_the_root(tmp_path):
-    folder = _official_python_dir(tmp_path / "src", classes=100, hundred=True)
+    folder = cifar_python_dir(tmp_path / "src", classes=100, hundred=True)
     with tarfile.open(tmp_path / "c100.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname="cifar-100-python")
     a = data.load("cifar100", tmp_path / "c100.tar.gz")
@@ -221,18 +195,12 @@ def test_a_cifar100_archive_given_as_the_root(tmp_path):
         data.load("cifar10", tmp_path / "c100.tar.gz")
 
 
-def _idx(path, arr):
-    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_idx(tmp_path):
+def test_fashion_mnistidx_file(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (30, 28, 28))
     y = rng.integers(0, 10, 30)
     for name, arr in zip(data.FASHION_FILES, (x, y, x[:10], y[:10])):
-        _idx(tmp_path / name, arr)
+        idx_file(tmp_path / name, arr)
     a = data.load("fashion-mnist", tmp_path)
     assert (a.sha256, a.official) == data.fingerprint("idx", tmp_path)
     (tmp_path / "up" / "fashion-mnist").mkdir(parents=True)  # --data-root may name the folder above
@@ -279,9 +247,9 @@ def test_download_fetches_with_torchvision_into_the_root_or_the_cache(tmp_path, 
             raw = Path(root) / "FashionMNIST" / "raw"
             raw.mkdir(parents=True)
             for name in data.FASHION_FILES:
-                _idx(raw / name, np.zeros((10, 28, 28) if "images" in name else (10,)))
+                idx_file(raw / name, np.zeros((10, 28, 28) if "images" in name else (10,)))
         else:
-            _official_python_dir(Path(root), classes=100 if dataset == "cifar100" else 10, hundred=dataset == "cifar100")
+            cifar_python_dir(Path(root), classes=100 if dataset == "cifar100" else 10, hundred=dataset == "cifar100")
 
     monkeypatch.setattr(torchvision.datasets, cls, fetch)
     monkeypatch.setattr(data, "DEBIAN_FASHION", tmp_path / "no-debian-package")
@@ -307,13 +275,13 @@ def test_a_failed_download_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_env_variable_is_used(tmp_path, monkeypatch):
-    _official_python_dir(tmp_path)
+    cifar_python_dir(tmp_path)
     monkeypatch.setenv("RESBENCH_DATA", str(tmp_path))
     assert len(data.load("cifar10").train_x) == 100
 
 
 def test_corrupt_archive_is_a_clear_error(tmp_path):
-    folder = _official_python_dir(tmp_path / "src")
+    folder = cifar_python_dir(tmp_path / "src")
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(data.DataError, match="could not read cifar10 .*corrupt"):
         data.load("cifar10", tmp_path / "src")
@@ -325,7 +293,7 @@ def test_corrupt_archive_is_a_clear_error(tmp_path):
 
 
 def test_truncated_tar_is_a_clear_error(tmp_path):
-    folder = _official_python_dir(tmp_path / "src")
+    folder = cifar_python_dir(tmp_path / "src")
     good = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(good, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
@@ -491,8 +459,8 @@ def test_a_data_set_of_the_wrong_shape_names_its_place(tmp_path):
 def test_which_archive_a_folder_offers(tmp_path):
     """In a folder: the official archive by its name first (before other archives), CIFAR-100's by its
     name, any other .tar.gz or .tgz by what it holds, and a train/ without a test/ is no image tree."""
-    py = _official_python_dir(tmp_path / "src")
-    c100 = _official_python_dir(tmp_path / "src100", classes=100, hundred=True)
+    py = cifar_python_dir(tmp_path / "src")
+    c100 = cifar_python_dir(tmp_path / "src100", classes=100, hundred=True)
 
     def pack(path, folder, arcname):
         path.parent.mkdir(parents=True, exist_ok=True)

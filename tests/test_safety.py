@@ -4,11 +4,8 @@ Every hostile file is made here: a pickle whose ``__reduce__`` would create a ma
 loaded. The marker must never appear.
 """
 import os
-import pickle
-import shutil
 import tarfile
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -17,6 +14,7 @@ from bench import data, records
 from bench.report import build_report
 from bench.specs import Execution, RunSpec
 from bench.train import run_one
+from tests.fakes import cifar_python_dir
 
 CPU = Execution.for_device("cpu")
 
@@ -31,23 +29,10 @@ class Marker:
         return (open, (self.path, "w"))
 
 
-def _cifar_dir(root, test_batch_labels):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        labels = test_batch_labels if name == "test_batch" else rng.integers(0, 10, 8).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "labels": labels}, f, protocol=2)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(data.CIFAR10_CLASSES)}, f, protocol=2)
-    return folder
-
-
 def test_a_crafted_cache_entry_runs_nothing_and_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch then loads code unless told not to
-    _cifar_dir(tmp_path / "src", list(range(8)))
+    cifar_python_dir(tmp_path / "src", n=8)
     first = data.load("cifar10", tmp_path / "src")
     (entry,) = (tmp_path / "cache").iterdir()
     marker = tmp_path / "pwned"
@@ -58,7 +43,7 @@ def test_a_crafted_cache_entry_runs_nothing_and_is_rebuilt(tmp_path, monkeypatch
 
 def test_a_crafted_data_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
-    folder = _cifar_dir(tmp_path / "d", Marker(marker))
+    folder = cifar_python_dir(tmp_path / "d", n=8, test_labels=Marker(marker))
     with pytest.raises(data.DataError, match=r"test_batch asks to load (io|builtins)\.open.*refusing"):
         data.load("cifar10", tmp_path / "d")
     assert not marker.exists()
@@ -70,7 +55,7 @@ def test_a_crafted_data_pickle_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_the_official_pickles_still_load(tmp_path):
-    _cifar_dir(tmp_path, list(range(8)))
+    cifar_python_dir(tmp_path, n=8, test_labels=list(range(8)))
     a = data.load("cifar10", tmp_path)
     assert a.test_y.tolist() == list(range(8)) and a.train_x.shape == (40, 3, 32, 32)
 
@@ -86,7 +71,7 @@ def test_a_corrupt_archive_is_called_corrupt_not_missing(tmp_path, content):
 
 
 def test_a_truncated_archive_is_called_corrupt(tmp_path):
-    folder = _cifar_dir(tmp_path / "src", list(range(8)))
+    folder = cifar_python_dir(tmp_path / "src", n=8)
     good = tmp_path / "a" / "cifar-10-python.tar.gz"
     good.parent.mkdir()
     with tarfile.open(good, "w:gz") as tar:
@@ -278,7 +263,7 @@ def test_rows_say_which_copy_of_the_data_they_used(tmp_path, cifar_root, tiny):
 
 
 def test_fingerprint_covers_every_byte_and_checks_published_md5(tmp_path):
-    folder = _cifar_dir(tmp_path / "a", list(range(8)))
+    folder = cifar_python_dir(tmp_path / "a", n=8)
     sha, official = data.fingerprint("pydir", folder)
     assert official is None  # no file of an extracted folder has a published md5
     (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:-1] + b"\x00")

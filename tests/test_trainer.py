@@ -407,13 +407,13 @@ def test_run_row_summary_and_columns_by_hand():
 def test_each_run_trains_the_net_its_spec_and_data_set_describe(tmp_path, monkeypatch):
     """The trained net is the spec's (shortcut B: projections) on the data set's shape: 100 classes for
     CIFAR-100, one 28x28 channel for Fashion-MNIST; params, multiply-adds and weights say so."""
-    from tests.test_data import _idx, _official_python_dir
+    from tests.fakes import cifar_python_dir, idx_file
 
-    _official_python_dir(tmp_path / "c100", n=40, classes=100, hundred=True)
+    cifar_python_dir(tmp_path / "c100", n=40, classes=100, hundred=True)
     fashion = tmp_path / "fashion"
     fashion.mkdir()
     for name in data.FASHION_FILES:
-        _idx(fashion / name, np.random.default_rng(0).integers(0, 10, (40, 28, 28) if "images" in name else 40))
+        idx_file(fashion / name, np.random.default_rng(0).integers(0, 10, (40, 28, 28) if "images" in name else 40))
     r = recipe("smoke", batch_size=8, iterations=2, eval_every=2, val_size=8, train_size=None, test_size=8)
     for dataset, root, classes, shape in (("cifar100", tmp_path / "c100", 100, (3, 32, 32)),
                                           ("fashion-mnist", fashion, 10, (1, 28, 28))):
@@ -468,13 +468,13 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
 def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     import torchvision
 
-    from tests.test_data import _official_python_dir
+    from tests.fakes import cifar_python_dir
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("downloaded without --download"))
     spec = RunSpec("plain8", replace(tiny, iterations=2, train_size=None, val_size=20, batch_size=8), width=0.25)
     with pytest.raises(data.DataError, match="cifar10 not found"):
         run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **k: _official_python_dir(Path(root)))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **k: cifar_python_dir(Path(root)))
     row = run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", download=True, progress=False)
     assert row["status"] == "ok" and row["data_source"] == str(tmp_path / "empty" / "cifar-10-batches-py")
 
