@@ -247,7 +247,10 @@ class SweepSpec:
 
         conf = tomllib.loads(text)
         rec = conf.pop("recipe")
-        rec["milestones"] = tuple(rec.get("milestones", ()))
+        # a field left out of a hand-written [recipe] is the Recipe default, milestones like the rest
+        # (an empty list, as to_toml writes for a constant lr, stays empty)
+        if "milestones" in rec:
+            rec["milestones"] = tuple(rec["milestones"])
         extra = conf.pop("extra", {})
         return cls(recipe=Recipe(**rec), extra=extra, **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
 

@@ -103,7 +103,9 @@ def test_sweep_toml_round_trip_by_hand():
     assert conf["extra"] == {"note": "x", "flag": True, "off": False}
     assert SweepSpec.from_toml(text) == sw
     by_hand = 'name = "h"\nmodels = ["plain"]\ndepths = [8]\nseeds = [0]\n[recipe]\nname = "mine"\niterations = 10\n'
-    assert SweepSpec.from_toml(by_hand).recipe.milestones == ()  # a recipe written without milestones keeps its lr
+    # a field left out is the Recipe default, milestones included; an empty list stays a constant lr
+    assert SweepSpec.from_toml(by_hand).recipe == Recipe("mine", iterations=10)
+    assert SweepSpec.from_toml(by_hand.replace("iterations", "milestones = []\niterations")).recipe.milestones == ()
     with pytest.raises(ValueError, match=r"^unknown model kind\(s\) vgg, mlp; choose from plain, resnet, preresnet, preplain$"):
         SweepSpec("n", recipe("smoke"), models=("vgg", "plain", "mlp"))
     with pytest.raises(ValueError, match="^a sweep needs at least one model kind, one depth and one seed$"):
