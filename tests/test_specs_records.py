@@ -3,6 +3,7 @@ TOML round trip, flat record columns, atomic writes and the results-folder reade
 import datetime as dt
 import json
 import os
+import pickle
 import platform
 import tomllib
 
@@ -250,6 +251,22 @@ def test_load_torch_refuses_damage_and_code(tmp_path):
     torch.save({"f": os.getcwd}, tmp_path / "code.pt")  # a callable: needs a full pickle load
     with pytest.raises(records.UnreadableFile, match="beyond tensors and plain containers.*regenerate"):
         records.load_torch(tmp_path / "code.pt")
+
+
+@pytest.mark.parametrize("message, detail", [
+    ("Weights only load failed.\n\nCheck the documentation of torch.load", "Weights only load failed."),
+    ("", ""),
+])
+def test_load_torch_names_damage_even_when_torch_gives_no_reason(tmp_path, monkeypatch, message, detail):
+    # the detail is torch's first line past its boilerplate; a message that is all boilerplate gives its first
+    # line, and an empty one nothing (the error still says which file is damaged)
+    def fail(*a, **k):
+        raise pickle.UnpicklingError(message)
+
+    monkeypatch.setattr(torch, "load", fail)
+    with pytest.raises(records.UnreadableFile) as e:
+        records.load_torch(tmp_path / "x.pt")
+    assert str(e.value) == f"{tmp_path / 'x.pt'} is damaged (UnpicklingError: {detail})"
 
 
 def test_load_torch_stays_weights_only_and_maps_to_the_device_asked(tmp_path, monkeypatch):

@@ -212,6 +212,16 @@ def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
     assert ck["rng"]["torch"].dtype == torch.uint8 and ck["iteration"] == tiny.eval_every
 
 
+def test_a_cuda_device_adds_its_generator_to_the_saved_random_state(monkeypatch):
+    from bench.train import _rng_state
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.arange(3))
+    state = _rng_state(torch.device("cuda", 1))  # the generator of the device that trains, not device 0's
+    assert torch.equal(state["cuda"], torch.arange(3)) and asked == [torch.device("cuda", 1)]
+    assert torch.equal(state["torch"], torch.get_rng_state()) and _rng_state(cpu).keys() == {"torch"}
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cpu_checkpoint_resumed_on_cuda_keeps_following_the_schedule(tmp_path, interrupt, monkeypatch):
