@@ -7,8 +7,10 @@ Each test is named after the mistake it catches; plant that mistake and it fails
 import io
 import math
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -158,6 +160,52 @@ def test_resumed_run_times_only_its_own_attempt_without_its_warmup(tmp_path, tin
     c = records.load(tmp_path)[1]
     assert row["resumed_from"] == 8 and row["timed_windows"] == 2
     assert row["train_img_per_s"] == pytest.approx(float(np.median(c["img_per_s"].iloc[2:])))
+
+
+def test_a_fresh_runs_wall_clock_spans_its_first_to_last_reading(tmp_path, tiny, monkeypatch):
+    from bench import train
+
+    readings = []
+
+    def clock():  # each reading one second after the last
+        readings.append(float(len(readings)))
+        return readings[-1]
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock))
+    row = run_one(RunSpec("plain8", tiny, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    assert row["wall_time_s"] == readings[-1] - readings[0] and row["train_time_s"] < row["wall_time_s"]
+
+
+def test_each_attempt_of_a_twice_resumed_run_is_its_own(tmp_path, tiny, interrupt):
+    """Attempt 0 wrote window 1, attempt 1 window 2, attempt 2 windows 3 and 4: only window 4 is timed.
+    The wall clock runs on over the attempts."""
+    spec = RunSpec("plain8", replace(tiny, iterations=32, eval_every=8), width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, CPU)
+    interrupt(spec, tmp_path, CPU)  # resumed at 8, stopped again at its checkpoint at 16
+    ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=True)
+    assert [w["attempt"] for w in ck["windows"]] == [0, 1]
+    t = time.perf_counter()
+    row = run_one(spec, tmp_path, CPU, progress=False)
+    elapsed = time.perf_counter() - t
+    c = records.load(tmp_path)[1]
+    assert row["resumed_from"] == 16 and row["timed_windows"] == 1 and row["train_img_per_s"] == c["img_per_s"].iloc[3]
+    trained_now = row["train_time_s"] - ck["curves"][-1]["train_time_s"]
+    assert ck["wall_s"] + trained_now <= row["wall_time_s"] <= ck["wall_s"] + elapsed
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes(tmp_path, tiny, interrupt):
+    """Before layer rows and attempts existed, checkpoints had no "layers" and windows without "attempt"."""
+    spec = RunSpec("plain8", replace(tiny, iterations=32, eval_every=8), width=0.25, dataset="synthetic")
+    interrupt(spec, tmp_path, CPU)
+    path = records.paths(tmp_path, spec.run_id)["ckpt"]
+    ck = torch.load(path, weights_only=True)
+    del ck["layers"]
+    ck["windows"] = [{k: v for k, v in w.items() if k != "attempt"} for w in ck["windows"]]
+    torch.save(ck, path)
+    row = run_one(spec, tmp_path, CPU, progress=False)
+    assert row["status"] == "ok" and row["resumed_from"] == 8 and row["timed_windows"] == 2
+    layers = pd.read_parquet(records.paths(tmp_path, spec.run_id)["layers"])
+    assert sorted(set(layers["iteration"])) == [16, 24, 32]  # the first attempt's rows were never saved
 
 
 def test_timed_windows_rule():
@@ -470,6 +518,7 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
     bar.step()
     bar.show(loss="1.250", err="0.400")
     assert bar.bar.n == 6 and bar.bar.postfix == "loss=1.250, err=0.400"
+    assert "loss=" not in sys.stderr.getvalue()  # shown with the next draw: an evaluation point adds none of its own
     bar.close()
     assert "plain8:  20%" in sys.stderr.getvalue()  # drawn where it resumed; later draws are throttled
     assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
