@@ -313,6 +313,22 @@ def test_cpu_peak_memory_reads_vmhwm_in_bytes():
     assert peak == _rss_peak() and peak >= rss > 50 * 2**20  # a process with torch loaded holds > 50 MiB
 
 
+def test_on_cuda_the_clock_and_memory_helpers_ask_the_training_device(monkeypatch):
+    """The CUDA calls faked: each helper asks the device that trains (device 1 here), not device 0."""
+    from bench.steps import peak_memory, reset_peak_memory, sync
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: calls.append(("peak", device)) or 12345)
+    gpu = torch.device("cuda", 1)
+    sync(gpu)
+    assert reset_peak_memory(gpu) is True and peak_memory(gpu) == 12345
+    assert calls == [("synchronize", gpu), ("reset", gpu), ("peak", gpu)]
+    sync(cpu)  # a no-op on the CPU
+    assert peak_memory(cpu) > 12345 and len(calls) == 3
+
+
 def test_peak_memory_is_unknown_where_it_cannot_be_reset(monkeypatch, tmp_path, tiny):
     """Without /proc/self/clear_refs the lifetime peak would be misleading: the row says nothing instead."""
     import builtins
