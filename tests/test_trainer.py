@@ -540,6 +540,51 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
     assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
 
 
+def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_path, tiny, interrupt, monkeypatch):
+    from bench import train
+    from bench.train import run_group
+
+    bars = []
+
+    class Spy(train.Progress):
+        def __init__(self, total, initial, desc, enabled):
+            super().__init__(total, initial, desc, enabled)
+            self.made, self.steps, self.shown, self.closed = (total, initial, desc), 0, [], False
+            bars.append(self)
+
+        def step(self, n=1):
+            super().step(n)
+            self.steps += n
+
+        def show(self, **values):
+            super().show(**values)
+            self.shown.append(values)
+
+        def close(self):
+            super().close()
+            self.closed = True
+
+    monkeypatch.setattr(train, "Progress", Spy)
+    shown = lambda c, k=1: [dict(loss=f"{p.train_loss:.3f}", err=f"{p.train_err:.3f}", val=f"{p.val_err:.3f}",  # noqa: E731
+                                 img_s=f"{k * p.img_per_s:.0f}") for p in c.itertuples()]
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")  # 16 steps, an evaluation every 8
+    interrupt(spec, tmp_path / "one", CPU)
+    run_one(spec, tmp_path / "one", CPU, progress=False)
+    first, resumed = bars
+    assert first.made == (16, 0, "plain8") and resumed.made == (16, 8, "plain8")  # it resumes where it stood
+    assert (resumed.steps, resumed.closed) == (8, True)
+    c = records.load(tmp_path / "one")[1]
+    assert first.shown + resumed.shown == shown(c)
+    # a group's bar counts every member's images and shows the first member's numbers
+    bars.clear()
+    twins = [spec, replace(spec, seed=1)]
+    run_group(twins, tmp_path / "two", CPU, progress=False)
+    (bar,) = bars
+    assert bar.made == (16, 0, "2 x 8 layers") and (bar.steps, bar.closed) == (16, True)
+    c = pd.read_parquet(records.paths(tmp_path / "two", twins[0].run_id)["curves"])
+    assert bar.shown == shown(c, k=2)
+
+
 def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     import torchvision
 
