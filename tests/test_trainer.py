@@ -20,7 +20,7 @@ from torch import nn
 
 import resnet
 
-from bench import data, records
+from bench import claims, data, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
 from bench.train import evaluate, run_one, timed_windows
@@ -165,15 +165,19 @@ def test_resumed_run_times_only_its_own_attempt_without_its_warmup(tmp_path, tin
 def test_a_fresh_runs_wall_clock_spans_its_first_to_last_reading(tmp_path, tiny, monkeypatch):
     from bench import train
 
-    readings = []
+    readings, beats = [], []
 
     def clock():  # each reading one second after the last
-        readings.append(float(len(readings)))
+        readings.append(1000.0 + len(readings))
         return readings[-1]
 
+    real_beat = claims.Claim.beat
+    monkeypatch.setattr(claims.Claim, "beat", lambda self, interval_s: beats.append(interval_s) or real_beat(self, interval_s))
     monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock))
     row = run_one(RunSpec("plain8", tiny, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
-    assert row["wall_time_s"] == readings[-1] - readings[0] and row["train_time_s"] < row["wall_time_s"]
+    span = readings[-1] - readings[0]
+    assert row["wall_time_s"] == span and row["train_time_s"] < span
+    assert len(beats) == 3 and min(beats) > 0 and sum(beats) <= span  # each heartbeat: the time since the last one
 
 
 def test_each_attempt_of_a_twice_resumed_run_is_its_own(tmp_path, tiny, interrupt):
@@ -189,6 +193,7 @@ def test_each_attempt_of_a_twice_resumed_run_is_its_own(tmp_path, tiny, interrup
     elapsed = time.perf_counter() - t
     c = records.load(tmp_path)[1]
     assert row["resumed_from"] == 16 and row["timed_windows"] == 1 and row["train_img_per_s"] == c["img_per_s"].iloc[3]
+    assert c["train_time_s"].is_monotonic_increasing and row["train_time_s"] == c["train_time_s"].iloc[-1]
     trained_now = row["train_time_s"] - ck["curves"][-1]["train_time_s"]
     assert ck["wall_s"] + trained_now <= row["wall_time_s"] <= ck["wall_s"] + elapsed
 
@@ -516,6 +521,24 @@ def test_the_step_sees_the_memory_format_asked_for(tmp_path, tiny, monkeypatch, 
     ex = Execution("cpu", channels_last=channels_last)
     run_one(RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic"), tmp_path, ex, progress=False)
     assert seen == [(True, False, True, False) if channels_last else (False, True, False, True)] * 2
+
+
+def test_the_step_is_built_as_the_execution_asks(tmp_path, tiny, monkeypatch):
+    from bench import train
+
+    asked = []
+
+    class Spy(TrainStep):
+        def __init__(self, model, opt, **kwargs):
+            asked.append(kwargs)
+            super().__init__(model, opt, **kwargs | dict(execution="eager"))  # compiling would take a minute
+
+    monkeypatch.setattr(train, "TrainStep", Spy)
+    ex = Execution("cpu", amp=True, execution="compile")
+    spec = RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic")
+    run_one(spec, tmp_path / "one", ex, progress=False)
+    train.run_group([spec, replace(spec, seed=1)], tmp_path / "two", ex, progress=False)
+    assert asked == [dict(execution="compile", amp=True, device=cpu, members=k) for k in (1, 2)]
 
 
 class _Terminal(io.StringIO):
