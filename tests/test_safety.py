@@ -104,6 +104,28 @@ def test_a_truncated_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path,
     pd.testing.assert_frame_equal(got, _uninterrupted_curves(tmp_path, spec))
 
 
+def test_only_a_complete_checkpoint_of_this_very_run_is_resumed(tmp_path, tiny):
+    from bench.train import CHECKPOINT_KEYS, read_checkpoint
+
+    spec, path = RunSpec("plain8", tiny, width=0.25), tmp_path / "ckpt" / "x.pt"
+    path.parent.mkdir()
+    assert read_checkpoint(path, spec, torch.device("cpu")) is None  # none yet: start from scratch
+    full = {k: 0 for k in CHECKPOINT_KEYS} | {"spec": spec.to_json(), "model": {"w": torch.ones(2)}}
+    aside = path.with_name("x.pt.corrupt")
+    for partial in ({k: v for k, v in full.items() if k != "rng"}, list(full)):  # another program's .pt
+        records.save_torch(partial, path)
+        with pytest.warns(UserWarning, match=rf"^{path} is not a resbench checkpoint \(keys missing\); moved it to "
+                                             rf"{aside} and training {spec.run_id} from scratch$"):
+            assert read_checkpoint(path, spec, torch.device("cpu")) is None
+        assert aside.exists() and not path.exists()
+    records.save_torch(full, path)
+    ck = read_checkpoint(path, spec, torch.device("meta"))  # lands on the device that resumes
+    assert ck.keys() == CHECKPOINT_KEYS and ck["model"]["w"].device.type == "meta"
+    with pytest.raises(RuntimeError, match=rf"^checkpoint {path} belongs to another spec; delete it to start over$"):
+        read_checkpoint(path, RunSpec("plain8", tiny, width=0.5), torch.device("cpu"))
+    assert path.exists()  # someone else's checkpoint is not ours to move
+
+
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny, interrupt):
     spec, ckpt = _interrupted(tmp_path, tiny, interrupt)
     marker = tmp_path / "pwned"
