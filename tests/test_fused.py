@@ -225,10 +225,16 @@ def test_fuse_option_refuses_what_is_not_a_group_size(value):
 
 def test_a_group_of_different_shapes_is_refused_before_anything_is_written(tmp_path):
     r = recipe("smoke")
-    with pytest.raises(ValueError, match="must share"):
-        run_group([RunSpec("resnet20", r), RunSpec("resnet32", r)], tmp_path, CPU, progress=False)
-    with pytest.raises(ValueError, match="each run once"):
-        run_group([RunSpec("resnet20", r), RunSpec("resnet20", r)], tmp_path, CPU, progress=False)
+    a, b = RunSpec("resnet20", r), RunSpec("resnet32", r)
+    with pytest.raises(ValueError) as e:
+        run_group([a, b], tmp_path, CPU, progress=False)
+    assert str(e.value) == ("a run group's runs must share family (CIFAR, post-activation, shortcut A), depth, width, "
+                            f"data set and recipe; got {a.run_id}, {b.run_id}")
+    with pytest.raises(ValueError, match="^a run group holds each run once$"):
+        run_group([a, a], tmp_path, CPU, progress=False)
+    with pytest.raises(ValueError, match="must share"):  # a net no group can hold, even with its own kind
+        run_group([RunSpec("resnet20", r, shortcut="B"), RunSpec("resnet20", r, shortcut="B", seed=1)], tmp_path, CPU,
+                  progress=False)
     assert not any(tmp_path.iterdir())
 
 

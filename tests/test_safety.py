@@ -191,7 +191,7 @@ def test_a_claimed_run_is_skipped_named_and_untouched(tmp_path, tiny):
     holder.release()
     assert run_one(spec, tmp_path, CPU, progress=False)["status"] == "ok"
     assert not claims.path(tmp_path, spec.run_id).exists()  # released when done
-    with pytest.raises(claims.Skip, match="already recorded"):  # a finished run is never trained twice
+    with pytest.raises(claims.Skip, match=rf"^{spec.run_id} is already recorded \(ok\)$"):  # never trained twice
         run_one(spec, tmp_path, CPU, progress=False)
 
 
