@@ -534,11 +534,31 @@ def test_the_step_is_built_as_the_execution_asks(tmp_path, tiny, monkeypatch):
             super().__init__(model, opt, **kwargs | dict(execution="eager"))  # compiling would take a minute
 
     monkeypatch.setattr(train, "TrainStep", Spy)
-    ex = Execution("cpu", amp=True, execution="compile")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    ex = Execution("cpu", amp=True, execution="compile", cudnn_benchmark=True)
     spec = RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic")
     run_one(spec, tmp_path / "one", ex, progress=False)
-    train.run_group([spec, replace(spec, seed=1)], tmp_path / "two", ex, progress=False)
+    assert torch.backends.cudnn.benchmark is True
+    train.run_group([spec, replace(spec, seed=1)], tmp_path / "two", replace(ex, cudnn_benchmark=False), progress=False)
     assert asked == [dict(execution="compile", amp=True, device=cpu, members=k) for k in (1, 2)]
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_each_evaluation_point_scores_the_validation_and_test_sets_asked_for(tmp_path, tiny, monkeypatch):
+    from bench import train
+
+    seen, real = [], train.evaluate
+
+    def spy(model, x, y, mean, ex, device, members=None):
+        seen.append((len(x), len(y), torch.equal(mean, want_mean), members.k))
+        return real(model, x, y, mean, ex, device, members)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    r = replace(tiny, val_size=48, test_size=40)  # 16 steps, an evaluation every 8
+    arrays = data.load("synthetic")
+    want_mean = data.pixel_mean(data.split(arrays, r.val_size, r.train_size)["train"][0])  # the training images'
+    run_one(RunSpec("plain8", r, width=0.25, dataset="synthetic"), tmp_path, CPU, progress=False)
+    assert seen == [(48, 48, True, 1), (40, 40, True, 1)] * 2
 
 
 class _Terminal(io.StringIO):
