@@ -28,7 +28,7 @@ from bench.specs import PRESETS, RECIPES, Execution, Recipe, RunSpec, SweepSpec,
     ("test_size", 0, "test_size must be >= 1"),
 ])
 def test_recipe_checks_each_field(field, value, message):
-    with pytest.raises(ValueError, match=rf"recipe 'x': {message}"):
+    with pytest.raises(ValueError, match=rf"^recipe 'x': {message}$"):
         Recipe("x", **{"batch_size": 32, field: value})
     # the boundary itself is allowed
     ok = {"batch_size": 1, "iterations": 1, "eval_every": 1, "lr": 1e-9, "val_size": 0, "train_size": 32, "test_size": 1}
