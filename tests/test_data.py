@@ -397,6 +397,45 @@ def test_loader_order_depends_on_seed_and_epoch():
     assert mk(0).steps_per_epoch == 4 and len(mk(0).batch(3)[1]) == 64
 
 
+def test_batches_are_a_fixed_function_of_seed_and_step():
+    """Batch i of seed s is the same in every version, so earlier records (the he2015 reference) can be
+    reproduced: these plans were written down once. A change here must be deliberate, and said so."""
+    a = data.synthetic(64, 8)
+    loader = data.DeviceLoader(a.train_x, a.train_y, data.pixel_mean(a.train_x), batch_size=16, seed=3,
+                               device=torch.device("cpu"))
+    plans = {it: [t.tolist() for t in loader.plan(it)] for it in (0, 5)}  # step 5: the second epoch's second batch
+    for it, (idx, shift, flip) in {0: ([48, 59, 40, 47, 16, 34], [[3, 1, 5, 4], [3, 2, 7, 2]], [1, 1, 0, 1, 1, 0]),
+                                   5: ([25, 48, 12, 16, 5, 43], [[1, 1, 6, 5], [8, 4, 4, 7]], [0, 1, 1, 1, 0, 1])}.items():
+        got_idx, got_shift, got_flip = plans[it]
+        assert (got_idx[:6], [row[:4] for row in got_shift], got_flip[:6]) == (idx, shift, [bool(f) for f in flip])
+    assert loader.plan(5)[0].tolist() == plans[5][0]  # asked again, after another epoch's plan
+
+
+def test_split_and_loader_refuse_what_cannot_train():
+    a = data.synthetic(64, 8)
+    with pytest.raises(ValueError, match=r"^val_size 64 leaves no training images \(the set has 64\)$"):
+        data.split(a, 64)
+    parts = data.split(a, 63)
+    assert len(parts["train"][0]) == 1 and len(parts["val"][0]) == 63
+    with pytest.raises(ValueError, match=r"^batch size 2 is larger than the training set \(1 images\)$"):
+        data.DeviceLoader(*parts["train"], a.train_x.float().mean(0), batch_size=2, seed=0, device=torch.device("cpu"))
+    assert data.DeviceLoader(*parts["train"], a.train_x.float().mean(0), batch_size=1, seed=0,
+                             device=torch.device("cpu")).steps_per_epoch == 1
+
+
+def test_the_split_is_fixed_disjoint_and_train_size_takes_the_first_training_images():
+    a = data.synthetic(64, 8)
+    full, small = data.split(a, 10), data.split(a, 10, 20)
+    val_imgs = {tuple(x.flatten().tolist()[:12]) for x in full["val"][0]}
+    train_imgs = {tuple(x.flatten().tolist()[:12]) for x in full["train"][0]}
+    assert len(val_imgs) == 10 and len(train_imgs) == 54 and not val_imgs & train_imgs  # all 64, each once
+    assert torch.equal(small["val"][0], full["val"][0]) and torch.equal(small["train"][0], full["train"][0][:20])
+    assert torch.equal(small["train"][1], full["train"][1][:20]) and torch.equal(full["test"][0], a.test_x)
+    assert not torch.equal(full["val"][0], a.train_x[:10])  # shuffled, not the first images
+    torch.manual_seed(7)  # whatever seed the run set
+    assert torch.equal(data.split(a, 10)["val"][0], full["val"][0])  # the same split every time
+
+
 def test_a_cached_archive_is_not_decompressed_again(cifar_root, monkeypatch):
     """Finding the (already decoded) official archive reads its first members, not all 180 MB."""
     import gzip
