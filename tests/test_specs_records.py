@@ -166,6 +166,13 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         records.atomic_write(target, fail)
     assert pd.read_parquet(target)["a"].tolist() == [1]
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet"]  # no temporary left behind
+    seen = []
+    records.atomic_write(target, lambda tmp: seen.append(tmp) or tmp.write_bytes(b"x"))
+    (tmp,) = seen
+    # beside its target (one file system: the rename is atomic), per process (two writers never share
+    # one), and never taken for a table by a reader globbing *.parquet meanwhile
+    assert tmp.parent == target.parent and str(os.getpid()) in tmp.name and not tmp.match("*.parquet")
+    assert target.read_bytes() == b"x" and not tmp.exists()
 
 
 def test_parquet_tables_hold_their_columns_only(tmp_path):
@@ -190,7 +197,12 @@ def test_paths_and_readers(tmp_path):
     assert records.recorded(tmp_path, "r2") == {"run_id": "r2", "status": "failed"}
     assert records.load(tmp_path)[0]["run_id"].tolist() == ["r1", "r2"]
     assert records.DONE == ("ok", "diverged")
-    with pytest.raises(FileNotFoundError, match="results folder .* does not exist"):
+    # an empty table (a run's curves before its first evaluation point, say) leaves the others' types alone
+    records.write_parquet(pd.DataFrame([dict(run_id="a", iteration=8, test_err=0.25)]), tmp_path / "curves" / "a.parquet")
+    records.write_parquet(pd.DataFrame(columns=["run_id", "iteration", "test_err"]), tmp_path / "curves" / "b.parquet")
+    curves = records.load(tmp_path)[1]
+    assert (curves["iteration"].dtype, curves["test_err"].dtype, len(curves)) == ("int64", "float64", 1)
+    with pytest.raises(FileNotFoundError, match=f"^results folder {tmp_path / 'absent'} does not exist$"):
         records.load(tmp_path / "absent")
 
 
