@@ -134,6 +134,41 @@ def test_bad_options(opts, match):
         resnet.build("resnet18" if "stem" in opts else "resnet20", **opts)
 
 
+FAMILIES = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} with CIFAR depth d = 6n+2 (e.g. 8, 14, "
+            "20, 32, 44, 56, 110, 1202); resnet/plain{18,34,50,101,152} (ImageNet-style); cifar_resnet{d}/cifar_plain{d} "
+            "for the CIFAR family at 50 or 152")
+
+
+@pytest.mark.parametrize("name,opts,message", [
+    ("vgg16", {}, f"unknown network 'vgg16': {FAMILIES}"),
+    ("resnet21", {}, "invalid depth in 'resnet21': CIFAR depths are 6n+2 with n >= 1 (e.g. 8, 14, 20, 32, 44, 56, 110, "
+                     "1202); the ImageNet-style family (resnet/plain only) has 18, 34, 50, 101, 152"),
+    ("resnet20", {"num_classes": 2.0}, "num_classes must be a positive integer, got 2.0"),
+    ("resnet20", {"width": 0}, "width must be positive (e.g. 0.5 or 1), got 0"),
+    ("resnet20", {"in_channels": 0}, "in_channels must be a positive integer, got 0"),
+    ("resnet20", {"in_channels": 1.0}, "in_channels must be a positive integer, got 1.0"),
+    ("resnet20", {"shortcut": "d"}, "shortcut must be one of A, B, C, got 'D'"),
+    ("resnet18", {"stem": "huge"}, "stem must be one of cifar, imagenet, got 'huge'"),
+    ("resnet20", {"stem": "imagenet"}, "'resnet20' is a CIFAR-family net: its stem is fixed (the stem option is for "
+                                       "resnet18..152)"),
+])
+def test_each_refusal_says_what_is_wrong_word_for_word(name, opts, message):
+    with pytest.raises(ValueError) as e:
+        resnet.build(name, **opts)
+    assert str(e.value) == message
+
+
+def test_names_parse_case_and_space_insensitively_and_the_boundaries_hold():
+    assert resnet.parse(" ResNet20 ") == resnet.ModelName(" ResNet20 ", "cifar", "resnet", 20)
+    assert resnet.parse("preresnet8").depth == 8 and resnet.parse("plain18").family == "imagenet"
+    for name in ("preresnet18", "cifar_resnet18", "resnet2"):  # only resnet/plain have ImageNet depths; n >= 1
+        with pytest.raises(ValueError, match="invalid depth"):
+            resnet.parse(name)
+    for n in (1, 3):  # the smallest counts pass
+        net = resnet.build("plain8", num_classes=n, in_channels=n, width=0.125)
+        assert net(torch.zeros(1, n, 32, 32)).shape == (1, n)
+
+
 @pytest.mark.parametrize("depth", [18, 50])
 def test_imagenet_stem_nets_are_torchvisions(depth):
     """With the 7x7/2 stem and 1000 classes, ResNet-18/50 have torchvision's parameters and
