@@ -81,6 +81,28 @@ def test_seed_resnet18_params():
     assert resnet.count_params(resnet.build("resnet18")) == 11_173_962
 
 
+def test_cifar_resnet8_layer_by_layer():
+    """He et al. 2015, sec. 4.2 with n = 1: a 3x3 stem of 16 filters, then 16, 32, 64 filters on 32, 16, 8
+    maps (stride 2 at the first conv of stages 2 and 3), bias-free 3x3 convs padded by 1, one linear layer."""
+    def convs(net):
+        return [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0], m.bias is None)
+                for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    c3 = lambda i, o, s=1: (i, o, 3, s, 1, True)  # noqa: E731
+    paper = [c3(3, 16), c3(16, 16), c3(16, 16), c3(16, 32, 2), c3(32, 32), c3(32, 64, 2), c3(64, 64)]
+    for name in ("resnet8", "plain8", "preresnet8"):
+        net = resnet.build(name)
+        assert convs(net) == paper, name
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 7, name  # pre-act: one after the last block
+        assert (net.fc.in_features, net.fc.out_features) == (64, 10)
+    assert [type(m) for m in resnet.build("resnet8").stem] == [torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    assert [type(m) for m in resnet.build("preresnet8").stem] == [torch.nn.Conv2d]  # its first block normalises
+    # option B: a strided 1x1 projection where the shape changes, nowhere else
+    assert convs(resnet.build("resnet8", shortcut="B")) == paper[:5] + [(16, 32, 1, 2, 0, True)] + paper[5:] + [
+        (32, 64, 1, 2, 0, True)]
+    assert [resnet.cifar.scaled(c, w) for c, w in ((16, 0.3), (16, 0.01), (64, 0.5))] == [5, 1, 32]  # rounded, >= 1
+
+
 def test_width_multiplier_scales_cifar_filters():
     net = resnet.build("resnet20", width=0.5)
     convs = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
