@@ -138,6 +138,7 @@ def test_run_summary_is_taken_from_its_curves(tmp_path, tiny):
     assert row["test_err_at_best_val"] == c.loc[c["val_err"].idxmin(), "test_err"]
     assert row["train_time_s"] == c["train_time_s"].iloc[-1] and row["wall_time_s"] >= row["train_time_s"]
     assert row["train_img_per_s"] == pytest.approx(float(np.median(c["img_per_s"].iloc[1:])))
+    assert row["step_time_ms"] == pytest.approx(1e3 * float(np.median(r.batch_size / c["img_per_s"].iloc[1:])))  # 8-step windows
     assert row["timed_windows"] == 2 and c["epoch"].tolist() == pytest.approx([i * 32 / 256 for i in (8, 16, 24)])
 
 
