@@ -109,6 +109,24 @@ def test_width_multiplier_scales_cifar_filters():
     assert sorted(set(convs)) == [8, 16, 32]
 
 
+def test_initialisation_is_he_et_al_2015s():
+    """Convs: He et al. (2015b) normal init by fan-out, std = sqrt(2 / (out channels * 3 * 3)); BN: gamma 1,
+    beta 0. The stem (3 -> 16) and the stage transitions (16 -> 32) tell fan-out from fan-in."""
+    torch.manual_seed(0)
+    net = resnet.build("resnet56")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in (convs[0], next(c for c in convs if c.in_channels == 16 and c.out_channels == 32)):
+        w = conv.weight.detach()
+        want = (2 / (conv.out_channels * 9)) ** 0.5
+        assert abs(float(w.mean())) < 0.2 * want and float(w.std()) == pytest.approx(want, rel=0.15)
+    stds = [float(c.weight.detach().std()) / (2 / (c.out_channels * 9)) ** 0.5 for c in convs]
+    assert 0.9 < sum(stds) / len(stds) < 1.1  # over all 55 convs
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert (bn.weight == 1).all() and (bn.bias == 0).all()
+    fc = net.fc  # torch's default: uniform in +-1/sqrt(fan_in)
+    assert float(fc.weight.detach().abs().max()) <= 64 ** -0.5
+
+
 def test_zero_init_residual_makes_blocks_start_as_identity():
     net = resnet.build("resnet20", zero_init_residual=True)
     assert all((b.bn2.weight == 0).all() for b in net.stages.modules() if hasattr(b, "bn2"))
