@@ -195,7 +195,8 @@ def test_paths_and_readers(tmp_path):
     records.write_parquet(pd.DataFrame(columns=["run_id", "status"]), records.paths(tmp_path, "r3")["run"])  # empty
     assert records.finished(tmp_path) == {"r1": "ok", "r2": "failed"}
     assert records.recorded(tmp_path, "r2") == {"run_id": "r2", "status": "failed"}
-    assert records.load(tmp_path)[0]["run_id"].tolist() == ["r1", "r2"]
+    runs = records.load(tmp_path)[0]
+    assert runs["run_id"].tolist() == ["r1", "r2"] and runs.index.tolist() == [0, 1]  # one row label per row
     assert records.DONE == ("ok", "diverged")
     # an empty table (a run's curves before its first evaluation point, say) leaves the others' types alone
     records.write_parquet(pd.DataFrame([dict(run_id="a", iteration=8, test_err=0.25)]), tmp_path / "curves" / "a.parquet")
