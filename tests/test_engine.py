@@ -69,8 +69,13 @@ def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path, tiny):
     good = RunSpec("resnet8", tiny, width=0.25, dataset="synthetic")
     run_local([bad, good], tmp_path, CPU, progress=False, log=lambda s: None)
     runs = records.load(tmp_path)[0].set_index("model")
-    assert runs.loc["plain8", "status"] == "diverged" and "non-finite" in runs.loc["plain8", "error"]
+    assert runs.loc["plain8", "status"] == "diverged" and runs.loc["plain8", "error"] == "non-finite training loss at iteration 8"
     assert runs.loc["resnet8", "status"] == "ok"
+    # its records end at the point it diverged, its layer table is empty but has its columns
+    curve = pd.read_parquet(records.paths(tmp_path, bad.run_id)["curves"])
+    assert curve["iteration"].tolist() == [8] and curve[["val_err", "test_err"]].isna().all().all()
+    layers = pd.read_parquet(records.paths(tmp_path, bad.run_id)["layers"])
+    assert layers.empty and list(layers.columns) == records.LAYER_COLUMNS
     assert pending([bad, good], tmp_path) == []  # diverged counts as done
 
 
