@@ -130,6 +130,27 @@ def test_a_nan_in_one_member_leaves_the_others_unchanged(trained, tmp_path, monk
     assert bad["train_loss"].isna().tolist() == [False, True]
 
 
+def test_a_member_that_diverges_early_leaves_its_twin_to_train_on_unchanged(tmp_path, tiny, monkeypatch):
+    """Member 1 gets a NaN pixel at step 3, is found diverged at the evaluation after step 8 and dropped;
+    member 0 trains on to step 16 exactly as it does beside a healthy twin."""
+    twins = [RunSpec("plain8", tiny, seed=s, width=0.25, dataset="synthetic") for s in (0, 1)]
+    run_group(twins, tmp_path / "healthy", CPU, progress=False)
+    real = data.group_batch
+
+    def poisoned(loaders, it):
+        x, y = real(loaders, it)
+        if it == 2:
+            x[0, 3, 0, 0] = float("nan")  # member 1's first channel
+        return x, y
+
+    monkeypatch.setattr(data, "group_batch", poisoned)
+    rows = run_group(twins, tmp_path / "sick", CPU, progress=False)
+    assert [r["status"] for r in rows] == ["ok", "diverged"] and rows[1]["iterations_done"] == 8
+    pd.testing.assert_frame_equal(_science(_curves(tmp_path / "sick", twins[0])),
+                                  _science(_curves(tmp_path / "healthy", twins[0])))
+    assert _max_diff(_weights(tmp_path / "sick", twins[0]), _weights(tmp_path / "healthy", twins[0])) == 0
+
+
 @pytest.fixture
 def float64(monkeypatch):
     """Train in float64: nets, batches and evaluation images (the optimizer follows the weights)."""
