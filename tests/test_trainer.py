@@ -142,6 +142,23 @@ def test_run_summary_is_taken_from_its_curves(tmp_path, tiny):
     assert row["timed_windows"] == 2 and c["epoch"].tolist() == pytest.approx([i * 32 / 256 for i in (8, 16, 20)])
 
 
+def test_a_diverged_runs_last_curve_row_keeps_what_was_read(tmp_path, tiny, monkeypatch):
+    real = TrainStep.read_members
+
+    def infinite_loss(self):
+        losses, errs, seen = real(self)
+        return [float("inf")], errs, seen
+
+    monkeypatch.setattr(TrainStep, "read_members", infinite_loss)
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+    row = run_one(spec, tmp_path, CPU, progress=False)
+    (point,) = records.load(tmp_path)[1].itertuples()  # the first evaluation point, where it diverged
+    assert row["status"] == "diverged" and (point.run_id, point.iteration) == (spec.run_id, 8)
+    assert point.train_loss == float("inf") and 0 <= point.train_err <= 1  # as read, not made NaN
+    assert math.isnan(point.val_err) and math.isnan(point.test_err)  # not evaluated
+    assert point.train_time_s == row["train_time_s"] > 0 and point.img_per_s > 0
+
+
 def test_training_on_all_images_still_reports_test_error(tmp_path, tiny):
     """--val-size 0 (train on all 50k): no validation error, but the test error is still summarised."""
     row = run_one(RunSpec("resnet8", replace(tiny, val_size=0), width=0.25, dataset="synthetic"), tmp_path, CPU,
