@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import data, records
+from bench import claims, data, records
 from bench.report import build_report
 from bench.specs import Execution, RunSpec
 from bench.train import run_one
@@ -193,6 +193,18 @@ def test_a_claimed_run_is_skipped_named_and_untouched(tmp_path, tiny):
     assert not claims.path(tmp_path, spec.run_id).exists()  # released when done
     with pytest.raises(claims.Skip, match=rf"^{spec.run_id} is already recorded \(ok\)$"):  # never trained twice
         run_one(spec, tmp_path, CPU, progress=False)
+
+
+def test_a_run_taken_over_while_training_stops_and_writes_nothing(tmp_path, tiny, monkeypatch):
+    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
+
+    def beat(self, interval_s):  # as if another sweep had found this heartbeat stale and taken the run
+        raise claims.Claimed(f"{self.run_id} was taken over")
+
+    monkeypatch.setattr(claims.Claim, "beat", beat)
+    with pytest.raises(claims.Claimed, match=rf"^{spec.run_id} was taken over$"):
+        run_one(spec, tmp_path, CPU, progress=False)
+    assert not any(p.exists() for p in records.paths(tmp_path, spec.run_id).values())  # its records are the new holder's
 
 
 def test_stale_claims_are_taken_over(tmp_path, monkeypatch):

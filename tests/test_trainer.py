@@ -283,6 +283,16 @@ def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
     assert ck["rng"]["torch"].dtype == torch.uint8 and ck["iteration"] == tiny.eval_every
 
 
+def test_a_checkpoint_at_every_evaluation_point_but_the_last(tmp_path, tiny, monkeypatch):
+    saved, real = [], records.save_torch
+    monkeypatch.setattr(records, "save_torch", lambda obj, path: saved.append((path.parent.name, obj.get("iteration")))
+                        or real(obj, path))
+    spec = RunSpec("plain8", replace(tiny, iterations=24), width=0.25, dataset="synthetic")
+    run_one(spec, tmp_path, CPU, progress=False)
+    assert saved == [("ckpt", 8), ("ckpt", 16), ("weights", None)]  # the finished run's weights replace them
+    assert not records.paths(tmp_path, spec.run_id)["ckpt"].exists()
+
+
 def test_a_cuda_device_adds_its_generator_to_the_saved_random_state(monkeypatch):
     from bench.train import _rng_state
 
