@@ -165,8 +165,6 @@ def _write_claim(out, run_id, **fields):
     import socket
     import time
 
-    from bench import claims
-
     claims.folder(out).mkdir(parents=True, exist_ok=True)
     now = time.time()
     claim = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), slurm_task=None, token="other",
@@ -175,7 +173,6 @@ def _write_claim(out, run_id, **fields):
 
 
 def test_a_claimed_run_is_skipped_named_and_untouched(tmp_path, tiny):
-    from bench import claims
     from bench.sweep import run_local, status
 
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
@@ -212,8 +209,6 @@ def test_stale_claims_are_taken_over(tmp_path, monkeypatch):
     import sys
     import time
 
-    from bench import claims
-
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cases = [  # (claim fields, may another trainer take it?)
@@ -237,8 +232,6 @@ def test_stale_claims_are_taken_over(tmp_path, monkeypatch):
 
 
 def test_stale_rule_follows_the_holders_evaluation_intervals(tmp_path):
-    from bench import claims
-
     c = claims.Claim(tmp_path, "r")
     c.acquire()
     assert claims.read(tmp_path, "r")["stale_after_s"] == claims.STALE_FIRST_S == 1800
@@ -253,8 +246,6 @@ def test_stale_rule_follows_the_holders_evaluation_intervals(tmp_path):
 
 
 def test_a_trainer_whose_claim_was_taken_over_stops_and_leaves_it(tmp_path):
-    from bench import claims
-
     c = claims.Claim(tmp_path, "r")
     c.acquire()
     _write_claim(tmp_path, "r", host="elsewhere", token="new-holder")  # taken over while we stalled
@@ -313,7 +304,6 @@ def test_fingerprint_covers_every_byte_and_checks_published_md5(tmp_path):
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_the_parallel_executor_skips_a_claimed_run_without_recording_a_failure(tmp_path, tiny):
-    from bench import claims
     from bench.sweep import run_parallel
 
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
