@@ -287,7 +287,7 @@ def test_a_checkpoint_at_every_evaluation_point_but_the_last(tmp_path, tiny, mon
     saved, real = [], records.save_torch
     monkeypatch.setattr(records, "save_torch", lambda obj, path: saved.append((path.parent.name, obj.get("iteration")))
                         or real(obj, path))
-    spec = RunSpec("plain8", replace(tiny, iterations=24), width=0.25, dataset="synthetic")
+    spec = RunSpec("plain8", replace(tiny, iterations=17), width=0.25, dataset="synthetic")  # points 8, 16, 17
     run_one(spec, tmp_path, CPU, progress=False)
     assert saved == [("ckpt", 8), ("ckpt", 16), ("weights", None)]  # the finished run's weights replace them
     assert not records.paths(tmp_path, spec.run_id)["ckpt"].exists()
