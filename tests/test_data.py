@@ -195,7 +195,7 @@ def test_a_cifar100_archive_given_as_the_root(tmp_path):
         data.load("cifar10", tmp_path / "c100.tar.gz")
 
 
-def test_fashion_mnistidx_file(tmp_path):
+def test_fashion_mnist_idx(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (30, 28, 28))
     y = rng.integers(0, 10, 30)
