@@ -109,17 +109,22 @@ def test_members_keep_their_own_records_with_their_group(trained):
         assert not records.paths(out / "group", s.run_id)["ckpt"].exists()
 
 
-def test_a_nan_in_one_member_leaves_the_others_unchanged(trained, tmp_path, monkeypatch):
-    out, specs, _, _ = trained
+def _nan_pixel(monkeypatch, step, channel):
+    """Group batch ``step`` (0-based) gets a NaN in its first image's ``channel``: one member's input."""
     real = data.group_batch
 
     def poisoned(loaders, it):
         x, y = real(loaders, it)
-        if it == 12:  # step 13: member 2 (plain8, seed 1; channels 6..8) gets a NaN pixel
-            x[0, 6, 0, 0] = float("nan")
+        if it == step:
+            x[0, channel, 0, 0] = float("nan")
         return x, y
 
     monkeypatch.setattr(data, "group_batch", poisoned)
+
+
+def test_a_nan_in_one_member_leaves_the_others_unchanged(trained, tmp_path, monkeypatch):
+    out, specs, _, _ = trained
+    _nan_pixel(monkeypatch, step=12, channel=6)  # step 13: member 2 (plain8, seed 1; channels 6..8)
     rows = run_group(specs, tmp_path, CPU, progress=False)
     assert [r["status"] for r in rows] == ["ok", "ok", "diverged", "ok"]
     assert "iteration 20" in rows[2]["error"]
@@ -135,15 +140,7 @@ def test_a_member_that_diverges_early_leaves_its_twin_to_train_on_unchanged(tmp_
     member 0 trains on to step 16 exactly as it does beside a healthy twin."""
     twins = [RunSpec("plain8", tiny, seed=s, width=0.25, dataset="synthetic") for s in (0, 1)]
     run_group(twins, tmp_path / "healthy", CPU, progress=False)
-    real = data.group_batch
-
-    def poisoned(loaders, it):
-        x, y = real(loaders, it)
-        if it == 2:
-            x[0, 3, 0, 0] = float("nan")  # member 1's first channel
-        return x, y
-
-    monkeypatch.setattr(data, "group_batch", poisoned)
+    _nan_pixel(monkeypatch, step=2, channel=3)  # member 1's first channel
     rows = run_group(twins, tmp_path / "sick", CPU, progress=False)
     assert [r["status"] for r in rows] == ["ok", "diverged"] and rows[1]["iterations_done"] == 8
     pd.testing.assert_frame_equal(_science(_curves(tmp_path / "sick", twins[0])),
