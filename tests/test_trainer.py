@@ -20,7 +20,7 @@ from torch import nn
 
 import resnet
 
-from bench import claims, data, records
+from bench import claims, data, records, train
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
 from bench.train import evaluate, run_one, timed_windows
@@ -181,8 +181,6 @@ def test_resumed_run_times_only_its_own_attempt_without_its_warmup(tmp_path, tin
 
 
 def test_a_fresh_runs_wall_clock_spans_its_first_to_last_reading(tmp_path, tiny, monkeypatch):
-    from bench import train
-
     readings, beats = [], []
 
     def clock():  # each reading one second after the last
@@ -294,13 +292,11 @@ def test_a_checkpoint_at_every_evaluation_point_but_the_last(tmp_path, tiny, mon
 
 
 def test_a_cuda_device_adds_its_generator_to_the_saved_random_state(monkeypatch):
-    from bench.train import _rng_state
-
     asked = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(device) or torch.arange(3))
-    state = _rng_state(torch.device("cuda", 1))  # the generator of the device that trains, not device 0's
+    state = train._rng_state(torch.device("cuda", 1))  # the generator of the device that trains, not device 0's
     assert torch.equal(state["cuda"], torch.arange(3)) and asked == [torch.device("cuda", 1)]
-    assert torch.equal(state["torch"], torch.get_rng_state()) and _rng_state(cpu).keys() == {"torch"}
+    assert torch.equal(state["torch"], torch.get_rng_state()) and train._rng_state(cpu).keys() == {"torch"}
 
 
 @pytest.mark.gpu
@@ -552,8 +548,6 @@ def test_the_step_sees_the_memory_format_asked_for(tmp_path, tiny, monkeypatch, 
 
 
 def test_the_step_is_built_as_the_execution_asks(tmp_path, tiny, monkeypatch):
-    from bench import train
-
     asked = []
 
     class Spy(TrainStep):
@@ -573,8 +567,6 @@ def test_the_step_is_built_as_the_execution_asks(tmp_path, tiny, monkeypatch):
 
 
 def test_each_evaluation_point_scores_the_validation_and_test_sets_asked_for(tmp_path, tiny, monkeypatch):
-    from bench import train
-
     seen, real = [], train.evaluate
 
     def spy(model, x, y, mean, ex, device, members=None):
@@ -611,17 +603,17 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
     assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
 
 
-def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_path, tiny, interrupt, monkeypatch):
-    from bench import train
-    from bench.train import run_group
+@pytest.fixture
+def bars(monkeypatch):
+    """Every progress bar the runs make, each with what it was made with, how far it stepped, what it
+    showed and whether it was closed."""
+    made = []
 
-    bars = []
-
-    class Spy(train.Progress):
+    class Recorded(train.Progress):
         def __init__(self, total, initial, desc, enabled):
             super().__init__(total, initial, desc, enabled)
-            self.made, self.steps, self.shown, self.closed = (total, initial, desc), 0, [], False
-            bars.append(self)
+            self.made, self.enabled, self.steps, self.shown, self.closed = (total, initial, desc), enabled, 0, [], False
+            made.append(self)
 
         def step(self, n=1):
             super().step(n)
@@ -635,7 +627,11 @@ def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_pa
             super().close()
             self.closed = True
 
-    monkeypatch.setattr(train, "Progress", Spy)
+    monkeypatch.setattr(train, "Progress", Recorded)
+    return made
+
+
+def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_path, tiny, interrupt, bars):
     shown = lambda c, k=1: [dict(loss=f"{p.train_loss:.3f}", err=f"{p.train_err:.3f}", val=f"{p.val_err:.3f}",  # noqa: E731
                                  img_s=f"{k * p.img_per_s:.0f}") for p in c.itertuples()]
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")  # 16 steps, an evaluation every 8
@@ -649,7 +645,7 @@ def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_pa
     # a group's bar counts every member's images and shows the first member's numbers
     bars.clear()
     twins = [spec, replace(spec, seed=1)]
-    run_group(twins, tmp_path / "two", CPU, progress=False)
+    train.run_group(twins, tmp_path / "two", CPU, progress=False)
     (bar,) = bars
     assert bar.made == (16, 0, "2 x 8 layers") and (bar.steps, bar.closed) == (16, True)
     c = pd.read_parquet(records.paths(tmp_path / "two", twins[0].run_id)["curves"])
@@ -670,18 +666,8 @@ def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     assert row["status"] == "ok" and row["data_source"] == str(tmp_path / "empty" / "cifar-10-batches-py")
 
 
-def test_a_run_shows_its_progress_unless_told_not_to(tmp_path, tiny, monkeypatch):
-    from bench import train
-
-    shown = []
-    real = train.Progress.__init__
-
-    def spy(self, total, initial, desc, enabled):
-        shown.append(enabled)
-        real(self, total, initial, desc, enabled)
-
-    monkeypatch.setattr(train.Progress, "__init__", spy)
+def test_a_run_shows_its_progress_unless_told_not_to(tmp_path, tiny, bars):
     spec = RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic")
     run_one(spec, tmp_path / "a", CPU)
     run_one(spec, tmp_path / "b", CPU, progress=False)
-    assert shown == [True, False]
+    assert [b.enabled for b in bars] == [True, False]
