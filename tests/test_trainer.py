@@ -200,10 +200,12 @@ def test_each_attempt_of_a_twice_resumed_run_is_its_own(tmp_path, tiny, interrup
     """Attempt 0 wrote window 1, attempt 1 window 2, attempt 2 windows 3 and 4: only window 4 is timed.
     The wall clock runs on over the attempts."""
     spec = RunSpec("plain8", replace(tiny, iterations=32, eval_every=8), width=0.25, dataset="synthetic")
+    t = time.perf_counter()
     interrupt(spec, tmp_path, CPU)
     interrupt(spec, tmp_path, CPU)  # resumed at 8, stopped again at its checkpoint at 16
+    before = time.perf_counter() - t
     ck = torch.load(records.paths(tmp_path, spec.run_id)["ckpt"], weights_only=True)
-    assert [w["attempt"] for w in ck["windows"]] == [0, 1]
+    assert [w["attempt"] for w in ck["windows"]] == [0, 1] and 0 < ck["wall_s"] < before
     t = time.perf_counter()
     row = run_one(spec, tmp_path, CPU, progress=False)
     elapsed = time.perf_counter() - t
