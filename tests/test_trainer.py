@@ -602,6 +602,7 @@ def test_progress_bar_on_a_terminal_and_silent_elsewhere(monkeypatch):
     assert "loss=" not in sys.stderr.getvalue()  # shown with the next draw: an evaluation point adds none of its own
     bar.close()
     assert "plain8:  20%" in sys.stderr.getvalue()  # drawn where it resumed; later draws are throttled
+    assert sys.stderr.getvalue().endswith("\r")  # wiped when closed, not left on a line of its own
     assert Progress(10, 0, "x", enabled=False).bar.disable  # --no-progress, even on a terminal
 
 
