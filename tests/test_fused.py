@@ -9,6 +9,8 @@ losses by 1e-4 and weights by 1e-2, and the float64 tests, which also check resu
 any real mistake (a member seeing another's data, gradient, momentum or BN statistics) is orders of
 magnitude larger.
 """
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -313,11 +315,12 @@ def test_a_cuda_group_trains_like_its_members_alone(tmp_path, execution):
 
 
 def test_members_at_different_iterations_train_one_after_another(tmp_path, interrupt):
-    specs = _specs(n_eval=32)[:2]
-    interrupt(specs[0], tmp_path, CPU)  # plain8 stopped at its first checkpoint (iteration 10)
+    """A checkpoint at iteration 1 (one step per evaluation) is not mistaken for a fresh start."""
+    specs = [replace(s, recipe=replace(s.recipe, iterations=2, eval_every=1)) for s in _specs(n_eval=32)[:2]]
+    interrupt(specs[0], tmp_path, CPU)  # plain8 stopped at its first checkpoint (iteration 1)
     rows = run_group(specs, tmp_path, CPU, progress=False)
-    assert [(r["status"], r["resumed_from"], r["group_size"]) for r in rows] == [("ok", 10, 1), ("ok", 0, 1)]
-    assert [list(_curves(tmp_path, s)["iteration"]) for s in specs] == [[10, 20], [10, 20]]
+    assert [(r["status"], r["resumed_from"], r["group_size"]) for r in rows] == [("ok", 1, 1), ("ok", 0, 1)]
+    assert [list(_curves(tmp_path, s)["iteration"]) for s in specs] == [[1, 2], [1, 2]]
 
 
 def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_record(tmp_path, tiny, monkeypatch):

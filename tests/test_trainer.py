@@ -664,6 +664,8 @@ def test_a_run_downloads_only_when_asked(tmp_path, tiny, monkeypatch):
     spec = RunSpec("plain8", replace(tiny, iterations=2, train_size=None, val_size=20, batch_size=8), width=0.25)
     with pytest.raises(data.DataError, match="cifar10 not found"):
         run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
+    with pytest.raises(data.DataError, match="cifar10 not found"):  # a group's default too
+        train.run_group([spec], tmp_path / "out", CPU, data_root=tmp_path / "empty", progress=False)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **k: cifar_python_dir(Path(root)))
     row = run_one(spec, tmp_path / "out", CPU, data_root=tmp_path / "empty", download=True, progress=False)
     assert row["status"] == "ok" and row["data_source"] == str(tmp_path / "empty" / "cifar-10-batches-py")
