@@ -675,4 +675,5 @@ def test_a_run_shows_its_progress_unless_told_not_to(tmp_path, tiny, bars):
     spec = RunSpec("plain8", replace(tiny, iterations=2), width=0.25, dataset="synthetic")
     run_one(spec, tmp_path / "a", CPU)
     run_one(spec, tmp_path / "b", CPU, progress=False)
-    assert [b.enabled for b in bars] == [True, False]
+    train.run_group([spec], tmp_path / "c", CPU)
+    assert [b.enabled for b in bars] == [True, False, True]
