@@ -386,6 +386,16 @@ def test_loader_subtracts_the_per_pixel_mean_pixel_by_pixel():
     assert torch.allclose(xb[yb.tolist().index(0)], torch.tensor([[[-0.5, 0.0], [-0.2, 0.2]]]))
 
 
+def test_evaluation_batches_are_in_order_unaugmented_and_mean_free():
+    x = torch.randint(0, 256, (5, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    mean = data.pixel_mean(x)
+    batches = list(data.eval_batches(x, mean, 2, torch.device("cpu")))
+    assert [len(b) for b in batches] == [2, 2, 1] and all(b.is_contiguous() for b in batches)  # NCHW by default
+    assert torch.allclose(torch.cat(batches), x.float() / 255 - mean)
+    last = list(data.eval_batches(x, mean, 2, torch.device("cpu"), channels_last=True))
+    assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in last)
+
+
 def test_loader_order_depends_on_seed_and_epoch():
     a = data.synthetic(256, 16)
     mean = data.pixel_mean(a.train_x)

@@ -30,6 +30,11 @@ def _specs(n_eval=256, batch=32):
     return [RunSpec(m, r, seed=s, width=0.25, dataset="synthetic") for m, s in MEMBERS]
 
 
+def _two_steps():
+    """Two members of _specs, trained for two steps with an evaluation point after each."""
+    return [replace(s, recipe=replace(s.recipe, iterations=2, eval_every=1)) for s in _specs(n_eval=32)[:2]]
+
+
 def _curves(out, spec):
     return pd.read_parquet(records.paths(out, spec.run_id)["curves"])
 
@@ -316,11 +321,23 @@ def test_a_cuda_group_trains_like_its_members_alone(tmp_path, execution):
 
 def test_members_at_different_iterations_train_one_after_another(tmp_path, interrupt):
     """A checkpoint at iteration 1 (one step per evaluation) is not mistaken for a fresh start."""
-    specs = [replace(s, recipe=replace(s.recipe, iterations=2, eval_every=1)) for s in _specs(n_eval=32)[:2]]
+    specs = _two_steps()
     interrupt(specs[0], tmp_path, CPU)  # plain8 stopped at its first checkpoint (iteration 1)
     rows = run_group(specs, tmp_path, CPU, progress=False)
     assert [(r["status"], r["resumed_from"], r["group_size"]) for r in rows] == [("ok", 1, 1), ("ok", 0, 1)]
     assert [list(_curves(tmp_path, s)["iteration"]) for s in specs] == [[1, 2], [1, 2]]
+
+
+def test_a_member_held_by_another_trainer_is_skipped_and_the_others_train(tmp_path):
+    specs = _two_steps()
+    held = claims.Claim(tmp_path, specs[0].run_id)
+    held.acquire()  # this live process holds it, as another sweep would
+    try:
+        rows = run_group(specs, tmp_path, CPU, progress=False)
+    finally:
+        held.release()
+    assert isinstance(rows[0], claims.Claimed) and (rows[1]["status"], rows[1]["group_size"]) == ("ok", 1)
+    assert not records.paths(tmp_path, specs[0].run_id)["curves"].exists()
 
 
 def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_record(tmp_path, tiny, monkeypatch):
