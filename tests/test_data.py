@@ -441,7 +441,8 @@ def test_the_split_is_fixed_disjoint_and_train_size_takes_the_first_training_ima
     assert len(val_imgs) == 10 and len(train_imgs) == 54 and not val_imgs & train_imgs  # all 64, each once
     assert torch.equal(small["val"][0], full["val"][0]) and torch.equal(small["train"][0], full["train"][0][:20])
     assert torch.equal(small["train"][1], full["train"][1][:20]) and torch.equal(full["test"][0], a.test_x)
-    assert not torch.equal(full["val"][0], a.train_x[:10])  # shuffled, not the first images
+    # shuffled by one permutation, written down once: every version validates on the same images
+    assert torch.equal(full["val"][0], a.train_x[[44, 46, 17, 3, 47, 21, 35, 6, 33, 2]])
     torch.manual_seed(7)  # whatever seed the run set
     assert torch.equal(data.split(a, 10)["val"][0], full["val"][0])  # the same split every time
 
