@@ -362,9 +362,11 @@ def test_loader_crops_flips_and_keeps_each_label_with_its_image():
     windows, labels = [], []
     for it in range(n // bs):  # one epoch
         xb, yb = loader.batch(it)
-        for img, label in zip(xb, yb.tolist()):
+        _, shift, flip = loader.plan(it)
+        for j, (img, label) in enumerate(zip(xb, yb.tolist())):
             found = _source_window(padded[label], img)
             assert len(found) == 1, f"image labelled {label} is not a window of source {label}"
+            assert found[0] == (shift[0, j], shift[1, j], flip[j])  # rows by the first offset, as planned
             windows.append(found[0])
             labels.append(label)
     assert sorted(labels) == list(range(n))  # a permutation: every image once per epoch
@@ -419,6 +421,8 @@ def test_batches_are_a_fixed_function_of_seed_and_step():
         got_idx, got_shift, got_flip = plans[it]
         assert (got_idx[:6], [row[:4] for row in got_shift], got_flip[:6]) == (idx, shift, [bool(f) for f in flip])
     assert loader.plan(5)[0].tolist() == plans[5][0]  # asked again, after another epoch's plan
+    # an epoch's plan is drawn once: its batches are views of it, not a fresh draw per step
+    assert loader.plan(4)[0].untyped_storage().data_ptr() == loader.plan(7)[0].untyped_storage().data_ptr()
 
 
 def test_split_and_loader_refuse_what_cannot_train():
