@@ -392,10 +392,19 @@ def test_evaluation_batches_are_in_order_unaugmented_and_mean_free():
     x = torch.randint(0, 256, (5, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     mean = data.pixel_mean(x)
     batches = list(data.eval_batches(x, mean, 2, torch.device("cpu")))
-    assert [len(b) for b in batches] == [2, 2, 1] and all(b.is_contiguous() for b in batches)  # NCHW by default
+    assert [len(b) for b in batches] == [2, 2, 1]
     assert torch.allclose(torch.cat(batches), x.float() / 255 - mean)
-    last = list(data.eval_batches(x, mean, 2, torch.device("cpu"), channels_last=True))
-    assert all(b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous() for b in last)
+
+
+def test_batches_are_channels_last_only_when_asked():
+    x = torch.randint(0, 256, (4, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    mean, cpu = data.pixel_mean(x), torch.device("cpu")
+    nchw = lambda b: b.is_contiguous() and not b.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+    nhwc = lambda b: b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()  # noqa: E731
+    assert all(map(nchw, data.eval_batches(x, mean, 2, cpu)))
+    assert all(map(nhwc, data.eval_batches(x, mean, 2, cpu, channels_last=True)))
+    loader = lambda **k: data.DeviceLoader(x, torch.arange(4), mean, batch_size=2, seed=0, device=cpu, **k)  # noqa: E731
+    assert nchw(loader().batch(0)[0]) and nhwc(loader(channels_last=True).batch(0)[0])
 
 
 def test_loader_order_depends_on_seed_and_epoch():
