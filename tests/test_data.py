@@ -555,3 +555,9 @@ def test_synthetic_data_has_cifar10s_shape_and_range():
         assert (int(x.min()), int(x.max()), int(y.min()), int(y.max())) == (0, 255, 0, 9)
     assert a.classes == tuple(f"class{i}" for i in range(10)) and a.source == "synthetic"
     assert not torch.equal(data.synthetic(seed=1).train_y, a.train_y)
+
+
+def test_an_unknown_data_set_names_the_known_ones():
+    with pytest.raises(data.DataError, match=r"^unknown dataset 'mnist'; choose one of cifar10, cifar100, "
+                                             r"fashion-mnist, synthetic$"):
+        data.load("mnist")

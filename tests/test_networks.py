@@ -263,3 +263,22 @@ def test_response_layers_are_the_bn_after_each_3x3_conv(name, shortcut):
     layers = resnet.stats.response_layers(net)
     assert len(layers) == 19 and not any("shortcut" in n for n, _ in layers)
     assert [n for n, _ in layers][:3] == ["stem.1", "stages.0.0.bn1", "stages.0.0.bn2"]
+
+
+def test_cifar_resnet_defaults_build_the_papers_resnet20():
+    """Called directly with its defaults, the CIFAR builder gives what build("resnet20") gives."""
+    from resnet.cifar import cifar_resnet
+
+    torch.manual_seed(0)
+    direct = cifar_resnet(20)
+    torch.manual_seed(0)
+    built = resnet.build("resnet20")
+    assert str(direct) == str(built)
+    a, b = direct.state_dict(), built.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_preactivation_net_ends_with_bn_and_relu():
+    """He et al. 2016 (identity mappings): the last block's sum goes through BN and ReLU before pooling."""
+    final = resnet.build("preresnet8").final
+    assert [type(m) for m in final] == [torch.nn.BatchNorm2d, torch.nn.ReLU]

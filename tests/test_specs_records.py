@@ -157,7 +157,7 @@ def test_cpu_bf16_autocast_follows_what_onednn_reports():
 # -- records ---------------------------------------------------------------------------------------
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "sub" / "t.parquet"
+    target = tmp_path / "sub" / "dir" / "t.parquet"  # folders made as needed
     records.write_parquet(pd.DataFrame({"a": [1]}), target)
     with pytest.raises(RuntimeError):
         def fail(tmp):
