@@ -13,7 +13,14 @@ j of member k is channel k*C + j, so
 - a convolution with ``groups=K`` never mixes members,
 - BatchNorm2d over K*C channels keeps each member's own batch statistics and running averages,
 - the head is a batched matrix product with one (classes x C) matrix per member,
-- plain and residual members mix: the shortcut is multiplied by a per-member 0/1 mask.
+- plain and residual members mix: the shortcut is multiplied by a per-member boolean mask (a bool
+  tensor takes the other operand's dtype, so under autocast a member computes at the precision it
+  has alone; a group of residual members only has no mask at all),
+- every activation keeps the memory format of the input (channels_last stays channels_last),
+- ``pad_input=P`` zero-pads each member's input to P channels (4 or 8: cuDNN's NHWC tensor-core
+  kernels want that many per group, a 3-channel stem falls back to slower ones); the stem's extra
+  weights start at zero, see only zero inputs, so get exactly zero gradient and stay zero, and
+  ``unstack`` drops them.
 
 The grouped net has the parameter names of the nets it was stacked from, and each of its tensors
 is the members' tensors concatenated along the first dimension (stacked, for the head), so
@@ -35,18 +42,23 @@ from .net import ResNet
 
 
 class GroupedPad(nn.Module):
-    """Option A for K members at once: subsample, then zero-pad each member's channels."""
+    """Option A for K members at once: subsample, then zero-pad each member's channels (also the
+    padded stem's input, with stride 1). The output has the input's memory format."""
 
     def __init__(self, k: int, cin: int, cout: int, stride: int):
         super().__init__()
         self.k, self.cin, self.extra, self.stride = k, cin, cout - cin, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K*cin, H, W) -> (B, K*cout, H/s, W/s)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if not self.extra:
             return x
         b, _, h, w = x.shape
+        if channels_last:  # pad the innermost (channel) axis of the NHWC layout: the result is NHWC too
+            x = F.pad(x.permute(0, 2, 3, 1).reshape(b, h, w, self.k, self.cin), (0, self.extra))
+            return x.reshape(b, h, w, self.k * (self.cin + self.extra)).permute(0, 3, 1, 2)
         x = F.pad(x.reshape(b, self.k, self.cin, h, w), (0, 0, 0, 0, 0, self.extra))
         return x.reshape(b, self.k * (self.cin + self.extra), h, w)
 
@@ -61,15 +73,18 @@ class GroupedBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(k * planes, k * planes, 3, padding=1, bias=False, groups=k)
         self.bn2 = nn.BatchNorm2d(k * planes)
         self.shortcut = GroupedPad(k, cin, planes, stride) if stride != 1 or cin != planes else None
-        mask = torch.tensor(residual, dtype=torch.float32).repeat_interleave(planes)
-        self.register_buffer("mask", mask[None, :, None, None], persistent=False)  # not a weight: not saved
+        # bool, not float: a float32 mask would promote a bf16 shortcut (and so the whole grouped
+        # activation) to float32 under autocast, while the member alone stays bf16
+        mask = torch.tensor(residual, dtype=torch.bool).repeat_interleave(planes)[None, :, None, None]
+        self.register_buffer("mask", None if all(residual) else mask, persistent=False)  # not a weight: not saved
         self.any_residual = any(residual)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.any_residual:
-            out = out + (x if self.shortcut is None else self.shortcut(x)) * self.mask
+            shortcut = x if self.shortcut is None else self.shortcut(x)
+            out = out + (shortcut if self.mask is None else shortcut * self.mask)
         return F.relu(out)
 
 
@@ -82,17 +97,23 @@ class GroupedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(k, cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, in) -> (B, K, out)
-        return torch.einsum("bki,koi->bko", x, self.weight) + self.bias
+        # bias + x W^T in one batched GEMM, as nn.Linear's addmm: under autocast both run (and round) in
+        # bf16, where a separate float32 bias would give float32 logits
+        return torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight.transpose(1, 2)).transpose(0, 1)
 
 
 class GroupedResNet(nn.Module):
     """K CIFAR ResNets/plain nets of one shape; build it with ``stack``."""
 
     def __init__(self, k: int, *, in_channels: int, planes: list[int], blocks: list[int], num_classes: int,
-                 residual: list[bool]):
+                 residual: list[bool], pad_input: int | None = None):
         super().__init__()
-        self.k, self.residual = k, list(residual)
-        self.stem = nn.Sequential(nn.Conv2d(k * in_channels, k * planes[0], 3, padding=1, bias=False, groups=k),
+        if pad_input is not None and pad_input < in_channels:
+            raise ValueError(f"pad_input must be at least the input's {in_channels} channels, got {pad_input}")
+        self.k, self.residual, self.in_channels = k, list(residual), in_channels
+        self.stem_in = pad_input or in_channels  # each member's stem input channels, padding included
+        self.pad = GroupedPad(k, in_channels, self.stem_in, 1) if self.stem_in > in_channels else None
+        self.stem = nn.Sequential(nn.Conv2d(k * self.stem_in, k * planes[0], 3, padding=1, bias=False, groups=k),
                                   nn.BatchNorm2d(k * planes[0]), nn.ReLU(inplace=True))
         cin, stages = planes[0], []
         for i, (p, n) in enumerate(zip(planes, blocks)):
@@ -105,9 +126,25 @@ class GroupedResNet(nn.Module):
         self.fc = GroupedLinear(k, cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K*C_in, H, W) -> (B, K, classes)
+        if self.pad is not None:
+            x = self.pad(x)
         x = self.stages(self.stem(x))
-        x = x.mean((2, 3))  # global average pool: (B, K*C)
+        x = F.adaptive_avg_pool2d(x, 1)  # the lone net's pooling op: the same autocast rule, (B, K*C, 1, 1)
         return self.fc(x.reshape(len(x), self.k, self.channels))
+
+    def merge(self, key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """``merge`` for this group: a padded stem's member weights (and tensors shaped like them) get
+        zero input channels."""
+        if key == STEM_WEIGHT and self.pad is not None:
+            parts = [F.pad(p, (0, 0, 0, 0, 0, self.stem_in - p.shape[1])) for p in parts]
+        return merge(key, parts)
+
+    def split(self, key: str, value: torch.Tensor) -> list[torch.Tensor]:
+        """``split`` for this group: views without a padded stem's extra input channels."""
+        parts = split(key, value, self.k)
+        if key == STEM_WEIGHT and self.pad is not None:
+            parts = [p[:, : self.in_channels] for p in parts]
+        return parts
 
 
 def _describe(net: nn.Module) -> dict:
@@ -121,6 +158,9 @@ def _describe(net: nn.Module) -> dict:
         raise ValueError("a run group needs shortcut option A (B and C add projections plain twins lack)")
     return dict(in_channels=net.stem[0].in_channels, planes=[stage[0].conv1.out_channels for stage in net.stages],
                 blocks=[len(stage) for stage in net.stages], num_classes=net.fc.out_features)
+
+
+STEM_WEIGHT = "stem.0.weight"
 
 
 def _is_head(key: str) -> bool:
@@ -142,8 +182,9 @@ def split(key: str, value: torch.Tensor, k: int) -> list[torch.Tensor]:
     return list(value.unbind(0) if _is_head(key) else value.chunk(k, 0))
 
 
-def stack(nets: list[nn.Module]) -> GroupedResNet:
-    """One grouped network holding copies of ``nets`` (same shape; plain and residual may mix)."""
+def stack(nets: list[nn.Module], pad_input: int | None = None) -> GroupedResNet:
+    """One grouped network holding copies of ``nets`` (same shape; plain and residual may mix);
+    ``pad_input``: zero-pad each member's input to that many channels (see the module docstring)."""
     if not nets:
         raise ValueError("a run group needs at least one net")
     shapes = [_describe(n) for n in nets]
@@ -151,9 +192,9 @@ def stack(nets: list[nn.Module]) -> GroupedResNet:
         raise ValueError(f"a run group's nets must have one shape (depth, width, classes, input); got {shapes}")
     residual = [n.stages[0][0].residual for n in nets]
     first = next(nets[0].parameters())
-    group = GroupedResNet(len(nets), residual=residual, **shapes[0]).to(first.device, first.dtype)
+    group = GroupedResNet(len(nets), residual=residual, pad_input=pad_input, **shapes[0]).to(first.device, first.dtype)
     states = [n.state_dict() for n in nets]
-    group.load_state_dict({key: merge(key, [s[key] for s in states]) for key in group.state_dict()})
+    group.load_state_dict({key: group.merge(key, [s[key] for s in states]) for key in group.state_dict()})
     return group
 
 
@@ -161,7 +202,7 @@ def unstack(group: GroupedResNet) -> list[dict[str, torch.Tensor]]:
     """The members' state dicts, with the names and shapes ``resnet.build`` gives them (copies)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(group.k)]
     for key, value in group.state_dict().items():
-        for member, part in zip(out, split(key, value, group.k)):
+        for member, part in zip(out, group.split(key, value)):
             member[key] = part.detach().clone()
     return out
 
