@@ -58,17 +58,27 @@ def current_lr(opt: torch.optim.Optimizer) -> float:
     return float(opt.param_groups[0]["lr"])
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
-    """``opt.load_state_dict`` that keeps each group's lr in the form this optimizer was built with.
+# how an optimizer runs its update (not what it computes): the live optimizer's, never a checkpoint's
+EXECUTION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
-    A checkpoint written on the CPU holds float learning rates, one written on CUDA holds device
-    tensors. Loading replaces the group's lr with the saved object: a CPU checkpoint resumed on
-    CUDA would turn the lr tensor into a float, the captured CUDA graph would bake that one value
-    in, and every later milestone would be silently ignored.
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict`` that keeps each group's lr in the form this optimizer was built with,
+    and its implementation flags (``EXECUTION_FLAGS``).
+
+    A checkpoint written on the CPU holds float learning rates and ``foreach=True``, one written on
+    CUDA holds device tensors and ``fused=True``. Loading replaces both with the saved values: a CPU
+    checkpoint resumed on CUDA would turn the lr tensor into a float (the captured CUDA graph would
+    bake that one value in, and every later milestone would be silently ignored) and select foreach
+    SGD, which reads a tensor lr with ``.item()``: graph capture fails ("operation not permitted
+    when stream is capturing") and eager steps sync with the host. How the update runs belongs to
+    the live optimizer; only the state (momentum) and the hyper-parameters come from the checkpoint.
     """
     kept = [g["lr"] for g in opt.param_groups]
+    flags = [{k: g[k] for k in EXECUTION_FLAGS if k in g} for g in opt.param_groups]
     opt.load_state_dict(state)
-    for g, lr in zip(opt.param_groups, kept):
+    for g, lr, own in zip(opt.param_groups, kept, flags):
+        g.update(own)
         value = float(g["lr"])
         if isinstance(lr, torch.Tensor):
             lr.fill_(value)

@@ -275,6 +275,25 @@ def test_checkpoint_learning_rate_keeps_the_optimizers_form():
     assert type(other.param_groups[0]["lr"]) is float and current_lr(other) == pytest.approx(0.005)
 
 
+def test_a_checkpoint_keeps_the_live_optimizers_implementation_flags():
+    """A CPU checkpoint (foreach SGD) resumed where the optimizer is fused SGD with a tensor lr, as
+    make_optimizer builds it on CUDA: foreach would read the lr tensor with .item(), which fails
+    under CUDA graph capture and syncs every eager step. Only momentum and hyper-parameters load."""
+    net = nn.Linear(2, 2)
+    cpu_opt = make_optimizer(net, 0.1, 0.9, 1e-4, cpu)
+    net(torch.ones(1, 2)).sum().backward()
+    cpu_opt.step()
+    assert cpu_opt.param_groups[0]["foreach"] is True
+    live = torch.optim.SGD(net.parameters(), lr=torch.tensor(0.3), momentum=0.5, weight_decay=0.0, fused=True)
+    load_optimizer_state(live, cpu_opt.state_dict())
+    g = live.param_groups[0]
+    assert (g["fused"], g["foreach"]) == (True, None)  # the live flags
+    assert (g["momentum"], g["weight_decay"], float(g["lr"])) == (0.9, 1e-4, pytest.approx(0.1))  # the checkpoint's
+    plain = torch.optim.SGD(net.parameters(), lr=0.3, foreach=False)
+    load_optimizer_state(plain, cpu_opt.state_dict())
+    assert (plain.param_groups[0]["foreach"], plain.param_groups[0]["fused"]) == (False, None)
+
+
 def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
     interrupt(spec, tmp_path, CPU)
