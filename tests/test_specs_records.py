@@ -214,13 +214,27 @@ def test_environment_columns(monkeypatch):
     assert env["cuda_visible_devices"] == "3" and env["torch_version"] == torch.__version__
     assert env["cpu_threads"] == torch.get_num_threads() and env["utc_time"].endswith("+00:00")
     assert "hostname" not in env and "host" not in env
-    assert env["cpu"] == (platform.processor() or platform.machine()) and env["cuda_version"] == torch.version.cuda
+    assert (env["cpu"], env["cpu_isa"]) == records.cpu_info() and env["cuda_version"] == torch.version.cuda
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["python_version"] == platform.python_version() and env["resbench_version"] == bench.__version__
     assert (env["git_sha"], env["git_dirty"]) == records._git()
     age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(env["utc_time"])
     assert dt.timedelta(0) <= age < dt.timedelta(minutes=1)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert records.environment("cpu")["cuda_visible_devices"] is None
+
+
+def test_the_cpu_is_named_by_its_model_and_the_instruction_sets_that_change_its_numbers(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9554 64-Core Processor\n"
+                   "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 sha_ni\n\n"
+                   "processor\t: 1\nmodel name\t: AMD EPYC 9554 64-Core Processor\nflags\t\t: fpu\n")
+    assert records.cpu_info(x86) == ("AMD EPYC 9554 64-Core Processor", "avx2,fma,avx512f,avx512_bf16")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n")
+    model, isa = records.cpu_info(arm)  # no model name: what platform knows
+    assert model == (platform.processor() or platform.machine()) and isa == "asimd,sve,bf16,i8mm"
+    assert records.cpu_info(tmp_path / "absent") == (platform.processor() or platform.machine(), "")
 
 
 def test_environment_names_the_gpu_of_a_cuda_run_only(monkeypatch):
