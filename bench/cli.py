@@ -10,7 +10,7 @@ import click
 
 import resnet
 from bench.data import DATASETS, DataError
-from bench.fuse import FUSE_HELP, parse_fuse, plan
+from bench.fuse import FUSE_HELP, parse_fuse
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -106,10 +106,15 @@ def exec_options(fn):
                      help="Folder or archive with the data set  [default: $RESBENCH_DATA]"),
         click.option("--download", is_flag=True, help="Fetch the data set with torchvision if not found."),
         click.option("--device", default="auto", help="auto, cpu or cuda[:N]."),
-        click.option("--amp/--no-amp", default=None, help="bf16 autocast  [default: on for CUDA]"),
-        click.option("--channels-last/--no-channels-last", default=None, help="[default: on for CUDA]"),
+        click.option("--amp/--no-amp", default=None,
+                     help="bf16 autocast  [default: on for CUDA and for CPUs with native bf16 (AVX512-BF16, AMX)]"),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC memory format  [default: on]"),
         click.option("--execution", type=click.Choice(["eager", "compile", "cudagraph"]), default=None,
-                     help="eager, torch.compile, or one CUDA graph per training step  [default: per device]"),
+                     help="eager, torch.compile, or one CUDA graph per training step  [default: cudagraph on CUDA, "
+                          "eager on the CPU]"),
+        click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
+                     help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
+                          "(0: off)  [default: 0]"),
         click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
         click.option("--width", type=POSITIVE, default=None, help="Channel multiplier  [default: from the preset]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
@@ -132,7 +137,13 @@ def _recipe(preset: str, o: dict):
 def _execution(o: dict):
     from bench.specs import Execution
 
-    return Execution.for_device(o["device"], execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"])
+    return Execution.for_device(o["device"], **_exec_overrides(o))
+
+
+def _exec_overrides(o: dict) -> dict:
+    """The execution options given (None: the device's default), as Execution fields."""
+    return dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"],
+                pad_input=None if o["pad_input"] is None else int(o["pad_input"]))
 
 
 PRESET = click.option("--preset", type=click.Choice(["he2015", "quick", "smoke"]), default="smoke",
@@ -251,18 +262,36 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
         return _submit_slurm(spec, runs, out, o, slurm_opts | dict(fuse=fuse))
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
-    groups = len(plan(todo, fuse, ex.device))
-    fused = f" in {groups} fused group(s)" if groups < len(todo) else ""
-    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
-               f"{len(todo)} to train on {ex.device}{fused} -> {out}")
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
+    groups = sw.plan_groups(todo, fuse, ex, in_process=len(slots) == 1)
+    fused = sw.describe_groups(groups)
+    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
+               f"{len(todo)} to train on {ex.device}{' as ' + fused if fused else ''} -> {out}")
+    hint = _group_hint(groups, fuse, ex, runs_per_gpu)
+    if hint:
+        click.echo(hint)
     kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
     if len(slots) > 1:
         sw.run_parallel(todo, out, ex, slots, **kw)
     else:
-        sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), **kw)
+        sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), groups=groups, **kw)
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     _fail_if_failed(todo, out)
+
+
+def _group_hint(groups, fuse: str, ex, runs_per_gpu: int) -> str | None:
+    """What to do when --fuse auto on CUDA makes small groups because the grid has one seed: each depth's
+    group is then its two twins, and a big GPU stays mostly idle."""
+    from bench.fuse import AUTO_GROUP
+
+    sizes = [len(g) for g in groups]
+    one_seed = len({s.seed for g in groups for s in g}) == 1
+    if (parse_fuse(fuse) is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
+            or max(sizes) >= AUTO_GROUP or not one_seed or runs_per_gpu > 1):
+        return None
+    return (f"note: with one seed a group holds only the twins of one depth ({max(sizes)} runs); larger groups keep "
+            f"a GPU busier: add seeds (--seeds 0,1,2,3,4 gives groups of {AUTO_GROUP}), or train several depth "
+            f"groups side by side with --runs-per-gpu N")
 
 
 def _key_values(pairs) -> dict:
@@ -285,7 +314,7 @@ def _submit_slurm(spec, runs, out, o, so) -> None:
         raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
-    overrides = dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"])
+    overrides = _exec_overrides(o)
     submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
                              partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
                              max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"])
@@ -440,6 +469,9 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images):
 @click.option("--group-sizes", callback=csv_list(int, minimum=1), default=None,
               help="Run groups of K nets trained as one grouped network (fused training; img/s is the group's "
                    "aggregate)  [default: 1]")
+@click.option("--pad-inputs", callback=csv_list(int), default=None,
+              help="Run groups: each member's input zero-padded to this many channels, 0 for none (e.g. 0,4,8)  "
+                   "[default: 0]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=COUNT, default=5, help="Timed blocks per configuration (median and spread).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Untimed steps first.")

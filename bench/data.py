@@ -36,6 +36,9 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
+# (image shape (C, H, W), classes) of each data set, known before it is loaded (memory planning)
+SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion-mnist": ((1, 28, 28), 10),
+          "synthetic": ((3, 32, 32), 10)}
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 # The md5 sums the publishers give for their files (torchvision's download checks the same ones).
 PUBLISHED_MD5 = {

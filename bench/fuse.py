@@ -9,17 +9,22 @@ records stay one per run in the format a run trained alone writes. A group of on
 own network, untouched: the same trainer serves both.
 
     plan(runs, fuse="auto", device="cuda")   # [[RunSpec, ...], ...]: the groups a sweep trains
+
+A group must fit the device: ``member_bytes`` estimates what one member needs to train, ``fit``
+cuts a group into the largest pieces the free memory holds (the planner does it where it knows the
+device; the trainer again where it trains, and halves a group that still runs out of memory).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import resnet
-from resnet import group as grouped
-from bench.specs import RunSpec
+from bench.specs import Execution, RunSpec
 
 # the most runs --fuse auto puts in one group: the paper's grid has 5 seeds x plain/residual per depth
 AUTO_GROUP = 10
@@ -48,10 +53,12 @@ def parse_fuse(value: str) -> int | None:
     raise ValueError(f"--fuse must be auto, off or a group size >= 1, got {value!r}")
 
 
-def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu") -> list[list[RunSpec]]:
+def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu", *, ex: Execution | None = None,
+         memory: int | None = None) -> list[list[RunSpec]]:
     """The groups to train, in the order of ``runs`` (each group where its first member was).
 
     auto groups on CUDA only: on the CPU a grouped convolution is no faster than K separate ones.
+    With ``memory`` (bytes free for one trainer) and ``ex``, no group is larger than ``fit`` allows.
     """
     size = parse_fuse(fuse)
     if size is None:
@@ -61,7 +68,8 @@ def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu") -> list[l
     for r in runs:
         key = group_key(r)
         g = open_.get(key) if key is not None else None
-        if g is None or len(g) >= size:
+        limit = size if memory is None or ex is None else min(size, max_members(r, ex, memory))
+        if g is None or len(g) >= limit:
             g = [r]
             groups.append(g)
             if key is not None:
@@ -69,6 +77,102 @@ def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu") -> list[l
         else:
             g.append(r)
     return groups
+
+
+# -- memory --------------------------------------------------------------------------------------------
+# What one member of a group needs to train, from the tensors autograd saves for the backward pass,
+# counted once on the CPU (a forward at batch 2 and 4 under the run's autocast; the difference is one
+# image's worth). Measured on the CPU (2 cores, torch 2.14.1, glibc told to return freed memory so the
+# resident set follows the live tensors): a training step's peak above its start was 1.00 to 1.08
+# times that count for ResNet-8/20/56 and plain-20 at batch 128 to 512, fp32 and bf16
+# (tests/test_fused.py checks it). ACTIVATION_OVERHEAD adds room for what a GPU adds and the CPU
+# does not show (the caching allocator's rounding and fragmentation, cuDNN workspaces): a margin, not
+# a GPU measurement. RESERVE_BYTES stays free for the CUDA context's allocations, the training set
+# on the device (150 MB for CIFAR) and the evaluation sets.
+ACTIVATION_OVERHEAD = 1.25
+EVAL_LIVE = 3  # activations alive at once in an evaluation forward (no graph is kept under no_grad)
+PARAM_COPIES = 5  # weights, gradients, momentum, and the copies graph capture takes of weights and momentum
+RESERVE_BYTES = 1 << 30
+
+
+@functools.cache
+def _footprint(model: str, width: float, shortcut: str, image_shape: tuple[int, int, int], num_classes: int,
+               amp: bool) -> tuple[float, float, int]:
+    """(bytes saved for the backward pass per training image, bytes of the largest activation per image,
+    parameters) of one net, measured on the CPU."""
+    from bench.steps import autocast
+
+    torch.manual_seed(0)
+    net = resnet.build(model, num_classes, width=width, shortcut=shortcut, in_channels=image_shape[0])
+    cpu = torch.device("cpu")
+
+    def saved(batch: int) -> tuple[int, int]:
+        storages: dict[int, int] = {}
+        largest = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()  # shared storage once
+            return t
+
+        def widest(_m, _i, out) -> None:
+            nonlocal largest
+            largest = max(largest, out.numel() * out.element_size())
+
+        hooks = [m.register_forward_hook(widest) for m in net.modules() if not list(m.children())]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(amp, cpu):
+                F.cross_entropy(net(torch.zeros(batch, *image_shape)), torch.zeros(batch, dtype=torch.long))
+        finally:
+            for h in hooks:
+                h.remove()
+        return sum(storages.values()), largest
+
+    (two, wide2), (four, wide4) = saved(2), saved(4)
+    return (four - two) / 2, wide4 / 4, resnet.count_params(net)
+
+
+def member_bytes(spec: RunSpec, ex: Execution) -> int:
+    """Estimated device memory one member of ``spec``'s shape needs, in training and evaluation, under ``ex``."""
+    from bench.data import SHAPES
+
+    image_shape, classes = SHAPES[spec.dataset]
+    per_image, widest, params = _footprint(spec.model, spec.width, spec.shortcut, image_shape, classes, ex.amp)
+    train = ACTIVATION_OVERHEAD * per_image * spec.recipe.batch_size
+    evaluation = EVAL_LIVE * widest * ex.eval_batch_size
+    return int(train + evaluation + PARAM_COPIES * 4 * params)
+
+
+def max_members(spec: RunSpec, ex: Execution, memory: int) -> int:
+    """The largest group of ``spec``'s shape that ``memory`` bytes hold (at least 1: a run that does not fit
+    alone is tried anyway, and fails as it would alone)."""
+    return max(1, int((memory - RESERVE_BYTES) // member_bytes(spec, ex)))
+
+
+def fit(specs: list[RunSpec], ex: Execution, memory: int | None) -> list[list[RunSpec]]:
+    """``specs`` (one group) in consecutive pieces of at most ``max_members``, as even as possible."""
+    if memory is None or len(specs) == 1:
+        return [specs]
+    size = max_members(specs[0], ex, memory)
+    pieces = -(-len(specs) // size)  # ceil
+    step = -(-len(specs) // pieces)
+    return [specs[i : i + step] for i in range(0, len(specs), step)]
+
+
+def free_memory(device: str | torch.device) -> int | None:
+    """Bytes this process can still allocate on ``device``: CUDA's free memory plus what its caching
+    allocator holds unused; on the CPU, Linux's MemAvailable. None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def group_id(specs: list[RunSpec]) -> str:
@@ -86,17 +190,18 @@ class Members:
     K = 1 trains that net itself, K > 1 a ``resnet.stack`` of copies.
     """
 
-    def __init__(self, nets: list[nn.Module]):
+    def __init__(self, nets: list[nn.Module], pad_input: int | None = None):
         self.k = len(nets)
         self.names = [n for n, _ in nets[0].named_parameters()]  # a lone run's parameter order
         self.layers = [n for n, m in nets[0].named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        self.model = nets[0] if self.k == 1 else resnet.stack(nets)
+        # a lone run is its own net: nothing to pad there (the padded stem is for grouped convolutions)
+        self.model = nets[0] if self.k == 1 else resnet.stack(nets, pad_input=pad_input)
         if sorted(n for n, _ in self.model.named_parameters()) != sorted(self.names):
             raise ValueError("the grouped network's parameters do not match its members'")
 
     def split(self, key: str, value: torch.Tensor) -> list[torch.Tensor]:
         """The members' views (not copies) of the model's tensor named ``key``, or of a tensor shaped like it."""
-        return [value] if self.k == 1 else grouped.split(key, value, self.k)
+        return [value] if self.k == 1 else self.model.split(key, value)
 
     def state(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's state dict, as its network alone would have it."""
@@ -133,7 +238,7 @@ class Members:
         for i, name in enumerate(self.names):
             parts = [s["state"].get(i) for s in states]
             if all(p is not None for p in parts):
-                merged[index[name]] = {key: grouped.merge(name, [p[key] for p in parts])
+                merged[index[name]] = {key: self.model.merge(name, [p[key] for p in parts])
                                        if isinstance(parts[0][key], torch.Tensor) and parts[0][key].dim()
                                        else parts[0][key] for key in parts[0]}
         group = dict(opt.state_dict()["param_groups"][0], lr=states[0]["param_groups"][0]["lr"])
@@ -153,23 +258,34 @@ class Members:
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
                     self.split(name, v)[k].zero_()
 
+    def _norms(self, name: str, t: torch.Tensor | None) -> torch.Tensor:
+        """Each member's L2 norm of the tensor named ``name`` (or shaped like it), shape (K,); NaN for None."""
+        if t is None:
+            p = self.model.get_parameter(name)
+            return torch.full((self.k,), float("nan"), device=p.device, dtype=p.dtype)
+        return torch.linalg.vector_norm(torch.stack(self.split(name, t.detach())).flatten(1), dim=1)
+
     @torch.no_grad()
-    def layer_rows(self, opt: torch.optim.Optimizer, k: int, run_id: str, iteration: int) -> list[dict]:
-        """Member k's weighted layers: weight norm, the norm of the last step's gradient, and the last
-        update relative to the weight (SGD's update is lr x the momentum buffer, weight decay included)."""
-        lr = float(opt.param_groups[0]["lr"])
-        rows = []
-        for i, layer in enumerate(self.layers, 1):
+    def layer_rows(self, opt: torch.optim.Optimizer, run_ids: dict[int, str], iteration: int) -> dict[int, list[dict]]:
+        """The weighted layers of the members ``run_ids`` names (member -> run_id): weight norm, the norm
+        of the last step's gradient, and the last update relative to the weight (SGD's update is lr x
+        the momentum buffer, weight decay included). Everything is computed on the device and read back
+        in one transfer: one host sync per evaluation point, whatever the depth or the group size (the
+        lr too stays on the device, where a CUDA optimizer keeps it)."""
+        lr = opt.param_groups[0]["lr"]
+        nan = float("nan")
+        values = []
+        for layer in self.layers:
             name = f"{layer}.weight"
             p = self.model.get_parameter(name)
-            w = self.split(name, p)[k]
-            buf = opt.state.get(p, {}).get("momentum_buffer")
-            wn = float(w.norm())
-            rows.append(dict(run_id=run_id, iteration=iteration, layer=i, layer_name=layer, weight_norm=wn,
-                             grad_norm=float(self.split(name, p.grad)[k].norm()) if p.grad is not None else float("nan"),
-                             update_ratio=lr * float(self.split(name, buf)[k].norm()) / wn
-                             if buf is not None and wn else float("nan")))
-        return rows
+            w, g = self._norms(name, p), self._norms(name, p.grad)
+            update = lr * self._norms(name, opt.state.get(p, {}).get("momentum_buffer"))
+            values.append(torch.stack([w, g, torch.where(w > 0, update / w, nan)]))
+        table = torch.stack(values).tolist()  # (layers, 3, K): the one device-to-host transfer
+        return {k: [dict(run_id=run_id, iteration=iteration, layer=i, layer_name=layer, weight_norm=w[k],
+                         grad_norm=g[k], update_ratio=u[k])
+                    for i, (layer, (w, g, u)) in enumerate(zip(self.layers, table), 1)]
+                for k, run_id in run_ids.items()}
 
     def eval_input(self, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         """Every member sees the same evaluation images (member-major channels: x's channels K times)."""

@@ -1,7 +1,8 @@
 """Throughput profiling: training-step and inference img/s over a grid of configurations.
 
 Grid: models x batch sizes x precision (fp32, tf32, bf16 autocast) x memory format (nchw,
-channels_last) x execution (eager, compile, cudagraph) x mode (train, infer) x group size.
+channels_last) x execution (eager, compile, cudagraph) x mode (train, infer) x group size x input
+padding of a group's members (0: none, 4 or 8 channels: resnet.group).
 
 A group size K > 1 times a run group (bench.fuse): K copies of the model (seeds 0..K-1) as one
 grouped network, each member with its own batch of ``batch_size`` images; img/s is the group's
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 import resnet
 from bench import data, records
 from bench.fuse import Members
+from bench.specs import PAD_INPUTS
 from bench.steps import TrainStep, autocast, make_optimizer, sync
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -62,10 +64,10 @@ def peak_flops(gpu_name: str | None, precision: str) -> float | None:
 # what `resbench profile` measures when not told: small on the CPU, the interesting grid on CUDA
 DEFAULTS = {
     "cpu": dict(models=("resnet20",), batch_sizes=(32, 128), precisions=("fp32", "bf16"), formats=FORMATS,
-                executions=("eager",), group_sizes=(1,), workers=2),
+                executions=("eager",), group_sizes=(1,), pad_inputs=(0,), workers=2),
     "cuda": dict(models=("resnet20", "plain20", "resnet56", "plain56"), batch_sizes=(128, 512, 2048),
                  precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), group_sizes=(1,),
-                 workers=8),
+                 pad_inputs=(0,), workers=8),
 }
 
 
@@ -81,14 +83,15 @@ def resolve_grid(device: str, **given) -> dict:
     grid.setdefault("modes", MODES)
     if given.get("modes") is not None:
         grid["modes"] = given["modes"]
-    for key in ("models", "batch_sizes", "precisions", "formats", "executions", "modes", "group_sizes"):
+    for key in ("models", "batch_sizes", "precisions", "formats", "executions", "modes", "group_sizes", "pad_inputs"):
         grid[key] = tuple(dict.fromkeys(grid[key]))  # a repeated value would be timed twice
     if any(k > 1 for k in grid["group_sizes"]):
         bad = [m for m in grid["models"] if not resnet.groupable(m)]
         if bad:
             raise ValueError(f"--group-sizes above 1 need CIFAR nets with shortcut A (resnet{{d}}, plain{{d}}); "
                              f"not {', '.join(bad)}")
-    for key, allowed in (("precisions", PRECISIONS), ("formats", FORMATS), ("executions", EXECUTIONS), ("modes", MODES)):
+    for key, allowed in (("precisions", PRECISIONS), ("formats", FORMATS), ("executions", EXECUTIONS), ("modes", MODES),
+                         ("pad_inputs", PAD_INPUTS)):
         bad = [v for v in grid[key] if v not in allowed]
         if bad:
             raise ValueError(f"--{key}: {', '.join(bad)} not one of {', '.join(allowed)}")
@@ -115,6 +118,7 @@ class Config:
     execution: str = "eager"
     mode: str = "train"
     group_size: int = 1
+    pad_input: int = 0  # a group's members' input channels after zero-padding (0: none)
 
 
 def _set_precision(precision: str) -> None:
@@ -171,7 +175,8 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
     arch = resnet.parse(cfg.model)
     row = dict(model=cfg.model, family=arch.family, kind=arch.kind, depth=arch.depth, residual=arch.residual,
                batch_size=cfg.batch_size, precision=cfg.precision, memory_format=cfg.memory_format,
-               execution=cfg.execution, mode=cfg.mode, group_size=cfg.group_size, status="ok", error=None)
+               execution=cfg.execution, mode=cfg.mode, group_size=cfg.group_size, pad_input=cfg.pad_input, status="ok",
+               error=None)
     k = cfg.group_size
     fmt = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
     try:
@@ -182,7 +187,7 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
             torch.manual_seed(seed)
             nets.append(resnet.build(cfg.model))
         row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0]))  # per member
-        net = Members(nets).model.to(device, memory_format=fmt)  # the net itself, or the grouped net
+        net = Members(nets, pad_input=cfg.pad_input or None).model.to(device, memory_format=fmt)  # the net, or the group
         x = torch.randn(cfg.batch_size, 3 * k, 32, 32, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (cfg.batch_size, k) if k > 1 else (cfg.batch_size,), device=device)
         if device.type == "cuda":
@@ -221,19 +226,24 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
 
 
 def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",), executions=("eager",),
-            modes=MODES, group_sizes=(1,), device: str = "cpu", log=print, **timing) -> pd.DataFrame:
+            modes=MODES, group_sizes=(1,), pad_inputs=(0,), device: str = "cpu", log=print, **timing) -> pd.DataFrame:
     """Measure the whole grid. Batch sizes run smallest first; after an OOM the larger ones of that
-    configuration are skipped (recorded as oom) instead of being tried."""
+    configuration are skipped (recorded as oom) instead of being tried. Input padding applies to
+    groups only (a lone net is never padded), so groups of one are timed unpadded once."""
     dev = torch.device(device)
     rows, oom = [], set()
-    for model, precision, fmt, execution, mode, k in itertools.product(models, precisions, formats, executions, modes,
-                                                                        group_sizes):
+    for model, precision, fmt, execution, mode, k, pad in itertools.product(models, precisions, formats, executions,
+                                                                             modes, group_sizes, pad_inputs):
+        if k == 1 and pad != pad_inputs[0]:
+            continue  # a lone net is timed once, unpadded
+        pad = pad if k > 1 else 0
         for bs in sorted(batch_sizes):
-            key = (model, precision, fmt, execution, mode, k)
-            cfg = Config(model, bs, precision, fmt, execution, mode, k)
+            key = (model, precision, fmt, execution, mode, k, pad)
+            cfg = Config(model, bs, precision, fmt, execution, mode, k, pad)
             if key in oom:
                 row = dict(model=model, batch_size=bs, precision=precision, memory_format=fmt, execution=execution,
-                           mode=mode, group_size=k, status="oom", error="skipped: a smaller batch ran out of memory")
+                           mode=mode, group_size=k, pad_input=pad, status="oom",
+                           error="skipped: a smaller batch ran out of memory")
             else:
                 row = measure(cfg, dev, **timing)
                 if row["status"] == "oom":
@@ -246,6 +256,7 @@ def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",
 
 def _line(r: dict) -> str:
     group = f" x{r['group_size']}" if r.get("group_size", 1) > 1 else ""
+    group += f" pad{r['pad_input']}" if r.get("pad_input") else ""
     head = (f"{r['model'] + group:<10} {r['mode']:<5} bs {r['batch_size']:<5} {r['precision']:<4} "
             f"{r['memory_format']:<13} {r['execution']:<9}")
     if r["status"] != "ok":
@@ -412,7 +423,7 @@ def profile_figure(df: pd.DataFrame):
 
 # -- against a saved profile (`resbench profile --against`) -----------------------------------------
 
-CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode", "group_size"]
+CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode", "group_size", "pad_input"]
 
 
 def read_reference(path) -> pd.DataFrame:
@@ -433,6 +444,8 @@ def read_reference(path) -> pd.DataFrame:
         raise ValueError(f"--against {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     if "group_size" not in ref.columns:  # profiles of earlier versions timed single nets only
         ref = ref.assign(group_size=1)
+    if "pad_input" not in ref.columns:  # ... and never padded a group's input
+        ref = ref.assign(pad_input=0)
     missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
     if missing:
         raise ValueError(f"--against {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "

@@ -33,8 +33,7 @@ class SlurmRun:
         """Train the group; each member's status ("ok", "diverged", "failed", or "skipped" where another
         trainer holds or finished it). A single spec dict (jobs of earlier versions) is a group of one."""
         from bench.claims import Skip
-        from bench.sweep import _failed
-        from bench.train import run_group
+        from bench.train import record_unfinished, run_group
 
         import os
 
@@ -51,7 +50,7 @@ class SlurmRun:
         try:
             results = run_group(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
         except Exception as e:
-            return [_failed(r, Path(self.out), ex, e)["status"] for r in runs]
+            return [record_unfinished(r, Path(self.out), ex, e)["status"] for r in runs]
         return ["skipped" if isinstance(res, Skip) else res["status"] for res in results]
 
     def checkpoint(self, *args, **kwargs):

@@ -146,6 +146,9 @@ class Execution:
     execution: str = "eager"  # eager | compile | cudagraph (bench.steps)
     cudnn_benchmark: bool = False
     eval_batch_size: int = 1000
+    # run groups: zero-pad each member's input to this many channels (4 or 8) for cuDNN's NHWC kernels;
+    # 0 = off. Off until a GPU measurement shows it pays (resnet.group; `resbench profile --pad-inputs`)
+    pad_input: int = 0
 
     @classmethod
     def for_device(cls, device: str = "auto", **overrides) -> "Execution":
@@ -174,7 +177,12 @@ class Execution:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {ex.execution!r}")
         if ex.execution == "cudagraph" and not cuda:
             raise ValueError("execution 'cudagraph' needs CUDA; use eager or compile on the CPU")
+        if ex.pad_input not in PAD_INPUTS:
+            raise ValueError(f"pad_input must be one of {', '.join(map(str, PAD_INPUTS))}, got {ex.pad_input!r}")
         return ex
+
+
+PAD_INPUTS = (0, 4, 8)  # 0: off; else each member's input channels, zero-padded (bench.fuse, resnet.group)
 
 
 def _cpu_bf16() -> bool:

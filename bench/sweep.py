@@ -26,7 +26,7 @@ import pandas as pd
 
 from bench import claims, fuse as fusing, records
 from bench.specs import Execution, RunSpec, SweepSpec
-from bench.train import record_failure, run_group
+from bench.train import record_failure, record_unfinished, run_group
 
 DONE = records.DONE
 EXIT_SKIPPED = 3  # a worker's exit code when another trainer holds (or has finished) its run
@@ -64,31 +64,43 @@ def read_sweep_toml(out: Path) -> SweepSpec | None:
     return SweepSpec.from_toml(path.read_text()) if path.exists() else None
 
 
+def plan_groups(runs: list[RunSpec], fuse: str, ex: Execution, *, in_process: bool = True) -> list[list[RunSpec]]:
+    """The groups to train (bench.fuse.plan). Trained in this process, none larger than the device's free
+    memory holds; a worker process is not asked here (that would start CUDA in this one): it fits its
+    group to its own device when it starts (bench.train.run_group)."""
+    memory = fusing.free_memory(ex.device) if in_process and fusing.parse_fuse(fuse) != 1 else None
+    return fusing.plan(runs, fuse, ex.device, ex=ex, memory=memory)
+
+
+def describe_groups(groups: list[list[RunSpec]]) -> str:
+    """'3 groups of 10 and 1 of 2' (largest first), or '' when every run trains alone."""
+    sizes = sorted((len(g) for g in groups if len(g) > 1), reverse=True)
+    if not sizes:
+        return ""
+    counts = {k: sizes.count(k) for k in dict.fromkeys(sizes)}
+    parts = [f"{n} group{'s' if n > 1 else ''} of {k}" if i == 0 else f"{n} of {k}" for i, (k, n) in enumerate(counts.items())]
+    alone = sum(len(g) == 1 for g in groups)
+    return " and ".join(parts) + (f", {alone} alone" if alone else "")
+
+
 def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off", data_root=None, download=False,
-              progress=True, log=print) -> None:
-    """One group after another in this process."""
+              progress=True, log=print, groups: list[list[RunSpec]] | None = None) -> None:
+    """One group after another in this process (``groups``: plan_groups(runs, fuse, ex) unless given)."""
     n, i = len(runs), 0
-    for group in fusing.plan(runs, fuse, ex.device):
+    for group in groups if groups is not None else plan_groups(runs, fuse, ex):
         t = time.perf_counter()
         try:
             results = run_group(group, out, ex, data_root=data_root, download=download, progress=progress)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one group's failure never stops the sweep
-            results = [_failed(spec, out, ex, e) for spec in group]
+            results = [record_unfinished(spec, out, ex, e) for spec in group]
         for spec, res in zip(group, results):
             i += 1
             if isinstance(res, claims.Skip):  # another sweep trains it (or has done so)
                 log(f"[{i}/{n}] {spec.run_id}: skipped ({res})")
             else:
                 log(_line(i, n, res, time.perf_counter() - t))
-
-
-def _failed(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
-    """The row of a group member after its group raised: its own record if it had finished (diverged
-    members are written as they diverge), else a failed row."""
-    row = records.recorded(out, spec.run_id)
-    return row if row is not None and row["status"] in DONE else record_failure(spec, out, ex, exc)
 
 
 def _line(i: int, n: int, row: dict, seconds: float) -> str:
@@ -123,7 +135,7 @@ def worker_slots(device: str, jobs: int | None, runs_per_gpu: int, visible: list
 def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, fuse: str = "off",
                  data_root=None, download=False, log=print, poll_s: float = 0.2) -> None:
     """Each group in its own subprocess (`python -m bench worker`), len(slots) at a time."""
-    queue = fusing.plan(runs, fuse, ex.device)
+    queue = plan_groups(runs, fuse, ex, in_process=False)
     active: dict[int, tuple[subprocess.Popen, list[RunSpec], Path, float]] = {}
     n, done = len(runs), 0
     spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
@@ -176,7 +188,7 @@ def worker(spec_file: Path, out: Path) -> int:
         results = run_group(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
     except Exception as e:
         for spec in specs:
-            _failed(spec, out, ex, e)
+            record_unfinished(spec, out, ex, e)
         return 1
     skipped = []
     for spec, res in zip(specs, results):

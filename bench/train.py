@@ -160,15 +160,66 @@ def _train(specs: list[RunSpec], held: list[claims.Claim], out: Path, ex: Execut
     # evaluation sets live on the device too: no host-to-device copies at evaluation points
     d = _Data(arrays, parts["train"], data.pixel_mean(parts["train"][0]),
               tuple(t.to(device) for t in parts["val"]), tuple(t[: r.test_size].to(device) for t in parts["test"]))
+    results: list = [None] * len(specs)
+    where = {s.run_id: i for i, s in enumerate(specs)}
+    # as many members at once as the device's free memory holds (bench.fuse.member_bytes)
+    for piece in fuse.fit(specs, ex, fuse.free_memory(device) if len(specs) > 1 else None):
+        idx = [where[s.run_id] for s in piece]
+        for i, res in zip(idx, _fit(piece, [held[i] for i in idx], d, out, ex, progress=progress)):
+            results[i] = res
+    return results
+
+
+def _fit(specs: list[RunSpec], held: list[claims.Claim], d: _Data, out: Path, ex: Execution, *,
+         progress: bool) -> list[dict | claims.Skip]:
+    """Train ``specs`` from their checkpoints, one group per iteration they stand at (lockstep needs one).
+
+    A group that runs out of device memory (at graph capture or in any step: the estimate is only an
+    estimate) is halved and each half trained in turn, from the checkpoints its members wrote; members
+    recorded meanwhile (diverged) keep their record. No member is failed for its group's size; a lone
+    run that does not fit fails as it would alone.
+    """
+    device = torch.device(ex.device)
     cks = [read_checkpoint(records.paths(out, s.run_id)["ckpt"], s, device) for s in specs]
     starts = [ck["iteration"] if ck else 0 for ck in cks]
     results: list = [None] * len(specs)
-    for start in sorted(set(starts)):  # lockstep needs one iteration: members resume together where they stand
+    for start in sorted(set(starts)):
         idx = [i for i, s in enumerate(starts) if s == start]
-        for i, res in zip(idx, _lockstep([specs[i] for i in idx], [held[i] for i in idx], [cks[i] for i in idx],
-                                         d, out, ex, progress=progress)):
+        try:
+            trained = _lockstep([specs[i] for i in idx], [held[i] for i in idx], [cks[i] for i in idx], d, out, ex,
+                                progress=progress)
+        except torch.OutOfMemoryError as e:
+            if len(idx) == 1:
+                raise
+            trained, why = None, str(e).splitlines()[0] if str(e) else "out of memory"
+        if trained is None:  # outside the except block: its traceback (and the group's tensors) is gone
+            _release_memory(device)
+            half = (len(idx) + 1) // 2
+            warnings.warn(f"a group of {len(idx)} ran out of device memory ({why}); training it as groups of "
+                          f"{half} and {len(idx) - half}", stacklevel=2)
+            trained = []
+            for part in (idx[:half], idx[half:]):
+                todo = [i for i in part if not _recorded(out, specs[i])]
+                again = dict(zip(todo, _fit([specs[i] for i in todo], [held[i] for i in todo], d, out, ex,
+                                            progress=progress))) if todo else {}
+                trained += [again[i] if i in again else records.recorded(out, specs[i].run_id) for i in part]
+        for i, res in zip(idx, trained):
             results[i] = res
     return results
+
+
+def _recorded(out: Path, spec: RunSpec) -> bool:
+    row = records.recorded(out, spec.run_id)
+    return row is not None and row["status"] in records.DONE
+
+
+def _release_memory(device: torch.device) -> None:
+    """Give a failed group's memory back before its halves start (the caching allocator keeps it otherwise)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
@@ -191,7 +242,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             net.load_state_dict(ck["model"])
         nets.append(net)
     params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.arrays.image_shape)
-    members = Members(nets)
+    members = Members(nets, pad_input=ex.pad_input or None)
     model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
     opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
 
@@ -270,8 +321,9 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
         if not active:
             break
-        for k in active:  # before evaluation: the gradients of the last step
-            layers[k] += members.layer_rows(opt, k, specs[k].run_id, it + 1)
+        # before evaluation: the gradients of the last step
+        for k, rows in members.layer_rows(opt, {k: specs[k].run_id for k in active}, it + 1).items():
+            layers[k] += rows
         val_err = evaluate(model, *d.val, d.mean, ex, device, members)
         test_err = evaluate(model, *d.test, d.mean, ex, device, members)
         for k in active:
@@ -332,6 +384,7 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         train_time_s=train_time, wall_time_s=wall,
         peak_memory_bytes=peak,  # the process's: a group's members share it
         amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
+        pad_input=ex.pad_input if group_size > 1 else 0,  # a lone net is never padded
         train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
         data_source=arrays.source, data_sha256=arrays.sha256, data_official=arrays.official,
     ) | records.environment(ex.device)
@@ -370,6 +423,13 @@ def _rng_state(device: torch.device) -> dict:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def record_unfinished(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
+    """The row of a group member after its group raised: its own record if it had finished (diverged
+    members are written as they diverge), else a failed row (record_failure). The executors' one rule."""
+    row = records.recorded(out, spec.run_id)
+    return row if row is not None and row["status"] in records.DONE else record_failure(spec, out, ex, exc)
 
 
 def record_failure(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:

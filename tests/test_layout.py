@@ -1,0 +1,71 @@
+"""The layout a reader relies on: data flows one way (ARCHITECTURE.md), so the packages import downwards.
+
+Imports are read from the source (every ``import`` and ``from ... import``, also inside functions,
+where the deferred imports of the CLI live), not from what a run happened to load.
+"""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports (bench.x or resnet.x as 'x')."""
+    modules = {p.stem for p in (ROOT / package).glob("*.py")}
+    graph = {}
+    for name in modules:
+        found = set()
+        for node in ast.walk(ast.parse((ROOT / package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.level:  # from .blocks import ...
+                    found.add(node.module.split(".")[0])
+                elif node.module == package:
+                    found |= {a.name for a in node.names if a.name in modules}
+                elif node.module.startswith(package + "."):
+                    found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(package + ".")}
+        graph[name] = found - {name, "__init__", "__main__"}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that ends where it started), or None."""
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert _cycle({"sweep": {"slurm", "train"}, "slurm": {"train", "sweep"}, "train": set()}) == ["slurm", "sweep", "slurm"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_in_bench_or_resnet():
+    for package in ("bench", "resnet"):
+        assert _cycle(_imports(package)) is None, package
+
+
+def test_the_networks_know_nothing_of_the_benchmark():
+    for path in (ROOT / "resnet").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [n for n in names if n == "bench" or n.startswith("bench.")], path.name
