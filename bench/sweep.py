@@ -212,6 +212,15 @@ def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
     return table.drop(columns="run_id")
 
 
+def _fs_time(out: Path) -> float:
+    """The filesystem's time (claims.fs_now: heartbeats are its timestamps), or this node's clock where the
+    claims folder cannot be written (a read-only copy of a results folder)."""
+    try:
+        return claims.fs_now(out)
+    except OSError:
+        return time.time()
+
+
 def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     """One row per run of the folder (its sweep.toml's grid plus anything recorded): model, seed,
     state (ok / diverged / failed / running / pending / interrupted), who holds it, Slurm job id.
@@ -241,7 +250,7 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
         queue = slurm.queue_states(jobs.values()) if jobs else {}
     except (OSError, RuntimeError):  # no squeue here: report the job ids without their state
         queue = {}
-    now = time.time()
+    now = _fs_time(out) if holders else time.time()
     for rid, row in rows.items():
         ckpt = records.paths(out, rid)["ckpt"]
         job_state = queue.get(jobs.get(rid, ""))
@@ -258,7 +267,7 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
             state = "running" if now - ckpt.stat().st_mtime < fresh_s else "interrupted"
         else:
             state = "pending"
-        row.update(status=state, held_by=claims.describe(claim) if claim and rid not in recorded else None,
+        row.update(status=state, held_by=claims.describe(claim, now) if claim and rid not in recorded else None,
                    slurm_job=jobs.get(rid), slurm_state=job_state)
     return pd.DataFrame(list(rows.values()),
                         columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state"])

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import claims, data, records
+from bench import data, records
 from bench.report import build_report
 from bench.specs import Execution, RunSpec
 from bench.train import run_one
@@ -158,123 +158,6 @@ def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_report(tmp_pa
     assert "layer_responses" in rep.figures and "refused" in (tmp_path / "r" / "report" / "report.md").read_text()
 
 
-# -- one trainer per run -----------------------------------------------------------------------------
-
-def _write_claim(out, run_id, **fields):
-    import json
-    import socket
-    import time
-
-    claims.folder(out).mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    claim = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), slurm_task=None, token="other",
-                 started=now, heartbeat=now, stale_after_s=claims.STALE_MIN_S) | fields
-    claims.path(out, run_id).write_text(json.dumps(claim))
-
-
-def test_a_claimed_run_is_skipped_named_and_untouched(tmp_path, tiny):
-    from bench.sweep import run_local, status
-
-    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
-    holder = claims.Claim(tmp_path, spec.run_id)
-    holder.acquire()  # this live process holds it
-    with pytest.raises(claims.Claimed, match=rf"being trained by .* pid {os.getpid()}"):
-        run_one(spec, tmp_path, CPU, progress=False)
-    lines = []
-    run_local([spec], tmp_path, CPU, progress=False, log=lines.append)
-    assert "skipped" in lines[0] and not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
-    st = status(tmp_path).set_index("run_id").loc[spec.run_id]
-    assert st["status"] == "running" and f"pid {os.getpid()}" in st["held_by"]
-    holder.release()
-    assert run_one(spec, tmp_path, CPU, progress=False)["status"] == "ok"
-    assert not claims.path(tmp_path, spec.run_id).exists()  # released when done
-    with pytest.raises(claims.Skip, match=rf"^{spec.run_id} is already recorded \(ok\)$"):  # never trained twice
-        run_one(spec, tmp_path, CPU, progress=False)
-
-
-def test_a_run_taken_over_while_training_stops_and_writes_nothing(tmp_path, tiny, monkeypatch):
-    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
-
-    def beat(self, interval_s):  # as if another sweep had found this heartbeat stale and taken the run
-        raise claims.Claimed(f"{self.run_id} was taken over")
-
-    monkeypatch.setattr(claims.Claim, "beat", beat)
-    with pytest.raises(claims.Claimed, match=rf"^{spec.run_id} was taken over$"):
-        run_one(spec, tmp_path, CPU, progress=False)
-    assert not any(p.exists() for p in records.paths(tmp_path, spec.run_id).values())  # its records are the new holder's
-
-
-def test_stale_claims_are_taken_over(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-    import time
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    cases = [  # (claim fields, may another trainer take it?)
-        (dict(pid=dead.pid), True),  # its process on this host is gone (kill -9, crash)
-        (dict(host="elsewhere", pid=1), False),  # a live heartbeat elsewhere
-        (dict(host="elsewhere", pid=1, heartbeat=time.time() - 301), True),  # silent for > stale_after_s
-        (dict(host="elsewhere", pid=1, slurm_task="77_3"), True),  # our own Slurm task, requeued
-    ]
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    for i, (fields, free) in enumerate(cases):
-        _write_claim(tmp_path, f"r{i}", **fields)
-        c = claims.Claim(tmp_path, f"r{i}")
-        if free:
-            c.acquire()
-            assert claims.read(tmp_path, f"r{i}")["token"] == c.token
-        else:
-            with pytest.raises(claims.Claimed, match="elsewhere pid 1"):
-                c.acquire()
-            assert claims.read(tmp_path, f"r{i}")["token"] == "other"
-
-
-def test_stale_rule_follows_the_holders_evaluation_intervals(tmp_path):
-    c = claims.Claim(tmp_path, "r")
-    c.acquire()
-    assert claims.read(tmp_path, "r")["stale_after_s"] == claims.STALE_FIRST_S == 1800
-    c.beat(100.0)
-    assert claims.read(tmp_path, "r")["stale_after_s"] == 500  # 5 x the longest interval
-    c.beat(10.0)
-    assert claims.read(tmp_path, "r")["stale_after_s"] == 500
-    d = claims.Claim(tmp_path, "s")
-    d.acquire()
-    d.beat(1.0)
-    assert claims.read(tmp_path, "s")["stale_after_s"] == claims.STALE_MIN_S == 300
-
-
-def test_a_trainer_whose_claim_was_taken_over_stops_and_leaves_it(tmp_path):
-    c = claims.Claim(tmp_path, "r")
-    c.acquire()
-    _write_claim(tmp_path, "r", host="elsewhere", token="new-holder")  # taken over while we stalled
-    with pytest.raises(claims.Claimed, match="taken over by elsewhere"):
-        c.beat(1.0)
-    c.release()
-    assert claims.read(tmp_path, "r")["token"] == "new-holder"
-
-
-@pytest.mark.slow  # subprocesses: left out of mutation runs
-def test_two_sweeps_on_one_folder_train_each_run_exactly_once(tmp_path):
-    import re
-    import subprocess
-    import sys
-
-    args = [sys.executable, "-m", "bench", "sweep", "--dataset", "synthetic", "--models", "plain,resnet", "--depths",
-            "8", "--seeds", "0,1", "--width", "0.25", "--batch-size", "32", "--train-size", "256", "--val-size", "64",
-            "--test-size", "64", "--iterations", "16", "--eval-every", "8", "--device", "cpu", "--out", str(tmp_path)]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    trained = [m for o in outs for m in re.findall(r"\] (\w+)\s+seed (\d): ok", o)]
-    assert sorted(trained) == sorted([(m, s) for m in ("plain8", "resnet8") for s in "01"]), outs
-    assert all("skipped" in o or o.count(": ok") == 4 for o in outs)
-    runs = records.load(tmp_path)[0]
-    assert len(runs) == 4 and (runs["status"] == "ok").all()
-    assert list((tmp_path / "claims").glob("*.json")) == []
-
-
 # -- which copy of the data -------------------------------------------------------------------------
 
 def test_rows_say_which_copy_of_the_data_they_used(tmp_path, cifar_root, tiny):
@@ -300,17 +183,3 @@ def test_fingerprint_covers_every_byte_and_checks_published_md5(tmp_path):
     import hashlib
 
     assert data.fingerprint("python10", fake)[0] == hashlib.sha256(fake.read_bytes()).hexdigest()
-
-
-@pytest.mark.slow  # subprocesses: left out of mutation runs
-def test_the_parallel_executor_skips_a_claimed_run_without_recording_a_failure(tmp_path, tiny):
-    from bench.sweep import run_parallel
-
-    spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")
-    held = claims.Claim(tmp_path, spec.run_id)
-    held.acquire()  # this (live) test process holds it
-    lines = []
-    run_parallel([spec], tmp_path, CPU, [{}, {}], log=lines.append)
-    assert len(lines) == 1 and "skipped" in lines[0]
-    assert not (tmp_path / "runs").exists()  # neither trained nor recorded as failed
-    held.release()
