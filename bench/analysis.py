@@ -3,35 +3,55 @@
 ``layer_response_std``: He et al. 2015 Fig. 7, the standard deviation of each 3x3 conv layer's
 response (after BN, before the addition and the ReLU) on the test set, per layer index.
 
-``lesion_study``: Veit, Wilber and Belongie 2016: test error with one block deleted (each block in
-turn), and with k random blocks deleted together (k = 1..n, ``draws`` random sets each).
+``lesion_errors``: Veit, Wilber and Belongie 2016: test error with blocks deleted at test time.
+Plain and residual twins are compared on the same block positions: the blocks that keep their
+input's shape (every block but each stage's first, downsampling one), which both can lose (a
+residual block becomes its shortcut and final ReLU, a plain one the identity). Each such block is
+deleted alone (``mode="single"``), and k of them together (``mode="random"``): ``draws`` random
+sets for each k, from a generator seeded by (run seed, k), so two seeds lose different sets and a
+rerun the same ones; where fewer distinct sets exist than ``draws``, each is taken once. A
+residual net's downsampling blocks (deletable there, not in a plain net) are reported apart
+(``position="downsampling"``). By default on the whole test set (Veit et al. used all 10,000).
 
-``shattered``: Balduzzi et al. 2017, "The Shattered Gradients Problem". Our definition: from a
-test image x0 walk a straight line x_t = x0 + t * h * u, t = 0..T-1, with u a random direction of
-unit norm per pixel (||u|| = sqrt(D)) and step h; at each point take the gradient of the logit of
-the class the net predicts at x0 with respect to the input, g_t (a D-vector). The measure is the
-mean cosine similarity of neighbouring gradients, mean_t cos(g_t, g_{t+1}): 1 for a linear map
-(a constant gradient), about 0 for gradients that are independent noise. Computed in evaluation
-mode (BN's running statistics), after training and, from the run's seed, at initialisation.
+``shattered``: Balduzzi et al. 2017, "The Shattered Gradients Problem". Exactly: for a test image
+x0 (normalised as in training), a random direction u with one unit of norm per pixel
+(||u|| = sqrt(D)) and a step h (in normalised units, whose pixel spread is ~0.25), take the input
+gradient g_t of f(x) = z_c(x) - mean_j z_j(x) at the points x_t = x0 + t h u, t = -T..T, where z
+are the logits and c the class predicted at x0 (subtracting the mean logit removes the part of
+the gradient every class shares). The measure at distance d = k h is the cosine similarity of the
+gradient at the image and at distance d, averaged over both directions:
+C(d) = (cos(g_0, g_k) + cos(g_0, g_-k)) / 2. C(0) = 1; a linear map keeps C = 1 at every
+distance; gradients that decorrelate with distance ("shattered") fall towards 0. Computed in
+evaluation mode, after training (BN's running statistics) and at initialisation, from the run's
+seed, with BN's statistics first filled from real training images (``calibrate_bn``): a fresh BN
+layer's running statistics (mean 0, variance 1) would make it the identity, and the initial net a
+net without BN.
 """
 from __future__ import annotations
 
+import math
+from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import resnet
 from bench import data, records
-from bench.specs import RunSpec
+from bench.specs import Execution, RunSpec
+
+CALIBRATION_IMAGES = 512  # training images whose batch statistics an initial net's BN layers get
+LINE_STEPS = 32  # T: points on each side of the image
+LINE_STEP = 0.002  # h, per pixel in normalised units: the line spans +-0.064, a quarter of the pixel spread
+LESION_DRAWS = 10
 
 
 def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | None, what: str):
-    """(run row, spec, trained net, test images, their labels, pixel mean) of each ok run with readable weights.
-
-    The data set is found through ``data_root``, else the runs' recorded ``data_source``.
-    """
+    """(run row, spec, trained net, test images, their labels, pixel mean, training images) of each ok
+    run with readable weights. The data set is found through ``data_root``, else the runs' recorded
+    ``data_source``. The test images are all of the set's (the run's recipe may have used fewer)."""
     arrays_by_set: dict = {}
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     for _, run in ok.iterrows():
@@ -53,11 +73,10 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
         arrays = arrays_by_set[spec.dataset]
         r = spec.recipe
         train_x = data.split(arrays, r.val_size, r.train_size)["train"][0]
-        n = r.test_size or len(arrays.test_x)
         net = resnet.build(spec.model, saved["num_classes"], width=spec.width, shortcut=spec.shortcut,
                            in_channels=saved["in_channels"])
         net.load_state_dict(saved["model"])
-        yield run, spec, net.eval(), arrays.test_x[:n], arrays.test_y[:n], data.pixel_mean(train_x)
+        yield run, spec, net.eval(), arrays.test_x, arrays.test_y, data.pixel_mean(train_x), train_x
 
 
 def _ids(run, spec) -> dict:
@@ -74,87 +93,165 @@ def layer_response_std(results_dir: Path, runs: pd.DataFrame, *, data_root=None,
     weights file cannot be read safely, with a line in ``notes`` saying why.
     """
     rows = []
-    for run, spec, net, x, _, mean in _saved_nets(results_dir, runs, data_root, notes, "Figure 7"):
+    for run, spec, net, x, _, mean, _ in _saved_nets(results_dir, runs, data_root, notes, "Figure 7"):
         if spec.arch.preact:
             continue  # pre-activation blocks have no "after BN, before addition" response
-        batches = data.eval_batches(x[:max_images], mean, batch_size, torch.device("cpu"))
+        x = x[: min(max_images, spec.recipe.test_size or len(x))]
+        batches = data.eval_batches(x, mean, batch_size, torch.device("cpu"))
         for i, (name, std) in enumerate(resnet.layer_responses(net, batches), 1):
             rows.append(dict(run_id=run["run_id"], model=spec.model, kind=spec.arch.kind, depth=spec.arch.depth,
                              seed=spec.seed, layer=i, layer_name=name, std=std))
     return pd.DataFrame(rows, columns=["run_id", "model", "kind", "depth", "seed", "layer", "layer_name", "std"])
 
 
+# -- BN at initialisation ------------------------------------------------------------------------------
+
 @torch.no_grad()
-def _error(net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, batch_size: int = 500) -> float:
+def calibrate_bn(net: nn.Module, batches) -> nn.Module:
+    """Fill every BN layer's running statistics from ``batches``: train-mode passes without gradients, each
+    layer's statistics the cumulative (equal-weight) average over the batches; then evaluation mode. The
+    weights do not change. An initial net measured "at initialisation" is then the net with its BN."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    net.train()
+    try:
+        for x in batches:
+            net(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+    return net.eval()
+
+
+def calibration_batches(train_x: torch.Tensor, mean: torch.Tensor, images: int = CALIBRATION_IMAGES,
+                        batch_size: int = 128):
+    """The first ``images`` training images, normalised as in training, un-augmented, in batches."""
+    return list(data.eval_batches(train_x[:images], mean, batch_size, torch.device("cpu")))
+
+
+# -- lesions --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _error(net, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Execution, batch_size: int) -> float:
+    from bench.steps import autocast
+
     wrong = 0
-    for i, xb in enumerate(data.eval_batches(x, mean, batch_size, torch.device("cpu"))):
-        wrong += int((net(xb).argmax(1) != y[i * batch_size: i * batch_size + len(xb)]).sum())
+    cpu = torch.device("cpu")
+    for i, xb in enumerate(data.eval_batches(x, mean, batch_size, cpu, ex.channels_last)):
+        with autocast(ex.amp, cpu):
+            wrong += int((net(xb).argmax(1) != y[i * batch_size: i * batch_size + len(xb)]).sum())
     return wrong / len(x)
 
 
-def lesion_errors(net, x, y, mean, *, draws: int = 3, seed: int = 0) -> list[dict]:
-    """Rows: test error with each deletable block deleted alone (``mode="single"``, ``block``), and with
-    k random deletable blocks deleted together (``mode="random"``, ``k``, ``draw``); k = 0 is the intact net."""
+def lesion_ks(n: int) -> list[int]:
+    """The numbers k of blocks deleted together: every k up to 8, then powers of two and n."""
+    return sorted({k for k in range(1, min(n, 8) + 1)} | {2 ** i for i in range(4, 16) if 2 ** i < n} | {n}) if n else []
+
+
+def lesion_sets(same: list[int], seed: int, k: int, draws: int) -> list[tuple[int, ...]]:
+    """``draws`` random sets of k blocks out of ``same``, from a generator seeded by (seed, k); all of
+    them, once each, where there are no more than ``draws``."""
+    if math.comb(len(same), k) <= draws:
+        return [tuple(c) for c in combinations(same, k)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+    return [tuple(sorted(same[j] for j in torch.randperm(len(same), generator=g)[:k].tolist())) for _ in range(draws)]
+
+
+def lesion_errors(net, x, y, mean, *, seed: int, draws: int = LESION_DRAWS, ex: Execution | None = None,
+                  batch_size: int = 1000) -> list[dict]:
+    """Rows (see the module docstring): ``mode`` intact | single | random, ``position`` same | downsampling,
+    ``k`` blocks deleted, ``draw``, ``blocks`` (the deleted block indices, as text), ``error``."""
+    ex = ex or Execution()
     net = net.eval()
-    deletable = [i for i, b in enumerate(resnet.blocks(net)) if resnet.deletable(b)]
-    rows = [dict(mode="random", k=0, draw=0, block=-1, error=_error(net, x, y, mean))]
-    for i in deletable:
-        rows.append(dict(mode="single", k=1, draw=0, block=i, error=_error(resnet.lesioned(net, [i]), x, y, mean)))
-    g = torch.Generator().manual_seed(seed)
-    for k in range(1, len(deletable) + 1):
-        for d in range(draws):
-            pick = [deletable[j] for j in torch.randperm(len(deletable), generator=g)[:k].tolist()]
-            rows.append(dict(mode="random", k=k, draw=d, block=-1,
-                             error=_error(resnet.lesioned(net, pick), x, y, mean)))
+    fmt = torch.channels_last if ex.channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    blocks = resnet.blocks(net)
+    same = [i for i, b in enumerate(blocks) if not resnet.changes_shape(b)]
+    down = [i for i, b in enumerate(blocks) if resnet.changes_shape(b) and resnet.deletable(b)]
+
+    def row(mode, position, drop, draw=0):
+        err = _error(resnet.lesioned(net, drop) if drop else net, x, y, mean, ex, batch_size)
+        return dict(mode=mode, position=position, k=len(drop), draw=draw, blocks=",".join(map(str, drop)), error=err)
+
+    rows = [row("intact", "none", [])]
+    rows += [row("single", "same", [i]) for i in same] + [row("single", "downsampling", [i]) for i in down]
+    for k in lesion_ks(len(same)):
+        rows += [row("random", "same", list(s), d) for d, s in enumerate(lesion_sets(same, seed, k, draws))]
     return rows
 
 
-def neighbour_correlation(grads: torch.Tensor) -> float:
-    """Mean cosine similarity of consecutive rows of ``grads`` (T, D): 1 when constant, ~0 for noise."""
-    g = grads.flatten(1).double()
-    return float(F.cosine_similarity(g[:-1], g[1:], dim=1).mean())
+# -- shattered gradients ------------------------------------------------------------------------------
 
-
-def line_gradients(net, x0: torch.Tensor, *, steps: int = 64, step: float = 0.01, seed: int = 0) -> torch.Tensor:
-    """(steps, D): the input gradient of the logit of the class predicted at ``x0``, along a random line."""
+def line_gradients(net, x0: torch.Tensor, *, steps: int = LINE_STEPS, step: float = LINE_STEP,
+                   seed: int = 0) -> torch.Tensor:
+    """(2 steps + 1, D): the input gradients of z_c - mean_j z_j at x0 + t step u, t = -steps..steps
+    (row ``steps`` is the image itself); see the module docstring."""
     net = net.eval()
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(x0.shape, generator=g)
-    u *= u.numel() ** 0.5 / u.norm()  # unit norm per pixel
-    points = x0[None] + step * torch.arange(steps, dtype=x0.dtype)[:, None, None, None] * u[None]
-    points.requires_grad_(True)
+    u *= u.numel() ** 0.5 / u.norm()  # one unit of norm per pixel
+    t = torch.arange(-steps, steps + 1, dtype=x0.dtype)
+    points = (x0[None] + step * t[:, None, None, None] * u[None]).requires_grad_(True)
     with torch.no_grad():
         cls = int(net(x0[None]).argmax(1))
-    net(points)[:, cls].sum().backward()  # eval mode: each point's logit depends on that point only
+    z = net(points)
+    (z[:, cls] - z.mean(1)).sum().backward()  # eval mode: each point's output depends on that point only
     return points.grad.flatten(1)
 
 
-def shattered(net, x: torch.Tensor, mean: torch.Tensor, *, images: int = 8, steps: int = 64, step: float = 0.01) -> list[float]:
-    """neighbour_correlation of line_gradients from each of the first ``images`` test images."""
-    normed = x[:images].float() / 255 - mean
-    return [neighbour_correlation(line_gradients(net, img, steps=steps, step=step, seed=i)) for i, img in enumerate(normed)]
+def correlation_by_distance(grads: torch.Tensor) -> list[float]:
+    """C(k), k = 0..T, of ``line_gradients`` output (2T + 1 rows, the image in the middle)."""
+    g = grads.double()
+    mid = (len(g) - 1) // 2
+    cos = F.cosine_similarity(g[mid][None], g, dim=1)  # (2T + 1,)
+    return [float((cos[mid + k] + cos[mid - k]) / 2) for k in range(mid + 1)]
 
+
+def shattered(net, x: torch.Tensor, mean: torch.Tensor, *, images: int = 8, steps: int = LINE_STEPS,
+              step: float = LINE_STEP) -> list[dict]:
+    """Rows image, distance (k h, per pixel), correlation C(k h) for the first ``images`` test images."""
+    normed = x[:images].float() / 255 - mean
+    rows = []
+    for i, img in enumerate(normed):
+        for k, c in enumerate(correlation_by_distance(line_gradients(net, img, steps=steps, step=step, seed=i))):
+            rows.append(dict(image=i, k=k, distance=k * step, correlation=c))
+    return rows
+
+
+# -- the command ----------------------------------------------------------------------------------------
 
 def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: bool = True, shattered_: bool = True,
-             max_images: int = 2_000, draws: int = 3, images: int = 8, progress: bool = True,
-             notes: list | None = None) -> dict[str, pd.DataFrame]:
-    """Write analysis/lesion.parquet and analysis/shattered.parquet for the folder's ok runs; return them."""
+             max_images: int | None = None, draws: int = LESION_DRAWS, images: int = 8, progress: bool = True,
+             notes: list | None = None, ex: Execution | None = None) -> dict[str, pd.DataFrame]:
+    """Write analysis/lesion.parquet and analysis/shattered.parquet for the folder's ok runs; return them.
+
+    ``max_images``: test images for the lesions (None: the whole test set). ``ex``: how evaluation runs
+    (on the CPU; bf16 and channels_last where the CPU has native bf16, as training does)."""
     from tqdm.auto import tqdm
 
+    ex = ex or Execution.for_device("cpu")
     results_dir = Path(results_dir)
     les, sha = [], []
     n = int((runs["status"] == "ok").sum()) if "status" in runs else len(runs)
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
-    for run, spec, net, x, y, mean in _saved_nets(results_dir, runs, data_root, notes, "diagnose"):
+    for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose"):
+        x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
         if lesion and not spec.arch.preact:
-            les += [_ids(run, spec) | r for r in lesion_errors(net, x[:max_images], y[:max_images], mean, draws=draws)]
+            les += [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
+                    for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
         if shattered_:
             torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
             init = resnet.build(spec.model, net.fc.out_features, width=spec.width, shortcut=spec.shortcut,
                                 in_channels=x.shape[1])
+            calibrate_bn(init, calibration_batches(train_x, mean))
+            bn = {"init": f"calibrated on {min(CALIBRATION_IMAGES, len(train_x))} training images",
+                  "trained": "running averages of training"}
             for state, model in (("init", init), ("trained", net)):
-                for i, c in enumerate(shattered(model, x, mean, images=images)):
-                    sha.append(_ids(run, spec) | dict(state=state, image=i, correlation=c))
+                for r in shattered(model, x, mean, images=images):
+                    sha.append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
         bar.update()
     bar.close()
     out = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 import resnet
+from bench.analysis import LESION_DRAWS
 from bench.data import DATASETS, DataError
 from bench.fuse import FUSE_HELP, parse_fuse
 
@@ -428,17 +429,22 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
               help="Data set  [default: the runs' recorded data_source, else $RESBENCH_DATA]")
 @click.option("--lesion/--no-lesion", default=True, help="Test error with blocks deleted (Veit et al. 2016).")
 @click.option("--shattered/--no-shattered", default=True,
-              help="Correlation of neighbouring input gradients, at init and trained (Balduzzi et al. 2017).")
-@click.option("--max-images", type=COUNT, default=2000, help="Test images for the lesion study.")
+              help="Correlation of input gradients against distance along a line through test images, at "
+                   "initialisation and trained (Balduzzi et al. 2017).")
+@click.option("--max-images", type=COUNT, default=None, help="Test images for the lesion study  [default: all]")
+@click.option("--draws", type=COUNT, default=LESION_DRAWS,
+              help="Random sets of k deleted blocks per k (seeded by the run's seed and k).")
 @friendly_errors
-def diagnose(results_dir, data_root, lesion, shattered, max_images):
+def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
     """Why plain nets degrade: lesion study and shattered gradients from the saved weights.
 
     Writes RESULTS_DIR/analysis/lesion.parquet and shattered.parquet; `resbench report` draws them.
+    Needs the runs' weights (RESULTS_DIR/weights/, written by the sweep; the committed references
+    keep none). Runs on the CPU, in bf16 where the CPU has native bf16.
 
     \b
     Example:
-      resbench diagnose results/smoke
+      resbench diagnose results/smoke && resbench report results/smoke
     """
     from bench import records
     from bench.analysis import diagnose as run_diagnose
@@ -449,7 +455,7 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images):
     runs, _ = records.load(results_dir)
     notes: list = []
     out = run_diagnose(results_dir, runs, data_root=data_root, lesion=lesion, shattered_=shattered,
-                       max_images=max_images, progress=sys.stderr.isatty(), notes=notes)
+                       max_images=max_images, draws=draws, progress=sys.stderr.isatty(), notes=notes)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     if not out:

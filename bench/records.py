@@ -7,6 +7,8 @@ Layout of a results folder (each worker writes only its own files):
     curves/<run_id>.parquet   one row per evaluation point
     weights/<run_id>.pt       final weights (state_dict + spec)
     ckpt/<run_id>.pt          in-progress checkpoint, deleted when the run finishes
+    layers/<run_id>.parquet   one row per evaluation point and weighted layer (weight, gradient norms)
+    signals/<run_id>.parquet  one row per evaluation point and block (backward signal at its output)
 
 Every file is written to a temporary name in the same folder and renamed into place
 (``os.replace`` is atomic on POSIX), so a killed process never leaves a half-written table.
@@ -31,8 +33,11 @@ CURVE_COLUMNS = ["run_id", "iteration", "epoch", "lr", "train_loss", "train_err"
                  "train_time_s", "img_per_s"]
 
 
-# columns of a layers row (one per run x evaluation point x weighted layer)
-LAYER_COLUMNS = ["run_id", "iteration", "layer", "layer_name", "weight_norm", "grad_norm", "update_ratio"]
+# columns of a layers row (one per run x evaluation point x weighted layer; bench.fuse.Members.layer_rows)
+LAYER_COLUMNS = ["run_id", "iteration", "layer", "layer_name", "weight_norm", "grad_norm", "update_ratio", "grad_rms",
+                 "grad_x_weight"]
+# columns of a signals row (one per run x evaluation point x block; bench.fuse.Members.signal_rows)
+SIGNAL_COLUMNS = ["run_id", "iteration", "block", "block_name", "signal_rms", "batches"]
 
 
 def atomic_write(path: Path, write) -> None:
@@ -95,6 +100,7 @@ def paths(out: Path, run_id: str) -> dict[str, Path]:
         "curves": out / "curves" / f"{run_id}.parquet",
         "weights": out / "weights" / f"{run_id}.pt",
         "layers": out / "layers" / f"{run_id}.parquet",
+        "signals": out / "signals" / f"{run_id}.parquet",
         "ckpt": out / "ckpt" / f"{run_id}.pt",
     }
 
@@ -193,6 +199,11 @@ def recorded(out: Path, run_id: str) -> dict | None:
 def load_layers(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The per-layer rows (weight and gradient norms at evaluation points) of a results folder."""
     return _read_folder(Path(results_dir) / "layers")
+
+
+def load_signals(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """The per-block rows (backward signals at evaluation points) of a results folder."""
+    return _read_folder(Path(results_dir) / "signals")
 
 
 def finished(out: Path) -> dict[str, str]:

@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench import published, records  # noqa: E402
-
-NET = {True: "residual", False: "plain"}
+from bench import report_why as why  # noqa: E402
+from bench.report_why import NET, _model  # noqa: E402
 
 
 class ReportError(Exception):
@@ -112,19 +112,11 @@ def throughput(runs: pd.DataFrame, compare: str | None = None):
     return fig
 
 
-def _with_model(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """``df`` with a "model" label such as plain-20, and the labels in order (plain first, by depth),
-    so each net keeps one colour in every panel."""
-    df = df.assign(model=df["net"] + "-" + df["depth"].astype(str))
-    order = sorted(df["model"].unique(), key=lambda m: (m.split("-")[0], int(m.split("-")[1])))
-    return df, order
-
-
 def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None = None):
     """He et al. Fig. 7: std of layer responses against layer index, plain against residual (line
     style: plain/residual, or the compared value when comparing)."""
     df = resp.merge(runs[["run_id", "net"] + ([COMPARE] if compare else [])], on="run_id")
-    df, order = _with_model(df)
+    df, order = _model(df)
     style = dict(hue="model", hue_order=order, errorbar="sd",
                  **(_style(df, compare) or dict(style="net", style_order=["plain", "residual"])))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
@@ -340,73 +332,17 @@ def _compared(runs: pd.DataFrame, dirs: list[Path], compare_by: str | None, rep:
     return column
 
 
-def _analysis(dirs: list[Path], name: str, runs: pd.DataFrame) -> pd.DataFrame | None:
-    frames = [pd.read_parquet(d / "analysis" / f"{name}.parquet") for d in dirs
-              if (d / "analysis" / f"{name}.parquet").exists()]
-    if not frames:
-        return None
-    df = pd.concat(frames, ignore_index=True)
-    df = df[df["run_id"].isin(runs["run_id"])]
-    return df.assign(net=df["residual"].map(lambda r: NET[bool(r)]))
-
-
 def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
-    """Per-layer gradient norms recorded in training, and figures of `resbench diagnose` output."""
-    layers = pd.concat([records.load_layers(d) for d in dirs], ignore_index=True)
-    if len(layers):
-        layers = layers.merge(runs[["run_id", "net", "depth"]], on="run_id")
-        if len(layers):
-            rep.figures["gradient_norms"] = gradient_norm_figure(layers)
-    les = _analysis(dirs, "lesion", runs)
-    if les is not None and len(les):
-        rep.figures["lesion"] = lesion_figure(les)
-    sha = _analysis(dirs, "shattered", runs)
-    if sha is not None and len(sha):
-        rep.figures["shattered"] = shattered_figure(sha)
-
-
-def gradient_norm_figure(layers: pd.DataFrame):
-    """Gradient norm against layer index at the first, middle and last evaluation points; plain | residual."""
-    its = sorted(layers["iteration"].unique())
-    picked = sorted({its[0], its[len(its) // 2], its[-1]})
-    df, _ = _with_model(layers[layers["iteration"].isin(picked)])
-    g = sns.relplot(data=df, kind="line", x="layer", y="grad_norm", hue="iteration", palette="crest", style="model",
-                    col="net", col_order=[c for c in ("plain", "residual") if c in set(df["net"])], errorbar="sd",
-                    height=3.4, aspect=1.2, facet_kws=dict(sharey=True))
-    g.set(yscale="log")
-    g.set_titles("{col_name}")
-    g.figure.suptitle("Gradient norm per layer during training (He et al. sec. 4.1: with BN, plain nets' "
-                      "gradients do not vanish)", y=1.04)
-    return g.figure
-
-
-def lesion_figure(les: pd.DataFrame):
-    """Test error with one block deleted (against the block) and with k random blocks deleted."""
-    les, order = _with_model(les.assign(**{"test error (%)": 100 * les["error"]}))
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
-    style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd", marker="o")
-    sns.lineplot(data=les[les["mode"] == "single"], x="block", y="test error (%)", ax=axes[0], legend=False, **style)
-    axes[0].set_title("one block deleted (dotted: the intact net)")
-    intact = les[(les["mode"] == "random") & (les["k"] == 0)]
-    for model, g in intact.groupby("model"):
-        axes[0].axhline(100 * g["error"].mean(), ls=":", lw=1, color=sns.color_palette()[order.index(model) % 10])
-    sns.lineplot(data=les[les["mode"] == "random"], x="k", y="test error (%)", ax=axes[1], **style)
-    axes[1].set_title("k random blocks deleted")
-    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle("Lesion study (Veit et al. 2016): test error with blocks deleted at test time")
-    fig.tight_layout()
-    return fig
-
-
-def shattered_figure(sha: pd.DataFrame):
-    """Correlation of neighbouring input gradients against depth, at initialisation and trained."""
-    g = sns.relplot(data=sha, kind="line", x="depth", y="correlation", hue="net", hue_order=["plain", "residual"],
-                    col="state", col_order=[c for c in ("init", "trained") if c in set(sha["state"])], marker="o",
-                    errorbar="sd", height=3.4, aspect=1.1)
-    g.set_titles("{col_name}")
-    g.figure.suptitle("Shattered gradients (Balduzzi et al. 2017): correlation of neighbouring input gradients",
-                      y=1.04)
-    return g.figure
+    """Gradients recorded in training and what `resbench diagnose` measured (bench.report_why)."""
+    parts = why.gather(dirs, runs, rep.notes)
+    if "layers" in parts or "signals" in parts:
+        rep.figures["gradients"] = why.gradient_figure(parts.get("layers"), parts.get("signals"))
+    if "lesion" in parts:
+        rep.figures["lesion"] = why.lesion_figure(parts["lesion"])
+    if "shattered" in parts:
+        rep.figures["shattered"] = why.shattered_figure(parts["shattered"])
+    if parts:
+        rep.tables["why"] = why.why_table(parts, runs)
 
 
 def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
@@ -461,12 +397,22 @@ CAPTIONS = {
     "throughput": "Training throughput (median over timed windows; warm-up and evaluation excluded).",
     "layer_responses": "Std of layer responses in the style of He et al. Fig. 7.",
     "profile": "resbench profile: training img/s by configuration.",
-    "gradient_norms": "Norm of each weighted layer's gradient at evaluation points (He et al. 2015, sec. 4.1, argue "
-                      "the degradation is not vanishing gradients).",
+    "gradients": "Gradients at each run's last evaluation point: per-parameter RMS of each weighted layer's gradient "
+                 "(comparable across layer sizes), ||g|| ||W|| (unchanged by the scale of a weight in front of BN), "
+                 "and the backward signal at each block's output (the gradient of one image's loss there, RMS over "
+                 "its elements, averaged over two training batches). He et al. 2015 (sec. 4.1) argue that with BN "
+                 "plain nets' backward signals do not vanish, so the degradation is not vanishing gradients: read "
+                 "the signal panel for that.",
     "lesion": "Lesion study (Veit, Wilber and Belongie 2016, Residual Networks Behave Like Ensembles of Relatively "
-              "Shallow Networks): test error with one block, or k random blocks, deleted at test time.",
-    "shattered": "Shattered gradients (Balduzzi et al. 2017): mean cosine similarity of the input gradients at "
-                 "neighbouring points of a line through a test image; 1 for a linear map, near 0 for noise.",
+              "Shallow Networks): test error with one block, or k random blocks, deleted at test time, at the block "
+              "positions plain and residual twins can both lose; a residual net's downsampling blocks apart (x). "
+              "Veit et al.'s reading: a residual net behaves like an ensemble of shallower paths, so losing one "
+              "block costs little, while a plain net is one path.",
+    "shattered": "Shattered gradients (Balduzzi et al. 2017): C(d), the cosine similarity of the input gradient (of the "
+                 "predicted class's logit minus the mean logit) at a test image and at distance d along a random "
+                 "line through it, both directions averaged; 1 for a linear map, towards 0 for gradients that "
+                 "decorrelate (shatter). Initial nets' BN statistics are calibrated on training images first. "
+                 "Balduzzi et al. argue plain nets' gradients shatter with depth and residual nets' far less.",
 }
 
 
@@ -479,6 +425,11 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                  f"Final test error. Source of the published numbers: {published.CITATION}. "
                  "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
                  "set are not comparable, and are marked so."),
+                ("Why do plain nets degrade? Summary of the measures", "why",
+                 "Mean ± sd over seeds (n seeds): each seed's value is first averaged over its blocks, lesion draws, "
+                 "images or layers (medians for the gradients). C(d max): the gradient correlation at the end of "
+                 "the line. 'sd over sets': the spread of the error over random lesion sets within a seed, "
+                 "averaged over seeds, apart from the spread over seeds."),
                 ("Missing, failed and diverged runs", "status", ""),
                 ("Hardware and software", "environment", ""),
                 ("Profile: best configuration per model, mode and batch size", "profile",

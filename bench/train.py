@@ -25,6 +25,9 @@ from bench.fuse import Members
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
 
+SIGNAL_BATCHES = 2  # training batches each evaluation point's backward signals are averaged over
+
+
 class Progress:
     """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
 
@@ -249,6 +252,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     start = cks[0]["iteration"] if cks[0] is not None else 0
     curves = [ck["curves"] if ck else [] for ck in cks]
     layers = [ck.get("layers", []) if ck else [] for ck in cks]  # checkpoints of earlier versions have none
+    signals = [ck.get("signals", []) if ck else [] for ck in cks]
     windows = [ck["windows"] if ck else [] for ck in cks]
     wall_before = [ck["wall_s"] if ck else 0.0 for ck in cks]
     attempts = [1 + max((w.get("attempt", 0) for w in ws), default=-1) for ws in windows]
@@ -281,6 +285,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
                                 in_channels=d.arrays.image_shape[0]), p["weights"])
         records.write_parquet(pd.DataFrame(curves[k], columns=records.CURVE_COLUMNS), p["curves"])
         records.write_parquet(pd.DataFrame(layers[k], columns=records.LAYER_COLUMNS), p["layers"])
+        records.write_parquet(pd.DataFrame(signals[k], columns=records.SIGNAL_COLUMNS), p["signals"])
         records.write_parquet(pd.DataFrame([row]), p["run"])
         p["ckpt"].unlink(missing_ok=True)
         return row
@@ -322,8 +327,14 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         if not active:
             break
         # before evaluation: the gradients of the last step
-        for k, rows in members.layer_rows(opt, {k: specs[k].run_id for k in active}, it + 1).items():
+        ids = {k: specs[k].run_id for k in active}
+        for k, rows in members.layer_rows(opt, ids, it + 1).items():
             layers[k] += rows
+        # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
+        probe = [loaders[0].batch(j) if len(loaders) == 1 else data.group_batch(loaders, j)
+                 for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)]
+        for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
+            signals[k] += rows
         val_err = evaluate(model, *d.val, d.mean, ex, device, members)
         test_err = evaluate(model, *d.test, d.mean, ex, device, members)
         for k in active:
@@ -344,7 +355,8 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             for k in active:
                 records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
                                         optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
-                                        iteration=it + 1, curves=curves[k], layers=layers[k], windows=windows[k],
+                                        iteration=it + 1, curves=curves[k], layers=layers[k], signals=signals[k],
+                                        windows=windows[k],
                                         wall_s=wall_before[k] + time.perf_counter() - t_wall),
                                    records.paths(out, specs[k].run_id)["ckpt"])
         sync(device)

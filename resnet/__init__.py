@@ -21,12 +21,12 @@ from torch import nn
 from .blocks import SHORTCUTS
 from .cifar import cifar_resnet
 from .group import GroupedResNet, group_loss, member_losses, stack, unstack
-from .lesion import blocks, deletable, lesioned
+from .lesion import blocks, changes_shape, deletable, lesioned
 from .imagenet import LAYOUTS, STEMS, imagenet_resnet
 from .stats import count_macs, count_params, layer_responses
 
 __all__ = ["build", "available", "parse", "ModelName", "count_params", "count_macs", "layer_responses",
-           "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "deletable", "lesioned"]
+           "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "changes_shape", "deletable", "lesioned"]
 
 KINDS = ("resnet", "plain", "preresnet", "preplain")
 CIFAR_EXAMPLES = (8, 14, 20, 32, 44, 56, 110, 1202)

@@ -19,12 +19,16 @@ def blocks(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, (BasicBlock, Bottleneck))]
 
 
+def changes_shape(block: nn.Module) -> bool:
+    """Whether the block's output has another shape than its input (a stage's first, downsampling block;
+    in bottleneck nets also the first block of the first stage, which widens the channels)."""
+    first = block.conv1
+    return first.in_channels != block.last_bn().num_features or first.stride != (1, 1)
+
+
 def deletable(block: nn.Module) -> bool:
     """Whether deleting the block leaves a working net (see the module docstring)."""
-    if block.residual:
-        return True
-    first = block.conv1
-    return first.in_channels == block.last_bn().num_features and first.stride == (1, 1)
+    return block.residual or not changes_shape(block)
 
 
 class Deleted(nn.Module):

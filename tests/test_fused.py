@@ -578,3 +578,34 @@ def test_layer_rows_are_each_members_norms_read_in_one_transfer(monkeypatch):
             assert r["update_ratio"] == pytest.approx(0.1 * float(members.split(name, buf)[k].norm()) / r["weight_norm"],
                                                       rel=1e-6)
             assert r["iteration"] == 7 and r["layer"] == members.layers.index(r["layer_name"]) + 1
+
+
+def test_backward_signals_are_each_members_own_and_leave_the_training_state_alone():
+    """signal_rows: the RMS of d(sum of the images' losses)/d(block output), computed by hand for each
+    member alone (float64), the same in the group; BN statistics and the weights' gradients untouched."""
+    nets = []
+    for seed, name in enumerate(["plain8", "resnet8"]):
+        torch.manual_seed(seed)
+        nets.append(resnet.build(name, width=0.25).double())
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64) for _ in nets]
+    ys = [torch.randint(0, 10, (6,), generator=g) for _ in nets]
+    expect = []
+    for net, x, y in zip(nets, xs, ys):
+        outs = []
+        hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in resnet.blocks(net)]
+        loss = torch.nn.functional.cross_entropy(net.train()(x), y, reduction="sum")
+        for h in hooks:
+            h.remove()
+        expect.append([float(d.pow(2).mean().sqrt()) for d in torch.autograd.grad(loss, outs)])
+    members = fuse.Members(nets)
+    before = {n: b.clone() for n, b in members.model.named_buffers()}
+    rows = members.signal_rows([(torch.cat(xs, 1), torch.stack(ys, 1))], amp=False, run_ids={0: "p", 1: "r"},
+                               iteration=3)
+    for k in (0, 1):
+        assert [r["block_name"] for r in rows[k]] == ["stages.0.0", "stages.1.0", "stages.2.0"]
+        assert [r["signal_rms"] for r in rows[k]] == pytest.approx(expect[k], rel=1e-9)
+    assert all(torch.equal(b, before[n]) for n, b in members.model.named_buffers())  # BN running stats put back
+    assert all(p.grad is None for p in members.model.parameters())  # autograd.grad: no .grad written
+    alone = fuse.Members([nets[1]]).signal_rows([(xs[1], ys[1])], amp=False, run_ids={0: "r"}, iteration=3)
+    assert [r["signal_rms"] for r in alone[0]] == pytest.approx(expect[1], rel=1e-9)
