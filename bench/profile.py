@@ -379,9 +379,25 @@ def save(df: pd.DataFrame, out: Path, name: str) -> Path:
 
 # -- drawn by `resbench report` ----------------------------------------------------------------
 
-def profile_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Best img/s per model, mode and batch size (with the configuration that gave it)."""
+def measurements(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (CONFIG_KEYS) and machine: a configuration measured more than once (in one
+    call, or in several files of a folder) counts with the median of its img/s. The one rule by which a
+    profile's number is quoted (the report, --against, the README)."""
     grid = df[(df["mode"] != "train-pipeline") & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
+    if not len(grid):
+        return grid
+    grid = grid.assign(**{k: grid[k] if k in grid else d for k, d in (("group_size", 1), ("pad_input", 0))})
+    grid = grid.assign(machine=_machine(grid))
+    keys = CONFIG_KEYS + ["machine"]
+    medians = grid.groupby(keys, as_index=False, dropna=False)["img_per_s"].median()
+    rest = grid.drop(columns="img_per_s").drop_duplicates(keys)
+    return rest.merge(medians, on=keys)
+
+
+def profile_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Best img/s per model, mode and batch size (with the configuration that gave it), each configuration
+    counted by the median of its measurements (``measurements``)."""
+    grid = measurements(df)
     best = grid.sort_values("img_per_s", ascending=False).groupby(["model", "mode", "batch_size"], sort=False).head(1)
     out = best.assign(
         config=best["precision"] + " / " + best["memory_format"] + " / " + best["execution"],
@@ -463,12 +479,9 @@ def against(new: pd.DataFrame, ref: pd.DataFrame) -> tuple[pd.DataFrame, pd.Data
     """(matched, unmatched): each new measurement beside the reference's median img/s for the same
     configuration (model, batch size, precision, memory format, execution, mode, group size), with
     ratio = this machine / reference; unmatched lists the new configurations the reference lacks."""
-    def grid(df):
-        return df[(df["status"] == "ok") & (df["mode"] != "train-pipeline")].assign(machine=_machine)
-
-    r = grid(ref).groupby(CONFIG_KEYS, as_index=False).agg(ref_img_per_s=("img_per_s", "median"),
-                                                           ref_machine=("machine", "first"))
-    both = grid(new).merge(r, on=CONFIG_KEYS, how="left")
+    r = measurements(ref).groupby(CONFIG_KEYS, as_index=False).agg(ref_img_per_s=("img_per_s", "median"),
+                                                                   ref_machine=("machine", "first"))
+    both = measurements(new).merge(r, on=CONFIG_KEYS, how="left")
     both["ratio"] = both["img_per_s"] / both["ref_img_per_s"]
     cols = CONFIG_KEYS + ["machine", "img_per_s", "ref_machine", "ref_img_per_s", "ratio"]
     matched = both[both["ratio"].notna()][cols].reset_index(drop=True)

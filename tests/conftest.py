@@ -18,13 +18,49 @@ def _cache(tmp_path_factory):
     yield
 
 
+SKIPPED_REAL_DATA: list[str] = []  # why the real-data tests were skipped, said once at the end of the session
+
+
+def _real_cifar() -> tuple[Path | None, str]:
+    """(where the real CIFAR-10 is, as a --data-root: a folder or the archive itself; or None, and why)."""
+    given = os.environ.get("RESBENCH_DATA")
+    root = Path(given).expanduser() if given else SHARED
+    where = f"RESBENCH_DATA={given}" if given else f"{SHARED} (RESBENCH_DATA is not set)"
+    if root.is_file():
+        return (root, "") if root.name.endswith((".tar.gz", ".tgz")) else (None, f"{where} is a file, not a CIFAR-10 archive")
+    if (root / "cifar-10-python.tar.gz").exists() or (root / "cifar-10-batches-py").is_dir():
+        return root, ""
+    return None, f"no cifar-10-python.tar.gz or cifar-10-batches-py/ in {where}"
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
-    """Where the real CIFAR-10 python archive lies: $RESBENCH_DATA, else ../shared/data."""
-    root = Path(os.environ.get("RESBENCH_DATA") or SHARED)
-    if not (root / "cifar-10-python.tar.gz").exists() and not (root / "cifar-10-batches-py").exists():
-        pytest.skip(f"real CIFAR-10 not found under {root} (set RESBENCH_DATA)")
+    """The real CIFAR-10 as a data root: $RESBENCH_DATA (a folder, or the archive itself), else ../shared/data."""
+    root, why = _real_cifar()
+    if root is None:
+        SKIPPED_REAL_DATA.append(why)
+        pytest.skip(f"real CIFAR-10 not found: {why}")
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(cifar_root) -> Path:
+    """The real CIFAR-10 as its .tar.gz (tests of the archive itself)."""
+    archive = cifar_root if cifar_root.is_file() else cifar_root / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        why = f"{cifar_root} holds the extracted folder, no cifar-10-python.tar.gz"
+        SKIPPED_REAL_DATA.append(why)
+        pytest.skip(why)
+    return archive
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly that tests were skipped for want of the real data: a green run would hide it."""
+    if SKIPPED_REAL_DATA:
+        terminalreporter.write_sep("!", "REAL-DATA TESTS SKIPPED", red=True, bold=True)
+        for why in dict.fromkeys(SKIPPED_REAL_DATA):
+            terminalreporter.write_line(f"  {why}")
+        terminalreporter.write_line("  Point RESBENCH_DATA at CIFAR-10 (a folder or cifar-10-python.tar.gz) to run them.")
 
 
 @pytest.fixture

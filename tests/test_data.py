@@ -460,13 +460,11 @@ def test_the_split_is_fixed_disjoint_and_train_size_takes_the_first_training_ima
     assert torch.equal(data.split(a, 10)["val"][0], full["val"][0])  # the same split every time
 
 
-def test_a_cached_archive_is_not_decompressed_again(cifar_root, monkeypatch):
+def test_a_cached_archive_is_not_decompressed_again(cifar_archive, monkeypatch):
     """Finding the (already decoded) official archive reads its first members, not all 180 MB."""
     import gzip
 
-    archive = cifar_root / "cifar-10-python.tar.gz"
-    if not archive.exists():
-        pytest.skip("the test needs the official .tar.gz")
+    archive = cifar_archive
     data.load("cifar10", archive)  # decoded and cached (or already cached)
     read = []
     real = gzip._GzipReader.read  # the decompressor: skipping a member (seek) goes through it too

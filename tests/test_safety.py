@@ -160,10 +160,8 @@ def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_report(tmp_pa
 
 # -- which copy of the data -------------------------------------------------------------------------
 
-def test_rows_say_which_copy_of_the_data_they_used(tmp_path, cifar_root, tiny):
-    archive = cifar_root / "cifar-10-python.tar.gz"
-    if not archive.exists():
-        pytest.skip("the test needs the shared .tar.gz")
+def test_rows_say_which_copy_of_the_data_they_used(tmp_path, cifar_archive, tiny):
+    archive = cifar_archive
     row = run_one(RunSpec("resnet8", tiny, width=0.25), tmp_path, CPU, data_root=archive, progress=False)
     # the shared copy is re-packed (no 'filenames' key), so its md5 is not the published one
     assert row["data_sha256"] == "1c96ab0b4af5f1d9b6d0c338c62d98d9a283019bb50f51b3175cabb4a29a0ec8"
