@@ -80,8 +80,8 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
 
 
 def _ids(run, spec) -> dict:
-    return dict(run_id=run["run_id"], model=spec.model, kind=spec.arch.kind, depth=spec.arch.depth, seed=spec.seed,
-                residual=spec.arch.residual)
+    return dict(run_id=run["run_id"], model=spec.model, kind=spec.arch.kind, method=spec.arch.kind,
+                depth=spec.arch.depth, seed=spec.seed, residual=spec.arch.residual)
 
 
 def layer_response_std(results_dir: Path, runs: pd.DataFrame, *, data_root=None, max_images: int = 10_000,
@@ -239,9 +239,13 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
     for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose"):
         x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
-        if lesion and not spec.arch.preact:
-            les += [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
-                    for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
+        if lesion:
+            try:
+                les += [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
+                        for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
+            except ValueError as e:  # a block that cannot be deleted as such (pre-activation with projections)
+                if notes is not None:
+                    notes.append(f"lesion: {run['run_id']} left out: {e}")
         if shattered_:
             torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
             init = resnet.build(spec.model, net.fc.out_features, width=spec.width, shortcut=spec.shortcut,

@@ -18,7 +18,11 @@ CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_conten
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="resbench")
-def main() -> None:
+@click.option("--plugin", "plugins", multiple=True, metavar="MODULE",
+              help="A module (import name or .py file) whose register(register) adds network families; "
+                   "repeatable. Also RESBENCH_PLUGINS (comma-separated) and installed packages' "
+                   "'resbench.networks' entry points.")
+def main(plugins) -> None:
     """resbench: the degradation problem of He et al. 2015, on your hardware.
 
     \b
@@ -27,6 +31,12 @@ def main() -> None:
       resbench sweep --preset smoke --data-root ~/data
       resbench report results/smoke
     """
+    if plugins:  # through the environment, so worker processes and Slurm tasks load them too
+        import os
+
+        given = [m for m in os.environ.get("RESBENCH_PLUGINS", "").split(",") if m.strip()]
+        os.environ["RESBENCH_PLUGINS"] = ",".join(dict.fromkeys(given + [str(Path(p).resolve()) if p.endswith(".py")
+                                                                          else p for p in plugins]))
 
 
 def friendly_errors(fn):
@@ -85,19 +95,45 @@ def load_config(ctx: click.Context, _param, path: str | None):
     return path
 
 
+def preset_defaults(field: str) -> str:
+    """Each preset's value of a recipe or grid field, as help text: 'he2015 64000, quick 6400, smoke 400'."""
+    from bench.specs import PRESETS, RECIPES
+
+    def text(v):
+        if v is None:
+            return "all"
+        if isinstance(v, tuple):
+            return ",".join(map(str, v)) or "none"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    values = {name: p[field] if field in p else getattr(RECIPES[p["recipe"]], field) for name, p in PRESETS.items()}
+    return ", ".join(f"{name} {text(v)}" for name, v in values.items())
+
+
+def profile_defaults(key: str) -> str:
+    """What `resbench profile` measures when not told, per device, as help text."""
+    from bench.profile import DEFAULTS
+
+    cpu, cuda = (",".join(map(str, DEFAULTS[d][key])) if isinstance(DEFAULTS[d][key], tuple) else str(DEFAULTS[d][key])
+                 for d in ("cpu", "cuda"))
+    return cpu if cpu == cuda else f"{cpu} on the CPU; {cuda} on CUDA"
+
+
 def recipe_options(fn):
-    """Options that override fields of the preset's recipe (unset = the preset's value)."""
+    """Options that override fields of the preset's recipe (unset = the preset's value, stated in the help)."""
     for name, typ, text in reversed([
         ("--iterations", COUNT, "Total optimizer steps."),
         ("--batch-size", COUNT, "Training batch size."),
         ("--lr", POSITIVE, "Base learning rate."),
         ("--milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
-        ("--train-size", COUNT, "Train on the first N images of the 45k training split."),
+        ("--train-size", COUNT, "Train on the first N images of the training split (the 50k training images "
+                                "less --val-size)."),
         ("--val-size", click.IntRange(min=0), "Validation images held out of the training set (0: train on all)."),
         ("--test-size", COUNT, "Evaluate on the first N test images."),
         ("--eval-every", COUNT, "Steps between evaluation points (curve rows and checkpoints)."),
     ]):
-        fn = click.option(name, type=typ, default=None, help=text + "  [default: from the preset]")(fn)
+        field = name[2:].replace("-", "_")
+        fn = click.option(name, type=typ, default=None, help=f"{text}  [default: {preset_defaults(field)}]")(fn)
     return fn
 
 
@@ -117,7 +153,8 @@ def exec_options(fn):
                      help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
                           "(0: off)  [default: 0]"),
         click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
-        click.option("--width", type=POSITIVE, default=None, help="Channel multiplier  [default: from the preset]"),
+        click.option("--width", type=POSITIVE, default=None,
+                     help=f"Channel multiplier  [default: {preset_defaults('width')}]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
     ]):
         fn = decorator(fn)
@@ -210,13 +247,18 @@ def _fuse_option(ctx, param, value):
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
               help="TOML file of option values (keys as option names); explicit options win.")
 @PRESET
-@click.option("--models", callback=csv_list(str), default=None, help="Kinds: plain, resnet, preresnet, preplain  [default: plain,resnet]")
-@click.option("--depths", callback=csv_list(int), default=None, help="CIFAR depths (6n+2)  [default: from the preset]")
-@click.option("--seeds", callback=csv_list(int, minimum=0), default=None, help="[default: 0]")
+@click.option("--models", callback=csv_list(str), default=None,
+              help=f"Kinds: {', '.join(resnet.kinds())} (and plugins': `resbench models` lists them)  "
+                   f"[default: {preset_defaults('models')}]")
+@click.option("--depths", callback=csv_list(int), default=None,
+              help=f"CIFAR depths (6n+2)  [default: {preset_defaults('depths')}]")
+@click.option("--seeds", callback=csv_list(int, minimum=0), default=None,
+              help=f"Seeds, one run of each net per seed  [default: {preset_defaults('seeds')}]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
 @click.option("--name", default=None, help="Sweep name in the records  [default: the preset]")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
-@click.option("--jobs", type=COUNT, default=None, help="CPU: runs at a time (each in its own process).")
+@click.option("--jobs", type=COUNT, default=None,
+              help="CPU: runs at a time, each in its own process  [default: 1, in this process]")
 @click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
 @click.option("--fuse", default="auto", show_default=True, callback=_fuse_option, metavar="auto|off|K",
               help="Train runs of one shape as one grouped network (fused training). " + FUSE_HELP + ".")
@@ -361,19 +403,34 @@ def worker(spec_file, out):
 
 @main.command()
 @click.option("--depths", callback=csv_list(int), default="20,32,44,56,110", help="CIFAR depths (6n+2).")
+@click.option("--kinds", callback=csv_list(str), default="plain,resnet",
+              help="Kinds to count ('all': every kind listed at the top)")
 @click.option("--width", type=POSITIVE, default=1.0, help="Channel multiplier.")
 @click.option("--imagenet/--no-imagenet", default=True, help="Also list resnet18..152.")
 @friendly_errors
-def models(depths, width, imagenet):
-    """Print parameters and multiply-adds (32x32 input) of plain and residual twins.
+def models(depths, kinds, width, imagenet):
+    """List the network kinds (He et al.'s, the degradation fixes, plugins), then parameters and
+    multiply-adds (32x32 input) of the asked kinds at the asked depths.
 
     \b
-    Example:
+    Examples:
       resbench models --depths 20,32,44,56,110,1202
+      resbench models --kinds all --depths 20,56 --no-imagenet
     """
     from bench.specs import model_name
 
-    names = [model_name(k, d) for d in depths for k in ("plain", "resnet")]
+    click.echo(f"{'kind':<11}{'shortcut':<10}{'norm':<6}source")
+    for kind in resnet.kinds():
+        m = resnet.method(kind)
+        residual = m.residual if m else kind in ("resnet", "preresnet")
+        source = m.paper + (f" [plugin {m.package}=={m.version}]" if m.package else "") if m else (
+            "He et al. 2016, Identity Mappings" if kind.startswith("pre") else "He et al. 2015")
+        click.echo(f"{kind:<11}{'yes' if residual else 'no':<10}{m.normalization if m else 'bn':<6}{source}")
+    for what, why in resnet.PLUGIN_ERRORS.items():
+        click.echo(f"plugin {what} failed to load: {why}", err=True)
+    click.echo("")
+    kinds = resnet.kinds() if kinds == ("all",) else kinds
+    names = [model_name(k, d) for d in depths for k in kinds]
     if imagenet:
         names += [f"resnet{d}" for d in resnet.IMAGENET_DEPTHS]
     nets = {name: resnet.build(name, width=width) for name in names}
@@ -393,7 +450,8 @@ def models(depths, width, imagenet):
                    "[default with several folders: sweep]")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="Data set for Figure 7 (layer responses)  [default: $RESBENCH_DATA]")
+              help="Data set for Figure 7 (layer responses)  [default: the runs' recorded data_source, else "
+                   "$RESBENCH_DATA]")
 @click.option("--responses/--no-responses", default=True, help="Draw Figure 7 (needs the test images).")
 @friendly_errors
 def report(results_dirs, out, compare_by, fmt, data_root, responses):
@@ -465,19 +523,22 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 
 
 @main.command()
-@click.option("--models", callback=csv_list(str), default=None,
-              help="Networks  [default: resnet20 on CPU; resnet20,plain20,resnet56,plain56 on CUDA]")
-@click.option("--batch-sizes", callback=csv_list(int, minimum=1), default=None, help="[default: 32,128 on CPU; 128,512,2048 on CUDA]")
-@click.option("--precisions", callback=csv_list(str), default=None, help="fp32, tf32, bf16  [default: fp32,bf16 on CPU; bf16 on CUDA]")
-@click.option("--formats", callback=csv_list(str), default=None, help="nchw, channels_last  [default: both on CPU; channels_last on CUDA]")
-@click.option("--executions", callback=csv_list(str), default=None, help="eager, compile, cudagraph  [default: eager on CPU; eager,cudagraph on CUDA]")
-@click.option("--modes", callback=csv_list(str), default=None, help="train, infer  [default: both]")
+@click.option("--models", callback=csv_list(str), default=None, help=f"Networks  [default: {profile_defaults('models')}]")
+@click.option("--batch-sizes", callback=csv_list(int, minimum=1), default=None,
+              help=f"[default: {profile_defaults('batch_sizes')}]")
+@click.option("--precisions", callback=csv_list(str), default=None,
+              help=f"fp32, tf32, bf16  [default: {profile_defaults('precisions')}]")
+@click.option("--formats", callback=csv_list(str), default=None,
+              help=f"nchw, channels_last  [default: {profile_defaults('formats')}]")
+@click.option("--executions", callback=csv_list(str), default=None,
+              help=f"eager, compile, cudagraph  [default: {profile_defaults('executions')}]")
+@click.option("--modes", callback=csv_list(str), default=None, help="train, infer  [default: train,infer]")
 @click.option("--group-sizes", callback=csv_list(int, minimum=1), default=None,
               help="Run groups of K nets trained as one grouped network (fused training; img/s is the group's "
-                   "aggregate)  [default: 1]")
+                   f"aggregate)  [default: {profile_defaults('group_sizes')}]")
 @click.option("--pad-inputs", callback=csv_list(int), default=None,
               help="Run groups: each member's input zero-padded to this many channels, 0 for none (e.g. 0,4,8)  "
-                   "[default: 0]")
+                   f"[default: {profile_defaults('pad_inputs')}]")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=COUNT, default=5, help="Timed blocks per configuration (median and spread).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Untimed steps first.")
@@ -485,7 +546,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 @click.option("--baseline/--no-baseline", default=True, help="Also time the common DataLoader pipeline against ours.")
 @click.option("--baseline-model", default="resnet20")
 @click.option("--baseline-batch-size", type=COUNT, default=128)
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader workers of the baseline  [default: 2 on CPU, 8 on CUDA]")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help=f"DataLoader workers of the baseline  [default: {profile_defaults('workers')}]")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="CIFAR-10 for the baseline  [default: $RESBENCH_DATA; synthetic if absent]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/profile"))
 @click.option("--name", default=None, help="File name of the parquet  [default: from device and torch version]")

@@ -74,7 +74,7 @@ def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu", *, ex: Ex
     for r in runs:
         key = group_key(r)
         g = open_.get(key) if key is not None else None
-        limit = size if memory is None or ex is None else min(size, max_members(r, ex, memory))
+        limit = size if memory is None or ex is None or key is None or size == 1 else min(size, max_members(r, ex, memory))
         if g is None or len(g) >= limit:
             g = [r]
             groups.append(g)
@@ -305,10 +305,10 @@ class Members:
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of each residual (or plain) block, in forward order: the same names in a lone
         net and in the grouped one."""
-        from resnet.blocks import BasicBlock, Bottleneck, PreActBlock
+        from resnet.blocks import Block
 
-        kinds = (grouped.GroupedBasicBlock,) if self.k > 1 else (BasicBlock, Bottleneck, PreActBlock)
-        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, kinds)]
+        kind = grouped.GroupedBasicBlock if self.k > 1 else Block
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, kind)]
 
     def signal_rows(self, batches, amp: bool, run_ids: dict[int, str], iteration: int) -> dict[int, list[dict]]:
         """The backward signal at each block's output (He et al. 2015 sec. 4.1 speak of backward-propagated

@@ -24,7 +24,7 @@ import seaborn as sns  # noqa: E402
 
 from bench import published, records  # noqa: E402
 from bench import report_why as why  # noqa: E402
-from bench.report_why import NET, _model  # noqa: E402
+from bench.report_why import _model, net_labels, net_order  # noqa: E402
 
 
 class ReportError(Exception):
@@ -43,7 +43,7 @@ class Report:
 
 def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
-    runs["net"] = runs["residual"].map(lambda r: NET[bool(r)])
+    runs["net"] = net_labels(runs)
     return runs
 
 
@@ -54,8 +54,8 @@ def _seeds_note(df: pd.DataFrame, by: list[str]) -> str:
 
 
 def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | None = None):
-    """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; plain | residual
-    (and one row of panels per value of the compared column)."""
+    """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; one panel per net (plain,
+    residual, each method; wrapped four a row), and one row of panels per value of the compared column."""
     ok = runs[runs["status"] != "failed"]
     keep = ["run_id", "net", "depth", "seed", "model"] + ([COMPARE] if compare else [])
     df = curves.merge(ok[keep], on="run_id")
@@ -63,11 +63,12 @@ def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | Non
                    value_vars=["train_err", "test_err"], var_name="split", value_name="error (%)")
     long["split"] = long["split"].str.replace("_err", "")
     long["error (%)"] *= 100
+    nets = net_order(long["net"])
+    layout = dict(row=COMPARE, row_order=sorted(long[COMPARE].unique())) if compare else dict(col_wrap=min(len(nets), 4))
     g = sns.relplot(data=long, kind="line", x="iteration", y="error (%)", hue="depth", style="split",
                     style_order=["train", "test"], dashes={"train": (4, 2), "test": ""}, col="net",
-                    col_order=[c for c in ("plain", "residual") if c in set(long["net"])], errorbar="sd",
-                    palette="viridis", height=3.6, aspect=1.15, facet_kws=dict(sharex=True, sharey=True),
-                    **(dict(row=COMPARE, row_order=sorted(long[COMPARE].unique())) if compare else {}))
+                    col_order=nets, errorbar="sd", palette="viridis", height=3.6, aspect=1.15,
+                    facet_kws=dict(sharex=True, sharey=True), **layout)
     g.set_titles("{row_name}: {col_name}" if compare else "{col_name}")
     g.figure.suptitle(f"Training curves (dashed: training error, solid: test error); {_seeds_note(df, ['model'])}", y=1.03)
     return g.figure
@@ -83,7 +84,7 @@ def degradation(runs: pd.DataFrame, compare: str | None = None):
     long["split"] = long["split"].map({"final_train_err": "final training error", "final_test_err": "final test error"})
     long["error (%)"] *= 100
     g = sns.relplot(data=long, kind="line", x="depth", y="error (%)", hue="net", col="split", marker="o",
-                    hue_order=["plain", "residual"], errorbar="sd", height=3.6, aspect=1.1,
+                    hue_order=net_order(long["net"]), errorbar="sd", height=3.6, aspect=1.1,
                     facet_kws=dict(sharey=False), **_style(long, compare))
     g.set_titles("{col_name}")
     g.figure.suptitle(f"The degradation problem: error against depth; {_seeds_note(ok, ['model'])}", y=1.03)
@@ -104,7 +105,7 @@ def throughput(runs: pd.DataFrame, compare: str | None = None):
     ok["MACs (M)"] = ok["macs"] / 1e6
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, x in zip(axes, ["depth", "MACs (M)"]):
-        sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=["plain", "residual"], marker="o",
+        sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=net_order(ok["net"]), marker="o",
                      errorbar="sd", ax=ax, **_style(ok, compare))
         ax.set_ylabel("training img/s")
     fig.suptitle(f"Training throughput: {_device_title(ok)}")
@@ -118,7 +119,7 @@ def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None 
     df = resp.merge(runs[["run_id", "net"] + ([COMPARE] if compare else [])], on="run_id")
     df, order = _model(df)
     style = dict(hue="model", hue_order=order, errorbar="sd",
-                 **(_style(df, compare) or dict(style="net", style_order=["plain", "residual"])))
+                 **(_style(df, compare) or dict(style="net", style_order=net_order(df["net"]))))
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.6))
     sns.lineplot(data=df, x="layer", y="std", ax=axes[0], legend=False, **style)
     axes[0].set_title("original order")
@@ -158,6 +159,35 @@ def comparison_table(runs: pd.DataFrame, compare: str | None = None) -> pd.DataF
             + ("" if comparable or paper is None else " (other recipe)"),
         })
     return pd.DataFrame(rows)
+
+
+def final_errors_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Final training and test error (%) per net (plain, residual, each method) and depth: mean ± sd over
+    seeds, n seeds; a depth a net failed at says so."""
+    rows = []
+    for net in net_order(runs["net"]):
+        mine = runs[runs["net"] == net]
+        row = {"net": net}
+        for depth in sorted(runs["depth"].unique()):
+            at = mine[mine["depth"] == depth]
+            ok = at[at["status"] == "ok"]
+            if len(ok):
+                tr, te = 100 * ok["final_train_err"], 100 * ok["final_test_err"]
+                fmt = (lambda v: f"{v.mean():.1f} ± {v.std():.1f}") if len(ok) > 1 else (lambda v: f"{v.mean():.1f}")
+                row[f"depth {depth}: train / test err % (n)"] = f"{fmt(tr)} / {fmt(te)} ({len(ok)})"
+            elif len(at):
+                row[f"depth {depth}: train / test err % (n)"] = ", ".join(sorted(set(at["status"])))
+            else:
+                row[f"depth {depth}: train / test err % (n)"] = "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def published_methods_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """The published numbers (bench.published.METHODS) of the kinds in ``runs``, beside its own."""
+    kinds = set(runs["kind"])
+    return pd.DataFrame([dict(net=m["method"], depth=m["depth"], **{"published test err %": m["error"]},
+                              note=m["note"], source=m["source"]) for m in published.METHODS if m["method"] in kinds])
 
 
 def _wide_comparison(runs: pd.DataFrame, compare: str) -> pd.DataFrame:
@@ -259,6 +289,11 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
             rep.figures["degradation"] = degradation(runs, compare)
             rep.figures["throughput"] = throughput(runs, compare)
             rep.tables["comparison"] = comparison_table(runs, compare)
+            if not compare:
+                rep.tables["final_errors"] = final_errors_table(runs)
+                published_rows = published_methods_table(runs)
+                if len(published_rows) and runs["kind"].nunique() > 2:
+                    rep.tables["published_methods"] = published_rows
             if responses:
                 _responses(dirs, runs, rep, data_root, response_images, compare)
             _diagnostics(dirs, runs, rep)
@@ -425,6 +460,12 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                  f"Final test error. Source of the published numbers: {published.CITATION}. "
                  "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
                  "set are not comparable, and are marked so."),
+                ("Final errors per net and depth", "final_errors",
+                 "Mean ± sd over seeds (n seeds) of the final training and test error, from the last evaluation "
+                 "point. A net that failed or diverged at a depth says so."),
+                ("Published numbers for the methods", "published_methods",
+                 "Each with its source (bench/published.py); every one comes from another recipe or net, so they "
+                 "locate a method rather than set a target."),
                 ("Why do plain nets degrade? Summary of the measures", "why",
                  "Mean ± sd over seeds (n seeds): each seed's value is first averaged over its blocks, lesion draws, "
                  "images or layers (medians for the gradients). C(d max): the gradient correlation at the end of "

@@ -16,6 +16,25 @@ import seaborn as sns
 from bench import records
 
 NET = {True: "residual", False: "plain"}
+
+
+def net_labels(df: pd.DataFrame) -> pd.Series:
+    """What the figures call a run's net: plain or residual for He et al.'s kinds (pre-activation ones
+    included, as before), a method's kind for the methods and plugins (highway, fixup, ...)."""
+    import resnet
+
+    methods = set(resnet.kinds()) - set(resnet.KINDS)
+    kind = df["kind"] if "kind" in df else pd.Series(None, index=df.index)
+    return pd.Series([k if k in methods else NET[bool(r)] for k, r in zip(kind, df["residual"])], index=df.index)
+
+
+def net_order(labels) -> list[str]:
+    """plain, residual, then the methods in the registry's order (one colour and facet place each)."""
+    import resnet
+
+    order = ["plain", "residual"] + [k for k in resnet.kinds() if k not in resnet.KINDS]
+    present = set(labels)
+    return [k for k in order if k in present] + sorted(present - set(order))
 LESION_COLUMNS = {"mode", "position", "k", "draw", "blocks", "error"}
 SHATTERED_COLUMNS = {"state", "image", "k", "distance", "correlation"}
 LAYER_MEASURES = {"grad_rms", "grad_x_weight"}
@@ -45,7 +64,7 @@ def _analysis(dirs: list[Path], name: str, runs: pd.DataFrame, needs: set, notes
         return None
     df = pd.concat(frames, ignore_index=True)
     df = df[df["run_id"].isin(runs["run_id"])]
-    return df.assign(net=df["residual"].map(lambda r: NET[bool(r)])) if len(df) else None
+    return df.assign(net=net_labels(df)) if len(df) else None
 
 
 def _last_point(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -84,65 +103,77 @@ def gather(dirs: list[Path], runs: pd.DataFrame, notes: list) -> dict[str, pd.Da
 
 
 def gradient_figure(layers: pd.DataFrame | None, signals: pd.DataFrame | None):
-    """At each run's last evaluation point: per-parameter gradient RMS and ||g|| ||W|| against the weighted
-    layer, and the backward signal's RMS against the block; one colour per net, mean +- sd over seeds."""
-    panels = ([("grad_rms", "layer", "weight gradient, RMS per parameter"),
-               ("grad_x_weight", "layer", "||weight gradient|| x ||weight||")] if layers is not None else [])
-    panels += [("signal_rms", "block", "backward signal at the block's output, RMS")] if signals is not None else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 1.5, 3.6), squeeze=False)
-    iteration = None
-    for ax, (column, x, title) in zip(axes[0], panels):
-        df, order = _model(layers if x == "layer" else signals)
-        iteration = int(df["iteration"].max())
-        sns.lineplot(data=df, x=x, y=column, hue="model", hue_order=order, style="net",
-                     style_order=["plain", "residual"], errorbar="sd", ax=ax, legend=ax is axes[0][-1])
-        ax.set(yscale="log", title=title, ylabel="")
-    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    fig.suptitle(f"Gradients at the last evaluation point (iteration {iteration}), by layer and block")
-    fig.tight_layout()
-    return fig
+    """At each run's last evaluation point, one row of panels per measure (per-parameter weight-gradient RMS
+    and ||g|| ||W|| against the weighted layer, the backward signal's RMS against the block) and one
+    column per net; colour: depth; mean +- sd over seeds."""
+    parts = []
+    if layers is not None:
+        for column, label in (("grad_rms", "weight gradient RMS"), ("grad_x_weight", "||g|| x ||W||")):
+            parts.append(layers.assign(measure=label, position=layers["layer"], value=layers[column]))
+    if signals is not None:
+        parts.append(signals.assign(measure="backward signal RMS", position=signals["block"],
+                                    value=signals["signal_rms"]))
+    df = pd.concat(parts, ignore_index=True)
+    g = sns.relplot(data=df, kind="line", x="position", y="value", hue="depth", palette="viridis", row="measure",
+                    col="net", col_order=net_order(df["net"]), errorbar="sd", height=2.6, aspect=1.3,
+                    facet_kws=dict(sharey="row", sharex=False))
+    g.set(yscale="log")
+    g.set_titles("{row_name}: {col_name}")
+    g.set_axis_labels("layer (weights) or block (signal)", "")
+    g.figure.suptitle(f"Gradients at the last evaluation point (iteration {int(df['iteration'].max())})", y=1.02)
+    return g.figure
 
 
 def lesion_figure(les: pd.DataFrame):
-    """Test error with one block deleted (matched positions, and a residual net's downsampling blocks apart),
-    and with k random blocks deleted together; mean over each seed's draws, then mean +- sd over seeds."""
-    les, order = _model(les.assign(**{"test error (%)": 100 * les["error"]}))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    style = dict(hue="model", hue_order=order, style="net", style_order=["plain", "residual"], errorbar="sd", marker="o")
-    single = les[les["mode"] == "single"].assign(block=lambda d: d["blocks"].astype(int))
-    sns.lineplot(data=single[single["position"] == "same"], x="block", y="test error (%)", ax=axes[0], legend=False,
-                 **style)
-    down = single[single["position"] == "downsampling"]
-    if len(down):
-        sns.scatterplot(data=down, x="block", y="test error (%)", hue="model", hue_order=order, marker="x", s=60,
-                        ax=axes[0], legend=False)
-    intact = les[les["mode"] == "intact"]
-    for model, g in intact.groupby("model"):
-        axes[0].axhline(100 * g["error"].mean(), ls=":", lw=1, color=sns.color_palette()[order.index(model) % 10])
-    axes[0].set_title("one block deleted (x: downsampling; dotted: intact)")
-    per_seed = les[les["mode"].isin(["random", "intact"])].groupby(
-        ["model", "net", "seed", "k"], as_index=False)["test error (%)"].mean()
-    sns.lineplot(data=per_seed, x="k", y="test error (%)", ax=axes[1], **style)
-    axes[1].set_title("k random blocks deleted (matched positions)")
-    sns.move_legend(axes[1], "upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    """Top: test error with one block deleted, against the block (x: a residual net's downsampling blocks;
+    dotted: intact). Bottom: with k random blocks deleted together (matched positions). One column per
+    net, colour: depth; each seed's draws averaged, then mean +- sd over seeds."""
+    les = les.assign(**{"test error (%)": 100 * les["error"]})
+    nets = net_order(les["net"])
+    depths = sorted(les["depth"].unique())
+    colours = dict(zip(depths, sns.color_palette("viridis", len(depths))))
+    fig, axes = plt.subplots(2, len(nets), figsize=(3.4 * len(nets) + 1.2, 6.2), squeeze=False, sharey="row")
+    for col, net in enumerate(nets):
+        mine = les[les["net"] == net]
+        top, bottom = axes[0][col], axes[1][col]
+        single = mine[mine["mode"] == "single"].assign(block=lambda d: d["blocks"].astype(int))
+        for depth, g in single.groupby("depth"):
+            same = g[g["position"] == "same"]
+            sns.lineplot(data=same, x="block", y="test error (%)", color=colours[depth], errorbar="sd", marker="o",
+                         ax=top)
+            down = g[g["position"] == "downsampling"]
+            if len(down):
+                top.scatter(down["block"], down["test error (%)"], marker="x", color=colours[depth])
+            intact = mine[(mine["mode"] == "intact") & (mine["depth"] == depth)]
+            top.axhline(intact["test error (%)"].mean(), ls=":", lw=1, color=colours[depth])
+        per_seed = mine[mine["mode"].isin(["random", "intact"])].groupby(
+            ["depth", "seed", "k"], as_index=False)["test error (%)"].mean()
+        sns.lineplot(data=per_seed, x="k", y="test error (%)", hue="depth", palette=colours, errorbar="sd",
+                     marker="o", ax=bottom, legend=False)
+        top.set_title(f"{net}: one block deleted")
+        bottom.set_title(f"{net}: k random blocks deleted")
+    from matplotlib.lines import Line2D
+
+    axes[0][-1].legend([Line2D([], [], color=colours[d], marker="o") for d in depths], [str(d) for d in depths],
+                       title="depth", loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     fig.suptitle("Test error with blocks deleted at test time (lesion study of Veit et al. 2016)")
     fig.tight_layout()
     return fig
 
 
 def shattered_figure(sha: pd.DataFrame):
-    """C(d): cosine of the input gradient at a test image and at distance d along a line through it, at
-    initialisation and trained; one colour per net, mean +- sd over seeds (each seed: mean over images)."""
-    sha, order = _model(sha)
-    per_seed = sha.groupby(["model", "net", "seed", "state", "distance"], as_index=False)["correlation"].mean()
-    g = sns.relplot(data=per_seed, kind="line", x="distance", y="correlation", hue="model", hue_order=order,
-                    style="net", style_order=["plain", "residual"], col="state",
-                    col_order=[c for c in ("init", "trained") if c in set(sha["state"])], errorbar="sd",
-                    height=3.4, aspect=1.15)
-    g.set_titles("{col_name}")
+    """C(d): cosine of the input gradient at a test image and at distance d along a line through it; rows:
+    at initialisation and trained; one column per net; colour: depth; mean +- sd over seeds (each seed:
+    mean over images)."""
+    per_seed = sha.groupby(["net", "depth", "seed", "state", "distance"], as_index=False)["correlation"].mean()
+    g = sns.relplot(data=per_seed, kind="line", x="distance", y="correlation", hue="depth", palette="viridis",
+                    col="net", col_order=net_order(per_seed["net"]), row="state",
+                    row_order=[c for c in ("init", "trained") if c in set(sha["state"])], errorbar="sd",
+                    height=2.8, aspect=1.2)
+    g.set_titles("{row_name}: {col_name}")
     g.set_axis_labels("distance along the line (per pixel, normalised units)", "gradient correlation C(d)")
     g.figure.suptitle("Correlation of input gradients against distance from a test image (Balduzzi et al. 2017)",
-                      y=1.04)
+                      y=1.03)
     return g.figure
 
 
@@ -160,7 +191,8 @@ def why_table(parts: dict[str, pd.DataFrame], runs: pd.DataFrame) -> pd.DataFram
     if not len(nets):
         return pd.DataFrame()
     rows = []
-    for _, net in nets.sort_values(["net", "depth"]).iterrows():
+    order = {n: i for i, n in enumerate(net_order(nets["net"]))}
+    for _, net in nets.assign(_o=nets["net"].map(order)).sort_values(["_o", "depth"]).iterrows():
         row = {"net": f"{net['net']}-{net['depth']}"}
         les = parts.get("lesion")
         if les is not None:

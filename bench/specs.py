@@ -99,8 +99,14 @@ class RunSpec:
         return resnet.parse(self.model)
 
     def identity(self) -> dict:
+        """What the run_id hashes: the spec, and for a method or plugin kind what defines it beyond its
+        name (its hyper-parameters, the parameter groups it trains at another lr, a plugin's package and
+        version). He et al.'s kinds add nothing, so their run_ids are those of earlier versions."""
         d = asdict(self)
         d.pop("sweep")
+        info = method_info(self.model)
+        if info:
+            d["method"] = info
         return d
 
     @property
@@ -109,9 +115,15 @@ class RunSpec:
         return f"{self.model}-{self.dataset}-{self.recipe.name}-s{self.seed}-{digest}"
 
     def flat(self) -> dict:
-        """The spec as flat record columns (recipe fields inlined; milestones as text)."""
+        """The spec as flat record columns (recipe fields inlined; milestones as text; a method's
+        hyper-parameters and parameter groups as JSON text)."""
         a = self.arch
+        m, info = a.method, method_info(self.model)
         row = dict(run_id=self.run_id, sweep=self.sweep, model=self.model, family=a.family, kind=a.kind,
+                   method=a.kind, normalization=m.normalization if m else "bn",
+                   method_params=json.dumps(info.get("params", {}), sort_keys=True),
+                   lr_scales=json.dumps(info.get("lr_scales", [])),
+                   plugin=f"{m.package}=={m.version}" if m and m.package else None,
                    depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
                    dataset=self.dataset, seed=self.seed)
         for f in fields(Recipe):
@@ -134,6 +146,17 @@ class RunSpec:
         r = dict(d["recipe"])
         r["milestones"] = tuple(r["milestones"])
         return cls(**{**d, "recipe": Recipe(**r)})
+
+
+def method_info(model: str) -> dict:
+    """A method's (or plugin's) defining settings beyond its name; {} for He et al.'s kinds."""
+    m = resnet.parse(model).method
+    if m is None:
+        return {}
+    info = dict(params=m.params, lr_scales=[list(x) for x in m.lr_scales])
+    if m.package:
+        info["plugin"] = f"{m.package}=={m.version}"
+    return {k: v for k, v in info.items() if v}
 
 
 @dataclass(frozen=True)
@@ -207,7 +230,6 @@ PRESETS = {
     "quick": dict(recipe="quick", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
     "smoke": dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5),
 }
-MODEL_KINDS = ("plain", "resnet", "preresnet", "preplain")
 
 
 @dataclass(frozen=True)
@@ -225,9 +247,13 @@ class SweepSpec:
     extra: dict = field(default_factory=dict)  # free-form notes written to sweep.toml
 
     def __post_init__(self):
-        bad = [m for m in self.models if m not in MODEL_KINDS]
+        known = resnet.kinds()
+        bad = [m for m in self.models if m not in known]
         if bad:
-            raise ValueError(f"unknown model kind(s) {', '.join(bad)}; choose from {', '.join(MODEL_KINDS)}")
+            plugins = ("; plugins loaded: " + ", ".join(resnet.PLUGINS.values())) if resnet.PLUGINS else ""
+            if resnet.PLUGIN_ERRORS:
+                plugins += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in resnet.PLUGIN_ERRORS.items())
+            raise ValueError(f"unknown model kind(s) {', '.join(bad)}; choose from {', '.join(known)}{plugins}")
         if not (self.models and self.depths and self.seeds):
             raise ValueError("a sweep needs at least one model kind, one depth and one seed")
 

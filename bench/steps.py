@@ -36,25 +36,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def param_groups(model: torch.nn.Module, lr_scales=()) -> list[dict]:
+    """The model's parameters as SGD groups: the first at the recipe's lr, then one per (name regex, factor)
+    of ``lr_scales`` (a method's parameters that train at another lr, e.g. Fixup's scalars at lr / 10),
+    each parameter in the first group whose pattern matches its name. ``lr_scale`` stays in the group."""
+    import re
+
+    groups = [dict(params=[], lr_scale=1.0)] + [dict(params=[], lr_scale=float(f)) for _, f in lr_scales]
+    for name, p in model.named_parameters():
+        hit = next((i for i, (pattern, _) in enumerate(lr_scales, 1) if re.search(pattern, name)), 0)
+        groups[hit]["params"].append(p)
+    return [g for i, g in enumerate(groups) if g["params"] or i == 0]
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.SGD:
-    """SGD; fused on CUDA with the learning rate in a device tensor (graph-capturable)."""
+                   device: torch.device, lr_scales=()) -> torch.optim.SGD:
+    """SGD; fused on CUDA with each group's learning rate in a device tensor (graph-capturable)."""
+    groups = param_groups(model, lr_scales)
     if device.type == "cuda":
-        return torch.optim.SGD(model.parameters(), lr=torch.tensor(lr, device=device), momentum=momentum,
+        for g in groups:
+            g["lr"] = torch.tensor(lr * g["lr_scale"], device=device)
+        return torch.optim.SGD(groups, lr=torch.tensor(lr, device=device), momentum=momentum,
                                weight_decay=weight_decay, fused=True)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr`` times its ``lr_scale`` (the recipe's schedule moves them all together)."""
     for g in opt.param_groups:
+        value = lr * g.get("lr_scale", 1.0)
         if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr)  # in place: a captured graph keeps reading the same tensor
+            g["lr"].fill_(value)  # in place: a captured graph keeps reading the same tensor
         else:
-            g["lr"] = lr
+            g["lr"] = value
 
 
 def current_lr(opt: torch.optim.Optimizer) -> float:
-    """The learning rate the optimizer will use next (what the records show, not what was asked for)."""
+    """The learning rate the optimizer will use next for its first group, the recipe's (what the records
+    show, not what was asked for)."""
     return float(opt.param_groups[0]["lr"])
 
 

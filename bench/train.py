@@ -7,6 +7,7 @@ synchronize), so evaluation is excluded from the throughput figures.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -245,9 +246,10 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             net.load_state_dict(ck["model"])
         nets.append(net)
     params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.arrays.image_shape)
+    derived = json.dumps(getattr(nets[0], "derived", {}), sort_keys=True)  # what a method computed (TAT's slope)
     members = Members(nets, pad_input=ex.pad_input or None)
     model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
-    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device)
+    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device, lr_scales=resnet.lr_scales(specs[0].model))
 
     start = cks[0]["iteration"] if cks[0] is not None else 0
     curves = [ck["curves"] if ck else [] for ck in cks]
@@ -279,7 +281,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
                    status=status, error=error, start=start, train_time=train_time[k],
                    wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, arrays=d.arrays, group_id=gid,
-                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None)
+                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None) | dict(method_derived=derived)
         p = records.paths(out, specs[k].run_id)
         records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.arrays.num_classes,
                                 in_channels=d.arrays.image_shape[0]), p["weights"])

@@ -10,6 +10,8 @@ Names:
   preresnet{d}, preplain{d}           pre-activation variant (He et al. 2016), d = 6n+2
   resnet18/34/50/101/152, plain18...  the ImageNet-style family (64..512 planes)
   cifar_resnet{d}, cifar_plain{d}     the CIFAR family at any 6n+2 depth, also 50 and 152
+  highway{d}, fixup{d}, skipinit{d},  degradation fixes on the same CIFAR topology (resnet.methods,
+  rezero{d}, dirac{d}, tat{d}         resnet.tat), and any family a plugin registers (resnet.registry)
 """
 from __future__ import annotations
 
@@ -18,25 +20,42 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import methods, tat  # noqa: F401 (they register their families)
 from .blocks import SHORTCUTS
 from .cifar import cifar_resnet
 from .group import GroupedResNet, group_loss, member_losses, stack, unstack
 from .lesion import blocks, changes_shape, deletable, lesioned
 from .imagenet import LAYOUTS, STEMS, imagenet_resnet
+from .registry import PLUGIN_ERRORS, PLUGINS, Family, register
+from .registry import family as method
+from .registry import kinds as method_kinds
 from .stats import count_macs, count_params, layer_responses
 
 __all__ = ["build", "available", "parse", "ModelName", "count_params", "count_macs", "layer_responses",
-           "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "changes_shape", "deletable", "lesioned"]
+           "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "changes_shape",
+           "deletable", "lesioned", "kinds", "method", "Family", "register", "PLUGIN_ERRORS"]
 
-KINDS = ("resnet", "plain", "preresnet", "preplain")
+KINDS = ("resnet", "plain", "preresnet", "preplain")  # He et al.'s; the methods and plugins: resnet.registry
 CIFAR_EXAMPLES = (8, 14, 20, 32, 44, 56, 110, 1202)
 IMAGENET_DEPTHS = tuple(LAYOUTS)
-_NAME = re.compile(r"(cifar_)?(resnet|plain|preresnet|preplain)(\d+)")
-_FAMILIES_HELP = (
-    "known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} with CIFAR depth d = 6n+2 "
-    f"(e.g. {', '.join(map(str, CIFAR_EXAMPLES))}); resnet/plain{{18,34,50,101,152}} "
-    "(ImageNet-style); cifar_resnet{d}/cifar_plain{d} for the CIFAR family at 50 or 152"
-)
+_NAME = re.compile(r"(cifar_)?([a-z][a-z_]*?)(\d+)")
+
+
+def kinds() -> list[str]:
+    """Every kind a name can start with: He et al.'s four, then the registered methods and plugins."""
+    return list(KINDS) + method_kinds()
+
+
+def _families_help() -> str:
+    text = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} with CIFAR depth d = 6n+2 "
+            f"(e.g. {', '.join(map(str, CIFAR_EXAMPLES))}); resnet/plain{{18,34,50,101,152}} "
+            "(ImageNet-style); cifar_resnet{d}/cifar_plain{d} for the CIFAR family at 50 or 152; "
+            f"methods and plugins at d = 6n+2: {', '.join(k + '{d}' for k in method_kinds())}")
+    if PLUGINS:
+        text += "; plugins loaded: " + ", ".join(PLUGINS.values())
+    if PLUGIN_ERRORS:
+        text += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in PLUGIN_ERRORS.items())
+    return text
 
 
 @dataclass(frozen=True)
@@ -45,24 +64,32 @@ class ModelName:
 
     name: str
     family: str  # "cifar" | "imagenet"
-    kind: str  # "resnet" | "plain" | "preresnet" | "preplain"
+    kind: str  # "resnet" | "plain" | "preresnet" | "preplain", or a registered method's kind
     depth: int  # weighted layers
 
     @property
+    def method(self) -> Family | None:
+        """The registered family of a method or plugin kind (None for He et al.'s four)."""
+        return None if self.kind in KINDS else method(self.kind)
+
+    @property
     def residual(self) -> bool:
-        return self.kind in ("resnet", "preresnet")
+        """A shortcut (or carry) path beside each block: the report's residual side."""
+        return self.method.residual if self.method else self.kind in ("resnet", "preresnet")
 
     @property
     def preact(self) -> bool:
-        return self.kind.startswith("pre")
+        return self.kind in ("preresnet", "preplain")
 
 
 def parse(name: str) -> ModelName:
     """Split a network name into family, kind and depth; ValueError with the rules if invalid."""
     m = _NAME.fullmatch(str(name).strip().lower())
-    if not m:
-        raise ValueError(f"unknown network {name!r}: {_FAMILIES_HELP}")
+    if not m or m.group(2) not in KINDS and method(m.group(2)) is None:
+        raise ValueError(f"unknown network {name!r}: {_families_help()}")
     prefix, kind, depth = m.group(1), m.group(2), int(m.group(3))
+    if prefix and kind not in ("resnet", "plain"):
+        raise ValueError(f"unknown network {name!r}: the cifar_ prefix names resnet{{d}}/plain{{d}} at 50 or 152")
     if not prefix and kind in ("resnet", "plain") and depth in IMAGENET_DEPTHS:
         return ModelName(name, "imagenet", kind, depth)
     if depth < 8 or (depth - 2) % 6:
@@ -76,9 +103,15 @@ def parse(name: str) -> ModelName:
 
 def groupable(name: str, shortcut: str | None = None) -> bool:
     """Whether ``stack`` can hold this net: the CIFAR family's post-activation basic-block nets with
-    shortcut option A (the paper's Table 6 grid)."""
+    shortcut option A (the paper's Table 6 grid); the methods train alone."""
     spec = parse(name)
-    return spec.family == "cifar" and not spec.preact and (shortcut or "A").upper() == "A"
+    return spec.family == "cifar" and spec.kind in ("resnet", "plain") and (shortcut or "A").upper() == "A"
+
+
+def lr_scales(name: str) -> tuple[tuple[str, float], ...]:
+    """The parameter groups a net trains at another lr ((name regex, factor); the family's, or none)."""
+    m = parse(name).method
+    return m.lr_scales if m else ()
 
 
 def available() -> list[str]:
@@ -86,6 +119,7 @@ def available() -> list[str]:
     names = [f"{k}{d}" for k in KINDS for d in CIFAR_EXAMPLES if d not in IMAGENET_DEPTHS]
     names += [f"cifar_{k}{d}" for k in ("resnet", "plain") for d in (50, 152)]
     names += [f"{k}{d}" for k in ("resnet", "plain") for d in IMAGENET_DEPTHS]
+    names += [f"{k}{d}" for k in method_kinds() for d in (20, 56, 110)]
     return names
 
 
@@ -112,6 +146,8 @@ def build(
         stem: ImageNet-style family only: "cifar" (3x3, for 32x32) or "imagenet" (7x7/2 + max-pool).
     """
     spec = parse(name)
+    if spec.method is not None:
+        return _build_method(spec, num_classes, shortcut, width, in_channels, zero_init_residual, stem)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not width > 0:
@@ -136,3 +172,22 @@ def build(
     if stem != "cifar":
         raise ValueError(f"{name!r} is a CIFAR-family net: its stem is fixed (the stem option is for resnet18..152)")
     return cifar_resnet(spec.depth, preact=spec.preact, **common)
+
+
+def _build_method(spec: ModelName, num_classes, shortcut, width, in_channels, zero_init_residual, stem) -> nn.Module:
+    fam = spec.method
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not width > 0:
+        raise ValueError(f"width must be positive (e.g. 0.5 or 1), got {width!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    shortcut = (shortcut or fam.shortcuts[0]).upper()
+    if shortcut not in fam.shortcuts:
+        raise ValueError(f"{spec.kind} nets are built with shortcut {', '.join(fam.shortcuts)} only, got {shortcut!r}")
+    if zero_init_residual:
+        raise ValueError(f"zero_init_residual is for resnet/preresnet nets; {spec.kind} has its own initialisation")
+    if stem != "cifar":
+        raise ValueError(f"{spec.name!r} is a CIFAR-family net: its stem is fixed")
+    return fam.build(spec.depth, num_classes=num_classes, width=width, in_channels=in_channels, shortcut=shortcut,
+                     **fam.params)

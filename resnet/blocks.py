@@ -58,14 +58,47 @@ def make_shortcut(cin: int, cout: int, stride: int, shortcut: str, residual: boo
     return None
 
 
-class BasicBlock(nn.Module):
+class Block(nn.Module):
+    """A block of a net's stages: what lesions (resnet.lesion) and the backward-signal records find.
+
+    Subclasses set ``residual`` (a shortcut path runs beside the branch), ``cin``, ``cout`` and ``stride``,
+    and say what is left of them when deleted (``deleted``): by default, for a residual block its
+    shortcut and the ReLU after the addition (exactly the block with its branch set to zero), for a
+    plain block the identity (possible only where the shape does not change).
+    """
+
+    residual: bool
+    cin: int
+    cout: int
+    stride: int
+
+    def changes_shape(self) -> bool:
+        return self.cin != self.cout or self.stride != 1
+
+    def deleted(self) -> nn.Module:
+        return Deleted(self.shortcut if self.residual else None, relu=self.residual)
+
+
+class Deleted(nn.Module):
+    """What is left of a deleted block: ``shortcut`` (None: the identity), then a ReLU if ``relu``."""
+
+    def __init__(self, shortcut: nn.Module | None, relu: bool = True):
+        super().__init__()
+        self.shortcut, self.relu = shortcut, relu
+
+    def forward(self, x):
+        x = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(x) if self.relu else x
+
+
+class BasicBlock(Block):
     """Two 3x3 convs (He et al. 2015, Fig. 2 left); post-activation: ReLU after the addition."""
 
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"):
         super().__init__()
-        self.residual = residual
+        self.residual, self.cin, self.cout, self.stride = residual, cin, planes, stride
         self.conv1 = conv3x3(cin, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
@@ -83,15 +116,15 @@ class BasicBlock(nn.Module):
         return F.relu(out)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1 reduce, 3x3, 1x1 expand by 4 (He et al. 2015, Fig. 5 right); stride on the 3x3."""
 
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "B"):
         super().__init__()
-        self.residual = residual
         cout = planes * self.expansion
+        self.residual, self.cin, self.cout, self.stride = residual, cin, cout, stride
         self.conv1 = conv1x1(cin, planes)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes, stride)
@@ -112,18 +145,20 @@ class Bottleneck(nn.Module):
         return F.relu(out)
 
 
-class PreActBlock(nn.Module):
+class PreActBlock(Block):
     """Pre-activation basic block (He et al. 2016, "Identity Mappings", Fig. 4e): BN-ReLU-conv x2.
 
     A projection shortcut sees the pre-activated input (as in the paper's code); the
-    parameter-free option A sees the raw input, so the identity path stays clean.
+    parameter-free option A sees the raw input, so the identity path stays clean. Deleted, a residual
+    block is its shortcut (no ReLU follows the addition here); a projection shortcut would need the
+    deleted pre-activation, so only option A blocks and plain ones are deleted as such.
     """
 
     expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"):
         super().__init__()
-        self.residual = residual
+        self.residual, self.cin, self.cout, self.stride = residual, cin, planes, stride
         self.bn1 = nn.BatchNorm2d(cin)
         self.conv1 = conv3x3(cin, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -133,6 +168,12 @@ class PreActBlock(nn.Module):
     def last_bn(self) -> nn.BatchNorm2d:
         # the branch ends in a conv; the closest BN to zero-init is the one inside the branch
         return self.bn2
+
+    def deleted(self) -> nn.Module:
+        if self.residual and self.shortcut is not None and not isinstance(self.shortcut, PadShortcut):
+            raise ValueError("a pre-activation block with a projection shortcut cannot be deleted as such "
+                             "(its shortcut sees the block's own pre-activation)")
+        return Deleted(self.shortcut if self.residual else None, relu=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))

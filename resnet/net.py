@@ -28,6 +28,9 @@ class ResNet(nn.Module):
         zero_init_residual: zero the last BN gamma of every residual branch, so each residual
             block starts as the identity (Goyal et al. 2017). Residual nets only: in a plain net
             it would zero the signal, so plain twins ignore it.
+        final: what runs between the last block and the pooling  [default: BN-ReLU after
+            pre-activation blocks (their last block ends on a conv), else nothing]
+        block_kwargs: passed to every block (a method's hyper-parameters, e.g. a gate bias).
     """
 
     def __init__(
@@ -43,6 +46,8 @@ class ResNet(nn.Module):
         residual: bool,
         shortcut: str,
         zero_init_residual: bool = False,
+        final: nn.Module | None = None,
+        block_kwargs: dict | None = None,
     ):
         super().__init__()
         self.stem = stem
@@ -51,12 +56,15 @@ class ResNet(nn.Module):
         for p, n, s in zip(planes, blocks, strides):
             layers = []
             for i in range(n):
-                layers.append(block(cin, p, s if i == 0 else 1, residual=residual, shortcut=shortcut))
+                layers.append(block(cin, p, s if i == 0 else 1, residual=residual, shortcut=shortcut,
+                                    **(block_kwargs or {})))
                 cin = p * block.expansion
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
-        # pre-activation nets end their last block on a conv: normalise and activate before pooling
-        self.final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if block is PreActBlock else nn.Identity()
+        if final is None:
+            # pre-activation nets end their last block on a conv: normalise and activate before pooling
+            final = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if block is PreActBlock else nn.Identity()
+        self.final = final
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), Rearrange("b c 1 1 -> b c"))
         self.fc = nn.Linear(cin, num_classes)
         self._init(zero_init_residual and residual)

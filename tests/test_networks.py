@@ -61,16 +61,25 @@ def test_plain_twin_computes_the_same_branch_without_the_addition():
     assert torch.allclose(res(x), plain(x))
 
 
-# He et al. 2015, Table 6 (params) and the multiply-adds of these nets on a 32x32 input
-TABLE6 = {20: (0.27e6, 40.6e6), 32: (0.46e6, 68.9e6), 44: (0.66e6, 97.2e6), 56: (0.85e6, 125.5e6), 110: (1.7e6, 252.9e6)}
+# He et al. 2015, Table 6: parameters (the table gives no multiply-adds)
+TABLE6 = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
+
+
+def _cifar_macs(n: int) -> int:
+    """Multiply-adds of a 6n+2 CIFAR net on a 32x32 image, by hand: a 3x3 conv makes H x W x C_out outputs
+    of 9 x C_in products each. The stem (3 -> 16 at 32x32); 2n convs 16 -> 16 at 32x32; at 16x16 one
+    16 -> 32 conv (stride 2) and 2n - 1 convs 32 -> 32; at 8x8 one 32 -> 64 and 2n - 1 convs 64 -> 64;
+    the head 64 -> 10. Every conv but the stem and the two downsampling ones costs 32*32*16*16*9."""
+    same = 32 * 32 * 16 * 16 * 9
+    return 32 * 32 * 16 * 3 * 9 + 2 * n * same + 2 * (16 * 16 * 32 * 16 * 9 + (2 * n - 1) * same) + 64 * 10
 
 
 @pytest.mark.parametrize("depth", sorted(TABLE6))
 def test_table6_params_and_macs(depth):
-    params, macs = TABLE6[depth]
     net = resnet.build(f"resnet{depth}")
-    assert resnet.count_params(net) == pytest.approx(params, rel=0.03)  # the paper rounds to 2 digits
-    assert resnet.count_macs(net) == pytest.approx(macs, rel=0.01)
+    assert resnet.count_params(net) == pytest.approx(TABLE6[depth], rel=0.03)  # the paper rounds to 2 digits
+    assert resnet.count_macs(net) == _cifar_macs((depth - 2) // 6)  # and our count, against the hand count
+    assert _cifar_macs(3) == 40_551_040  # ResNet-20: 40.6M multiply-adds
 
 
 def test_table6_resnet1202_params():
@@ -167,7 +176,8 @@ def test_unknown_family_lists_families(name):
 
 FAMILIES = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} with CIFAR depth d = 6n+2 (e.g. 8, 14, "
             "20, 32, 44, 56, 110, 1202); resnet/plain{18,34,50,101,152} (ImageNet-style); cifar_resnet{d}/cifar_plain{d} "
-            "for the CIFAR family at 50 or 152")
+            "for the CIFAR family at 50 or 152; methods and plugins at d = 6n+2: highway{d}, fixup{d}, skipinit{d}, "
+            "rezero{d}, dirac{d}, tat{d}")
 
 
 @pytest.mark.parametrize("name,opts,message", [
@@ -184,6 +194,12 @@ FAMILIES = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} wit
     ("resnet18", {"stem": "huge"}, "stem must be one of cifar, imagenet, got 'huge'"),
     ("resnet20", {"stem": "imagenet"}, "'resnet20' is a CIFAR-family net: its stem is fixed (the stem option is for "
                                        "resnet18..152)"),
+    ("cifar_fixup20", {}, "unknown network 'cifar_fixup20': the cifar_ prefix names resnet{d}/plain{d} at 50 or 152"),
+    ("fixup20", {"shortcut": "B"}, "fixup nets are built with shortcut A only, got 'B'"),
+    ("rezero20", {"zero_init_residual": True}, "zero_init_residual is for resnet/preresnet nets; rezero has its own "
+                                               "initialisation"),
+    ("dirac20", {"stem": "imagenet"}, "'dirac20' is a CIFAR-family net: its stem is fixed"),
+    ("tat20", {"width": 0}, "width must be positive (e.g. 0.5 or 1), got 0"),
 ])
 def test_each_refusal_says_what_is_wrong_word_for_word(name, opts, message):
     with pytest.raises(ValueError) as e:

@@ -107,7 +107,8 @@ def test_sweep_toml_round_trip_by_hand():
     # a field left out is the Recipe default, milestones included; an empty list stays a constant lr
     assert SweepSpec.from_toml(by_hand).recipe == Recipe("mine", iterations=10)
     assert SweepSpec.from_toml(by_hand.replace("iterations", "milestones = []\niterations")).recipe.milestones == ()
-    with pytest.raises(ValueError, match=r"^unknown model kind\(s\) vgg, mlp; choose from plain, resnet, preresnet, preplain$"):
+    with pytest.raises(ValueError, match=r"^unknown model kind\(s\) vgg, mlp; choose from resnet, plain, preresnet, preplain, "
+                                         r"highway, fixup, skipinit, rezero, dirac, tat$"):
         SweepSpec("n", recipe("smoke"), models=("vgg", "plain", "mlp"))
     with pytest.raises(ValueError, match="^a sweep needs at least one model kind, one depth and one seed$"):
         SweepSpec("n", recipe("smoke"), seeds=())

@@ -1,0 +1,132 @@
+"""The registry of network families: each kind (resnet, plain, fixup, ...) registered once, found by name.
+
+A family is a builder of nets at every CIFAR depth 6n+2 (``fixup56``, ``highway20``), with what the
+benchmark needs to know of it: whether it has a shortcut path (the report's plain/residual split),
+its normalisation, its hyper-parameters (recorded in each run's row and part of its run_id), the
+paper it follows, and, where its code trains some parameters at another learning rate, those
+parameter groups (``lr_scales``: name patterns -> factor, a named recipe variant the trainer
+applies and the rows record). resnet.build, resnet.parse, `resbench models` and the sweep's
+``--models`` read this registry; nothing else keeps a list.
+
+Users register their own families through the entry point group ``resbench.networks`` (an installed
+package's ``pyproject.toml``: ``[project.entry-points."resbench.networks"] mynet = "mypkg:register"``)
+or a module named by ``RESBENCH_PLUGINS`` (comma-separated): the entry point, or the module's
+``register`` function, is called with this module's ``register`` function as its argument.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+NAME = re.compile(r"[a-z][a-z_]*[a-z]")
+ENTRY_POINTS = "resbench.networks"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of network at every CIFAR depth 6n+2.
+
+    ``build(depth, *, num_classes, width, in_channels, shortcut)`` returns the net, initialised as its
+    paper says (under the caller's torch seed).
+    """
+
+    kind: str
+    build: Callable[..., nn.Module]
+    residual: bool  # a shortcut (or carry) path runs beside each block's branch
+    normalization: str  # "bn" | "none"
+    paper: str
+    params: dict = field(default_factory=dict)  # hyper-parameters of the method, recorded and in the run_id
+    lr_scales: tuple[tuple[str, float], ...] = ()  # (parameter-name regex, lr factor): another lr for those
+    shortcuts: tuple[str, ...] = ("A",)  # shortcut options the family builds
+    package: str | None = None  # a plugin's distribution name and version (recorded, in the run_id)
+    version: str | None = None
+
+    def __post_init__(self):
+        if not NAME.fullmatch(self.kind):
+            raise ValueError(f"a network kind is lower-case letters and underscores, got {self.kind!r}")
+        if self.normalization not in ("bn", "none"):
+            raise ValueError(f"normalization must be 'bn' or 'none', got {self.normalization!r}")
+
+
+FAMILIES: dict[str, Family] = {}
+PLUGIN_ERRORS: dict[str, str] = {}  # plugin -> why it could not be loaded (the built-in kinds still work)
+PLUGINS: dict[str, str] = {}  # plugin -> "package==version" of each one loaded
+_loaded: set[str] = set()  # entry points and modules already called
+
+
+def register(family: Family) -> Family:
+    """Add ``family`` (a kind may be registered once; the built-in kinds are reserved)."""
+    if family.kind in RESERVED or family.kind in FAMILIES and FAMILIES[family.kind] is not family:
+        raise ValueError(f"network kind {family.kind!r} is already registered")
+    FAMILIES[family.kind] = family
+    return family
+
+
+RESERVED = ("resnet", "plain", "preresnet", "preplain", "cifar_resnet", "cifar_plain")
+
+
+def load_plugins() -> None:
+    """Call every installed ``resbench.networks`` entry point and every RESBENCH_PLUGINS module, each once
+    (a module named later, by `resbench --plugin`, is loaded at the next call). A plugin that fails is
+    named in PLUGIN_ERRORS (and in the error of an unknown kind), never raised: the built-in kinds work."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        dist = getattr(ep, "dist", None)
+        _call(f"entry point {ep.name} ({ep.value})", ep.load,
+              (dist.name, dist.version) if dist is not None else (ep.value.split(":")[0], None))
+    for module in filter(None, (m.strip() for m in os.environ.get("RESBENCH_PLUGINS", "").split(","))):
+        _call(f"module {module}", lambda m=module: _module_register(m), None)
+
+
+def _module_register(name: str):
+    if name.endswith(".py"):  # a file: imported under its stem
+        path = os.path.abspath(name)
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if spec is None or not os.path.isfile(path):
+            raise FileNotFoundError(f"no plugin file {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        name = module.__name__
+    else:
+        module = importlib.import_module(name)
+    if not callable(getattr(module, "register", None)):
+        raise AttributeError(f"module {name} has no register(register) function")
+    return module.register, (name, getattr(module, "__version__", None))
+
+
+def _call(what: str, load, origin: tuple[str | None, str | None] | None) -> None:
+    if what in _loaded:
+        return
+    _loaded.add(what)
+    try:
+        loaded = load()
+        if origin is None:  # a module: its name and __version__ come with it
+            loaded, origin = loaded
+        package, version = origin
+
+        def register_from_plugin(family: Family) -> Family:
+            from dataclasses import replace
+
+            return register(family if family.package else replace(family, package=package, version=version))
+
+        loaded(register_from_plugin)
+        PLUGINS[what] = f"{package}=={version}"
+    except Exception as e:  # a broken plugin must not take the built-in kinds down with it
+        PLUGIN_ERRORS[what] = f"{type(e).__name__}: {e}"
+
+
+def family(kind: str) -> Family | None:
+    load_plugins()
+    return FAMILIES.get(kind)
+
+
+def kinds() -> list[str]:
+    load_plugins()
+    return list(FAMILIES)
