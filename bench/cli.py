@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -266,14 +267,23 @@ def _fuse_option(ctx, param, value):
 @exec_options
 @friendly_errors
 @click.option("--partition", default=None, help="Slurm: partition.")
-@click.option("--gpus-per-run", type=click.IntRange(min=0), default=1, help="Slurm: GPUs per array task (0 for CPU nodes).")
+@click.option("--gpus-per-run", type=click.IntRange(min=0), default=1,
+              help="GPUs per run: above 1, each run trains data-parallel over that many GPUs (one process each; "
+                   "locally and under Slurm, with --nodes). Slurm: 0 for CPU nodes.")
+@click.option("--procs-per-run", type=COUNT, default=1,
+              help="Without GPUs: data-parallel processes per run (gloo; locally they share the cores, under "
+                   "Slurm they are tasks).")
+@click.option("--nodes", type=COUNT, default=1, help="Slurm: nodes a data-parallel run spans.")
+@click.option("--sync-bn/--no-sync-bn", default=False,
+              help="A data-parallel run's BatchNorm over the whole batch (CUDA only); else over each process's "
+                   "share, as in the paper's 8-GPU runs (recorded as bn_batch, part of the run's identity).")
 @click.option("--time", "time_min", type=COUNT, default=240, help="Slurm: time limit per task, minutes.")
 @click.option("--max-parallel", type=COUNT, default=16, help="Slurm: array tasks running at once.")
 @click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
               help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
 def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, fuse, partition, gpus_per_run,
-          time_min, max_parallel, slurm_opt, wait, **o):
+          procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
 
     Finished runs are skipped, an interrupted run continues from its checkpoint.
@@ -288,17 +298,26 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     from bench import sweep as sw
     from bench.specs import PRESETS, SweepSpec
 
-    slurm_opts = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
-                      extra=_key_values(slurm_opt), wait=wait)
     p = PRESETS[preset]
-    spec = SweepSpec(name=name or preset, recipe=_recipe(preset, o), models=models or p["models"],
-                     depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
-                     width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
-                     dataset=o["dataset"])
-    runs = spec.runs()  # validates every model name before anything is written
-    out = out or Path("results") / spec.name
+    recipe = _recipe(preset, o)
     # on Slurm the device is resolved on the compute node, not on this one
     ex = _execution(o) if executor == "local" else None
+    world = _world_size(ex, executor, gpus_per_run, procs_per_run, nodes, sync_bn, recipe.batch_size)
+    if world > 1:
+        fuse = "off" if fuse == "auto" else fuse
+        if parse_fuse(fuse) != 1:
+            raise click.UsageError("a data-parallel run trains alone: --fuse K does not go with several processes per run")
+        ex = replace(ex, world_size=world, sync_bn=sync_bn) if ex is not None else None
+        if ex is not None and ex.execution == "cudagraph":
+            ex = replace(ex, execution="eager")  # DDP's gradient hooks stay outside a captured graph
+    slurm_opts = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
+                      extra=_key_values(slurm_opt), wait=wait, world=world, nodes=nodes, sync_bn=sync_bn)
+    spec = SweepSpec(name=name or preset, recipe=recipe, models=models or p["models"],
+                     depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
+                     width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
+                     dataset=o["dataset"], bn_batch=None if world == 1 or sync_bn else recipe.batch_size // world)
+    runs = spec.runs()  # validates every model name before anything is written
+    out = out or Path("results") / spec.name
     _require_data(o)
     sw.check_writable(out)
     if executor == "slurm":
@@ -314,12 +333,32 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     if hint:
         click.echo(hint)
     kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
-    if len(slots) > 1:
+    if world > 1:
+        sw.run_distributed(todo, out, ex, data_root=o["data_root"], download=o["download"], log=click.echo)
+    elif len(slots) > 1:
         sw.run_parallel(todo, out, ex, slots, **kw)
     else:
         sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), groups=groups, **kw)
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     _fail_if_failed(todo, out)
+
+
+def _world_size(ex, executor: str, gpus: int, procs: int, nodes: int, sync_bn: bool, batch: int) -> int:
+    """The processes one run trains with: GPUs per run on CUDA (times nodes under Slurm), --procs-per-run
+    without GPUs; checked against the batch, which they split."""
+    cuda = executor == "slurm" and gpus > 0 or ex is not None and ex.device.startswith("cuda")
+    if executor == "local" and nodes > 1:
+        raise click.UsageError("--nodes is for --executor slurm (locally a run's processes share one machine)")
+    if not cuda and gpus > 1:
+        raise click.UsageError("--gpus-per-run above 1 needs GPUs; on the CPU use --procs-per-run N")
+    if cuda and procs > 1:
+        raise click.UsageError("with GPUs a data-parallel run has one process per GPU: use --gpus-per-run N")
+    world = (gpus if cuda else procs) * nodes
+    if sync_bn and not cuda:
+        raise click.UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    if world > 1 and batch % world:
+        raise click.UsageError(f"the batch of {batch} images does not split over {world} processes")
+    return world
 
 
 def _group_hint(groups, fuse: str, ex, runs_per_gpu: int) -> str | None:
@@ -357,10 +396,11 @@ def _submit_slurm(spec, runs, out, o, so) -> None:
         raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
     sw.write_sweep_toml(spec, out)
     todo = sw.pending(runs, out)
-    overrides = _exec_overrides(o)
+    overrides = _exec_overrides(o) | (dict(world_size=so["world"], sync_bn=so["sync_bn"]) if so["world"] > 1 else {})
     submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
                              partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
-                             max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"])
+                             max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"],
+                             world=so["world"], nodes=so["nodes"])
     busy = len(todo) - len(submitted)
     jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
     click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {busy} already queued, "

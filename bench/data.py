@@ -429,12 +429,17 @@ class DeviceLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, *, batch_size: int, seed: int,
-                 device: torch.device, augment: bool = True, channels_last: bool = False, pad: int = 4):
+                 device: torch.device, augment: bool = True, channels_last: bool = False, pad: int = 4,
+                 rank: int = 0, world: int = 1):
         if len(x) < batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the training set ({len(x)} images)")
+        if batch_size % world:
+            raise ValueError(f"the batch of {batch_size} images does not split over {world} processes")
         self.x, self.y = x.to(device), y.to(device)
         self.mean = mean.to(device)  # (C, H, W) float, in [0, 1] units
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        # a data-parallel run: this process's share of each global batch (bench.ddp); together, the whole batch
+        self.rank, self.world = rank, world
         self.augment, self.channels_last, self.pad = augment, channels_last, pad
         self.steps_per_epoch = len(x) // batch_size  # the last partial batch is dropped
         self._epoch, self._plan = -1, None
@@ -462,7 +467,9 @@ class DeviceLoader:
         """Batch ``it``'s image indices (B,), crop offsets (2, B) and flips (B,): views, no copies."""
         epoch, i = divmod(it, self.steps_per_epoch)
         perm, shift, flip = self._epoch_plan(epoch)
-        sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        share = self.batch_size // self.world
+        lo = i * self.batch_size + self.rank * share
+        sl = slice(lo, lo + share)
         return perm[sl], shift[:, sl], flip[sl]
 
     def images(self, idx: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench import records
+from bench import ddp, records
 from bench.specs import Execution, RunSpec
 
 ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "PREEMPTED"}
@@ -42,6 +42,12 @@ class SlurmRun:
         if os.environ.get("SLURM_CPUS_PER_TASK"):  # use the cores Slurm gave us, not every core of the node
             torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         runs = [RunSpec.from_dict(d) for d in (specs if isinstance(specs, list) else [specs])]
+        place = ddp.Place()
+        if self.overrides.get("world_size", 1) > 1:  # one task of a data-parallel run: its place from Slurm
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            place = ddp.init(str(self.device).startswith("cuda") or torch.cuda.is_available())
         recorded = records.finished(Path(self.out))
         runs = [r for r in runs if recorded.get(r.run_id) not in records.DONE]  # a requeued task's finished runs
         if not runs:
@@ -50,7 +56,10 @@ class SlurmRun:
         try:
             results = run_group(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
         except Exception as e:
+            if not place.main:
+                raise
             return [record_unfinished(r, Path(self.out), ex, e)["status"] for r in runs]
+        ddp.leave()
         return ["skipped" if isinstance(res, Skip) else res["status"] for res in results]
 
     def checkpoint(self, *args, **kwargs):
@@ -89,9 +98,12 @@ def alive(out: Path) -> dict[str, str]:
 
 def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: dict | None = None, data_root=None,
            partition: str | None = None, gpus_per_run: int = 0, time_min: int = 60, max_parallel: int = 16,
-           cpus_per_task: int | None = None, extra: dict | None = None, fuse: str = "off") -> dict[str, str]:
+           cpus_per_task: int | None = None, extra: dict | None = None, fuse: str = "off", world: int = 1,
+           nodes: int = 1) -> dict[str, str]:
     """Submit ``runs`` (already filtered to the pending ones) as one array, one task per group
-    (``fuse``, bench.fuse.plan; "auto" groups when tasks get a GPU); returns run_id -> job id."""
+    (``fuse``, bench.fuse.plan; "auto" groups when tasks get a GPU); returns run_id -> job id. A
+    data-parallel run (``world`` > 1) is one array element of ``world`` tasks over ``nodes`` nodes
+    (one GPU each where ``gpus_per_run``), which submitit's distributed environment numbers."""
     import submitit
 
     from bench.fuse import plan
@@ -102,12 +114,15 @@ def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: d
     if not todo:
         return {}
     executor = submitit.AutoExecutor(folder=out / "slurm" / "logs", cluster="slurm")
-    params = dict(timeout_min=time_min, slurm_array_parallelism=max_parallel, tasks_per_node=1, nodes=1,
+    per_node = world // nodes
+    if world % nodes:
+        raise ValueError(f"{world} processes per run do not split over {nodes} nodes")
+    params = dict(timeout_min=time_min, slurm_array_parallelism=max_parallel, tasks_per_node=per_node, nodes=nodes,
                   name=f"resbench-{todo[0].sweep or 'sweep'}", slurm_additional_parameters=dict(extra or {}))
     if partition:
         params["slurm_partition"] = partition
     if gpus_per_run:
-        params["gpus_per_node"] = gpus_per_run
+        params["gpus_per_node"] = gpus_per_run if world == 1 else per_node
     if cpus_per_task:
         params["cpus_per_task"] = cpus_per_task
     executor.update_parameters(**params)

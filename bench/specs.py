@@ -66,8 +66,8 @@ RECIPES = {
     "quick": Recipe("quick", iterations=6_400, milestones=(3_200, 4_800), eval_every=400),
     # CPU scale: narrow twins (width 0.5, set by the preset), 5k training images, batch 64,
     # constant lr 0.05 (the short run never reaches the decay), 1k validation and 2k test images.
-    # Chosen so the 6-run smoke sweep takes about 5 minutes on 2 CPU cores and still shows the
-    # degradation (see README).
+    # Chosen so the 6-run smoke sweep trains in minutes on 2 CPU cores (217-250 s per seed in
+    # results/reference-smoke-cpu) and still shows the degradation (see README).
     "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=400, milestones=(), val_size=1_000,
                     train_size=5_000, test_size=2_000, eval_every=100),
 }
@@ -90,9 +90,14 @@ class RunSpec:
     shortcut: str = "A"  # A / B / C (resnet.blocks)
     dataset: str = "cifar10"
     sweep: str = ""  # the sweep this run belongs to (a name, not part of the identity)
+    # images BatchNorm's batch statistics come from, where fewer than the whole batch: a data-parallel run
+    # without --sync-bn normalises each process's share (bench.ddp). None: the whole batch
+    bn_batch: int | None = None
 
     def __post_init__(self):
         resnet.parse(self.model)  # ValueError with the naming rules
+        if self.bn_batch is not None and (self.bn_batch < 1 or self.recipe.batch_size % self.bn_batch):
+            raise ValueError(f"bn_batch must divide the batch of {self.recipe.batch_size}, got {self.bn_batch}")
 
     @property
     def arch(self) -> resnet.ModelName:
@@ -104,6 +109,8 @@ class RunSpec:
         version). He et al.'s kinds add nothing, so their run_ids are those of earlier versions."""
         d = asdict(self)
         d.pop("sweep")
+        if d["bn_batch"] is None:  # the whole batch, as every run of earlier versions: their run_ids stay
+            d.pop("bn_batch")
         info = method_info(self.model)
         if info:
             d["method"] = info
@@ -125,7 +132,7 @@ class RunSpec:
                    lr_scales=json.dumps(info.get("lr_scales", [])),
                    plugin=f"{m.package}=={m.version}" if m and m.package else None,
                    depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
-                   dataset=self.dataset, seed=self.seed)
+                   dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch)
         for f in fields(Recipe):
             v = getattr(self.recipe, f.name)
             row["recipe" if f.name == "name" else f.name] = ",".join(map(str, v)) if isinstance(v, tuple) else v
@@ -172,6 +179,8 @@ class Execution:
     # run groups: zero-pad each member's input to this many channels (4 or 8) for cuDNN's NHWC kernels;
     # 0 = off. Off until a GPU measurement shows it pays (resnet.group; `resbench profile --pad-inputs`)
     pad_input: int = 0
+    world_size: int = 1  # processes of a data-parallel run (bench.ddp); 1: one process
+    sync_bn: bool = False  # a data-parallel run's BatchNorm over the whole batch (CUDA only)
 
     @classmethod
     def for_device(cls, device: str = "auto", **overrides) -> "Execution":
@@ -202,6 +211,15 @@ class Execution:
             raise ValueError("execution 'cudagraph' needs CUDA; use eager or compile on the CPU")
         if ex.pad_input not in PAD_INPUTS:
             raise ValueError(f"pad_input must be one of {', '.join(map(str, PAD_INPUTS))}, got {ex.pad_input!r}")
+        if ex.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {ex.world_size}")
+        if ex.world_size > 1 and ex.execution == "cudagraph":
+            ex = replace(ex, execution="eager") if overrides.get("execution") is None else ex
+            if ex.execution == "cudagraph":
+                raise ValueError("a data-parallel run cannot capture its step in a CUDA graph here (DDP's "
+                                 "gradient hooks); use --execution eager or compile")
+        if ex.sync_bn and not cuda:
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
         return ex
 
 
@@ -245,6 +263,7 @@ class SweepSpec:
     shortcut: str = "A"
     dataset: str = "cifar10"
     extra: dict = field(default_factory=dict)  # free-form notes written to sweep.toml
+    bn_batch: int | None = None  # RunSpec.bn_batch of every run (data-parallel runs without --sync-bn)
 
     def __post_init__(self):
         known = resnet.kinds()
@@ -268,7 +287,7 @@ class SweepSpec:
                 return "[" + ", ".join(val(x) for x in v) + "]"
             return json.dumps(str(v))
 
-        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra")}
+        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra") and v is not None}
         lines = [f"{k} = {val(v)}" for k, v in top.items()]
         lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(self.recipe).items() if v is not None]
         if self.extra:
@@ -309,6 +328,6 @@ class SweepSpec:
         """Every run of the grid, shallow first (so partial sweeps show the whole depth range early)."""
         return [
             RunSpec(model=model_name(kind, depth), recipe=self.recipe, seed=seed, width=self.width,
-                    shortcut=self.shortcut, dataset=self.dataset, sweep=self.name)
+                    shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch)
             for seed in self.seeds for depth in self.depths for kind in self.models
         ]

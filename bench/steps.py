@@ -220,8 +220,18 @@ class TrainStep:
         self.active[k] = 0.0
 
     def read_members(self) -> tuple[list[float], list[float], int]:
-        """Each member's (mean loss, error fraction), and the images each saw, since the last read. A host sync."""
+        """Each member's (mean loss, error fraction), and the images each saw, since the last read. A host sync.
+        In a data-parallel run, over every process's images (summed across the ranks)."""
+        from bench import ddp
+
         n = self.seen
+        if ddp.active():
+            counts = ddp.all_sum(torch.cat([self.loss_sum, self.wrong_sum.to(self.loss_sum.dtype),
+                                            torch.tensor([float(n)], device=self.device)]))
+            k = self.members
+            self.loss_sum.copy_(counts[:k])
+            self.wrong_sum.copy_(counts[k:2 * k].round().long())
+            n = int(counts[-1])
         loss, wrong = self.loss_sum.tolist(), self.wrong_sum.tolist()
         self.loss_sum.zero_()
         self.wrong_sum.zero_()

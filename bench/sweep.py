@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import claims, fuse as fusing, records
+from bench import claims, ddp, fuse as fusing, records
 from bench.specs import Execution, RunSpec, SweepSpec
 from bench.train import record_failure, record_unfinished, run_group
 
@@ -184,12 +184,17 @@ def worker(spec_file: Path, out: Path) -> int:
     the run_ids it skipped beside the spec file; exits with EXIT_SKIPPED if it skipped them all."""
     job = json.loads(Path(spec_file).read_text())
     specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
+    place = ddp.init(ex.device.startswith("cuda"))  # one process of a data-parallel run, or alone
     try:
         results = run_group(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
     except Exception as e:
-        for spec in specs:
-            record_unfinished(spec, out, ex, e)
+        if place.main:
+            for spec in specs:
+                record_unfinished(spec, out, ex, e)
         return 1
+    ddp.leave()
+    if not place.main:  # rank 0 tells what happened
+        return EXIT_SKIPPED if all(isinstance(r, claims.Skip) for r in results) else 0
     skipped = []
     for spec, res in zip(specs, results):
         if isinstance(res, claims.Skip):
@@ -197,6 +202,36 @@ def worker(spec_file: Path, out: Path) -> int:
             skipped.append(spec.run_id)
     records.atomic_write(_skipped_file(Path(spec_file)), lambda tmp: tmp.write_text(json.dumps(skipped)))
     return EXIT_SKIPPED if len(skipped) == len(specs) else 0
+
+
+def run_distributed(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=None, download=False,
+                    log=print) -> None:
+    """Each run as one data-parallel job on this machine: ``ex.world_size`` processes (bench.ddp.launch;
+    one per GPU on CUDA, gloo processes sharing the cores on the CPU), one run after another. A run whose
+    process fails is recorded failed (rank 0 records the error it saw; a rank killed from outside leaves
+    the launcher to record it)."""
+    spec_dir = Path(tempfile.mkdtemp(prefix="resbench-ddp-"))
+    wex = replace(ex, device="cuda" if ex.device.startswith("cuda") else ex.device)
+    try:
+        for i, spec in enumerate(runs, 1):
+            f = spec_dir / f"{spec.run_id}.json"
+            f.write_text(json.dumps(dict(specs=[spec.to_dict()], execution=asdict(wex),
+                                         data_root=str(data_root) if data_root else None, download=download)))
+            t = time.perf_counter()
+            code = ddp.wait(ddp.launch(["worker", str(f), "--out", str(out)], ex.world_size, {},
+                                       cuda=ex.device.startswith("cuda")))
+            if code == EXIT_SKIPPED:
+                log(f"[{i}/{len(runs)}] {spec.run_id}: skipped (another trainer holds or finished it)")
+                continue
+            row = records.recorded(out, spec.run_id)
+            if row is None or (code and row["status"] not in DONE):
+                row = row if row is not None and code == 1 else record_failure(
+                    spec, out, ex, RuntimeError(f"a process of the data-parallel run exited with code {code}"))
+            log(_line(i, len(runs), row, time.perf_counter() - t))
+    finally:
+        for f in spec_dir.iterdir():
+            f.unlink()
+        spec_dir.rmdir()
 
 
 def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 import resnet
-from bench import claims, data, fuse, records
+from bench import claims, data, ddp, fuse, records
 from bench.fuse import Members
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
@@ -59,6 +59,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Ex
     k = members.k if members else 1
     if len(x) == 0:
         return [float("nan")] * k
+    total = len(x)
+    place = ddp.place()
+    if ddp.active():  # each rank its share of the images, each image once; the counts are summed
+        x, y = x[place.rank::place.world], y[place.rank::place.world]
     model.eval()
     wrong = torch.zeros(k, device=device, dtype=torch.long)
     y = y.to(device)
@@ -70,7 +74,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, ex: Ex
             logits = logits[:, None]  # one network: a group of one
         wrong += (logits.argmax(2) != yb[:, None]).sum(0)
     model.train()
-    return [w / len(x) for w in wrong.tolist()]
+    return [w / total for w in ddp.all_sum(wrong).tolist()]
 
 
 def timed_windows(windows: list[dict], attempt: int) -> list[dict]:
@@ -109,6 +113,14 @@ def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None,
     propagate (the sweep records the members left without a record as "failed").
     """
     out = Path(out)
+    place = ddp.place()
+    if place.world > 1:
+        _check_data_parallel(specs, ex, place)
+        if not place.main:  # rank 0 claims the run; the others learn whether to train
+            decision = ddp.from_main(None)
+            if decision != "train":
+                return [claims.Skip(decision)]
+            return _train(specs, [None], out, ex, data_root=data_root, download=download, progress=False)
     if len(specs) > 1:
         keys = {fuse.group_key(s) for s in specs}
         if None in keys or len(keys) > 1:
@@ -132,6 +144,8 @@ def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None,
                 results[i] = claims.Skip(f"{spec.run_id} is already recorded ({done['status']})")
             else:
                 todo.append((i, claim))
+        if place.world > 1:
+            ddp.from_main("train" if todo else str(results[0]))
         if todo:
             trained = _train([specs[i] for i, _ in todo], [c for _, c in todo], out, ex, data_root=data_root,
                              download=download, progress=progress)
@@ -141,6 +155,20 @@ def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None,
         for claim in held:
             claim.release()
     return results
+
+
+def _check_data_parallel(specs: list[RunSpec], ex: Execution, place: ddp.Place) -> None:
+    """A data-parallel run is one run (no group), whose spec says the BN batch its processes give it."""
+    if len(specs) != 1:
+        raise ValueError("a data-parallel run trains one run, not a group (use --fuse off with several processes)")
+    spec = specs[0]
+    if ex.world_size != place.world:
+        raise ValueError(f"this process is one of {place.world} (WORLD_SIZE), its execution says {ex.world_size}")
+    want = None if ex.sync_bn else spec.recipe.batch_size // place.world
+    if spec.bn_batch != want:
+        raise ValueError(f"{spec.run_id}: {place.world} processes {'with' if ex.sync_bn else 'without'} --sync-bn "
+                         f"normalise over {want or 'the whole batch of ' + str(spec.recipe.batch_size)} images, "
+                         f"its spec says bn_batch={spec.bn_batch}")
 
 
 @dataclass
@@ -184,7 +212,13 @@ def _fit(specs: list[RunSpec], held: list[claims.Claim], d: _Data, out: Path, ex
     run that does not fit fails as it would alone.
     """
     device = torch.device(ex.device)
-    cks = [read_checkpoint(records.paths(out, s.run_id)["ckpt"], s, device) for s in specs]
+    place = ddp.place()
+    if place.main:  # rank 0 reads (and, if damaged, moves aside) the checkpoints; the others load what it found
+        cks = [read_checkpoint(records.paths(out, s.run_id)["ckpt"], s, device) for s in specs]
+    found = ddp.from_main([ck is not None for ck in cks] if place.main else None)
+    if not place.main:
+        cks = [records.load_torch(records.paths(out, s.run_id)["ckpt"], map_location=device) if f else None
+               for s, f in zip(specs, found)]
     starts = [ck["iteration"] if ck else 0 for ck in cks]
     results: list = [None] * len(specs)
     for start in sorted(set(starts)):
@@ -235,8 +269,9 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     r, arch = specs[0].recipe, specs[0].arch
     # one copy of the training set on the device, shared by every member's loader (seeded by its run)
     train_x, train_y, mean = (t.to(device) for t in (*d.train, d.mean))
+    place = ddp.place()  # a data-parallel run: this process trains its share of each batch; rank 0 records
     loaders = [data.DeviceLoader(train_x, train_y, mean, batch_size=r.batch_size, seed=s.seed, device=device,
-                                 channels_last=ex.channels_last) for s in specs]
+                                 channels_last=ex.channels_last, rank=place.rank, world=place.world) for s in specs]
     nets = []
     for s, ck in zip(specs, cks):
         torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
@@ -264,24 +299,33 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             torch.set_rng_state(cks[0]["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
             if device.type == "cuda" and "cuda" in cks[0]["rng"]:
                 torch.cuda.set_rng_state(cks[0]["rng"]["cuda"].cpu(), device)
-    step = TrainStep(model, opt, execution=ex.execution, amp=ex.amp, device=device, members=len(specs))
+    step = TrainStep(_data_parallel(model, ex, device), opt, execution=ex.execution, amp=ex.amp, device=device,
+                     members=len(specs))
 
     desc = specs[0].model if len(specs) == 1 else f"{len(specs)} x {arch.depth} layers"
-    bar = Progress(r.iterations, start, desc, progress)
+    bar = Progress(r.iterations, start, desc, progress and place.main)
     active, results = list(range(len(specs))), [None] * len(specs)
     t_wall = t_beat = time.perf_counter()
     train_time = [c[-1]["train_time_s"] if c else 0.0 for c in curves]
 
     def finish(k: int, status: str, error: str | None) -> dict | claims.Skip:
-        """Write member k's records (weights and curves first, the run row last: a row means complete)."""
-        try:
-            held[k].beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
-        except claims.Claimed as e:
-            return e
+        """Write member k's records (weights and curves first, the run row last: a row means complete).
+        Only rank 0 of a data-parallel run writes; the others learn from it whether the run is still theirs."""
+        lost = None
+        if place.main:
+            try:
+                held[k].beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
+            except claims.Claimed as e:
+                lost = str(e)
+        lost = ddp.from_main(lost)
+        if lost is not None:
+            return claims.Claimed(lost)
         row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
                    status=status, error=error, start=start, train_time=train_time[k],
                    wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, arrays=d.arrays, group_id=gid,
                    group_size=len(specs), peak=peak_memory(device) if memory_tracked else None) | dict(method_derived=derived)
+        if not place.main:
+            return row
         p = records.paths(out, specs[k].run_id)
         records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.arrays.num_classes,
                                 in_channels=d.arrays.image_shape[0]), p["weights"])
@@ -328,15 +372,17 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
         if not active:
             break
-        # before evaluation: the gradients of the last step
-        ids = {k: specs[k].run_id for k in active}
+        # before evaluation: the gradients of the last step (the same on every rank of a data-parallel run:
+        # rank 0 records them; its backward signals come from its own share of the batches)
+        ids = {k: specs[k].run_id for k in active} if place.main else {}
         for k, rows in members.layer_rows(opt, ids, it + 1).items():
             layers[k] += rows
         # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
         probe = [loaders[0].batch(j) if len(loaders) == 1 else data.group_batch(loaders, j)
-                 for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)]
+                 for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
         for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
             signals[k] += rows
+        ddp.sync_buffers(model)
         val_err = evaluate(model, *d.val, d.mean, ex, device, members)
         test_err = evaluate(model, *d.test, d.mean, ex, device, members)
         for k in active:
@@ -345,15 +391,18 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         k0 = active[0]
         bar.show(loss=f"{losses[k0]:.3f}", err=f"{errs[k0]:.3f}", val=f"{val_err[k0]:.3f}",
                  img_s=f"{seen * len(active) / window:.0f}")
-        for k in list(active):
+        lost = {}
+        for k in list(active) if place.main else []:
             try:
                 held[k].beat(time.perf_counter() - t_beat)
             except claims.Claimed as e:  # another trainer took this run over: stop it without writing
-                drop(k, e)
+                lost[k] = str(e)
+        for k, why in ddp.from_main(lost).items():
+            drop(k, claims.Claimed(why))
         if not active:
             break
         t_beat = time.perf_counter()
-        if it + 1 < r.iterations:
+        if it + 1 < r.iterations and place.main:
             for k in active:
                 records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
                                         optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
@@ -367,6 +416,20 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     for k in list(active):
         results[k] = finish(k, "ok", None)
     return results
+
+
+def _data_parallel(model: torch.nn.Module, ex: Execution, device: torch.device) -> torch.nn.Module:
+    """The model the step runs: ``model`` itself, or in a data-parallel run ``model`` wrapped by DDP (which
+    averages the gradients over the ranks); with ``sync_bn`` its BatchNorm first made synchronous. The
+    wrapper shares ``model``'s parameters: records, checkpoints and weights read ``model``, unchanged."""
+    if not ddp.active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if ex.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, macs: int, status: str,
@@ -399,6 +462,8 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         peak_memory_bytes=peak,  # the process's: a group's members share it
         amp=ex.amp, channels_last=ex.channels_last, execution=ex.execution, cudnn_benchmark=ex.cudnn_benchmark,
         pad_input=ex.pad_input if group_size > 1 else 0,  # a lone net is never padded
+        world_size=ex.world_size, per_process_batch=spec.recipe.batch_size // ex.world_size,
+        bn_mode="whole batch" if ex.world_size == 1 else ("synchronised" if ex.sync_bn else "per process"),
         train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
         data_source=arrays.source, data_sha256=arrays.sha256, data_official=arrays.official,
     ) | records.environment(ex.device)

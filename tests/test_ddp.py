@@ -1,0 +1,221 @@
+"""Data-parallel runs (bench.ddp) with real processes on the CPU (gloo): the update, the evaluation, the
+records, a killed run resumed, a dead rank that ends its run without a hang."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import resnet
+from bench import records
+from bench.specs import Execution, RunSpec, recipe
+from bench.train import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--dataset", "synthetic", "--models", "resnet", "--depths", "8", "--width", "0.25", "--batch-size", "32",
+        "--train-size", "256", "--val-size", "64", "--test-size", "200", "--device", "cpu"]
+
+_RANK = """
+import os, sys, torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import resnet
+from bench import ddp, data
+from bench.specs import Execution
+from bench.train import evaluate
+
+out = sys.argv[1]
+place = ddp.init(cuda=False)
+torch.manual_seed(0)
+net = resnet.build("resnet8", width=0.25).double()
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+half = slice(4 * place.rank, 4 * place.rank + 4)
+step = torch.nn.parallel.DistributedDataParallel(net)
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+F.cross_entropy(step(x[half]), y[half]).backward()
+opt.step()
+# the evaluation split over the ranks, of images of its own
+test = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8, generator=g)
+labels = torch.randint(0, 10, (37,), generator=g)
+ddp.sync_buffers(net)
+state = {k: v.clone() for k, v in net.state_dict().items()}
+err = evaluate(net.float(), test, labels, torch.zeros(3, 32, 32), Execution(eval_batch_size=5), torch.device("cpu"))
+if place.main:
+    torch.save(dict(state=state, err=err), out)
+ddp.leave()
+"""
+
+
+def _ranks(script, args, world=2, timeout=120):
+    from bench import ddp
+
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = ddp.free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], env=os.environ | env | dict(
+        RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+        for r in range(world)]
+    assert [p.wait(timeout=timeout) for p in procs] == [0] * world
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_a_data_parallel_step_is_the_single_process_step_over_both_halves(tmp_path):
+    """Two ranks, four images each: DDP averages their gradients. BatchNorm normalises each rank's four
+    images (per-process BN, as in the paper's 8-GPU runs), so the same update in one process is the
+    mean of the two halves' losses, each half through the net on its own (float64: exact to 1e-12).
+    The evaluation, split over the ranks, counts each of the 37 images once: the single-process error."""
+    _ranks(_RANK, [str(tmp_path / "rank0.pt")])
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    torch.manual_seed(0)
+    net = resnet.build("resnet8", width=0.25).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (8,), generator=g)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss = (torch.nn.functional.cross_entropy(net(x[:4]), y[:4]) + torch.nn.functional.cross_entropy(net(x[4:]), y[4:])) / 2
+    loss.backward()
+    opt.step()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(got["state"][name], p.detach(), rtol=1e-12, atol=1e-12, msg=name)
+    torch.manual_seed(0)
+    start = resnet.build("resnet8", width=0.25).double().state_dict()
+    assert max(float((got["state"][n] - start[n]).abs().max()) for n, _ in net.named_parameters()) > 1e-3
+    test = torch.randint(0, 256, (37, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (37,), generator=g)
+    net.load_state_dict(got["state"])
+    alone = evaluate(net.float(), test, labels, torch.zeros(3, 32, 32), Execution(eval_batch_size=5),
+                     torch.device("cpu"))
+    assert got["err"] == alone and 0 < alone[0] < 1
+
+
+def _sweep(out, *extra, background=False):
+    cmd = [sys.executable, "-m", "bench", "sweep", "--procs-per-run", "2", *TINY, "--out", str(out), *extra]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_a_two_process_run_records_the_usual_schema_and_its_evaluation(tmp_path):
+    res = _sweep(tmp_path / "ddp", "--iterations", "8", "--eval-every", "4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs, curves = records.load(tmp_path / "ddp")
+    alone = subprocess.run([sys.executable, "-m", "bench", "sweep", *TINY, "--iterations", "8", "--eval-every", "4",
+                            "--out", str(tmp_path / "alone")], env=os.environ | {"PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr
+    single = records.load(tmp_path / "alone")[0]
+    assert set(single.columns) <= set(runs.columns) and len(runs) == 1 and curves["iteration"].tolist() == [4, 8]
+    row = runs.iloc[0]
+    assert (row["status"], row["world_size"], row["per_process_batch"], row["bn_mode"], row["bn_batch"]) == (
+        "ok", 2, 16, "per process", 16)
+    assert row["run_id"] != single.iloc[0]["run_id"]  # BN over 16 images is another experiment than over 32
+    assert (single.iloc[0]["world_size"], single.iloc[0]["bn_mode"]) == (1, "whole batch")
+    # the recorded test error is the saved weights' error on all 200 test images, each counted once
+    saved = records.load_torch(records.paths(tmp_path / "ddp", row["run_id"])["weights"])
+    spec = RunSpec.from_dict(saved["spec"])
+    assert spec.bn_batch == 16
+    net = resnet.build("resnet8", width=0.25)
+    net.load_state_dict(saved["model"])
+    from bench import data
+
+    a = data.synthetic()
+    parts = data.split(a, 64, 256)
+    err = evaluate(net.to(memory_format=torch.channels_last), a.test_x[:200], a.test_y[:200],
+                   data.pixel_mean(parts["train"][0]), Execution.for_device("cpu"), torch.device("cpu"))
+    assert err == [row["final_test_err"]]
+    assert not list((tmp_path / "ddp" / "claims").glob("*.json"))
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_a_killed_two_process_run_resumes_and_a_dead_rank_ends_its_run(tmp_path):
+    out = tmp_path / "ddp"
+    long = ["--iterations", "400", "--eval-every", "10"]
+    first = _sweep(out, *long, background=True)
+    spec_ckpt = out / "ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(spec_ckpt.glob("*.pt")):
+        time.sleep(0.2)
+    assert list(spec_ckpt.glob("*.pt")), first.stdout.read() if first.poll() is not None else "no checkpoint"
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and both ranks, as a node failure would
+    first.wait()
+    assert records.load(out)[0].empty
+    # resumed: a new sweep continues from rank 0's checkpoint; this time rank 1 dies under it
+    second = _sweep(out, *long, background=True)
+    deadline = time.time() + 120
+    victim = None
+    while time.time() < deadline and victim is None:
+        victim = _rank_process(1, out)
+        time.sleep(0.2)
+    assert victim is not None
+    time.sleep(2.0)
+    t = time.time()
+    os.kill(victim, signal.SIGKILL)
+    text, _ = second.communicate(timeout=120)
+    assert time.time() - t < 60, "the surviving rank hung"
+    row = records.load(out)[0].iloc[0]
+    assert row["status"] == "failed" and "exited with code" in row["error"], text
+    third = _sweep(out, *long)
+    assert third.returncode == 0, third.stdout + third.stderr
+    row = records.load(out)[0].iloc[0]
+    assert row["status"] == "ok" and 0 < row["resumed_from"] < 400 and row["iterations_done"] == 400
+
+
+def _rank_process(rank: int, out: Path) -> int | None:
+    """The pid of the `bench worker` process of ``rank`` writing to ``out`` (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_data_parallel_options_are_checked_before_anything_runs(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    base = ["sweep", *TINY, "--iterations", "2", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--procs-per-run", "3"], "does not split over 3 processes"),
+                           (["--gpus-per-run", "2"], "--gpus-per-run above 1 needs GPUs"),
+                           (["--procs-per-run", "2", "--sync-bn"], "--sync-bn needs CUDA"),
+                           (["--procs-per-run", "2", "--fuse", "2"], "a data-parallel run trains alone"),
+                           (["--nodes", "2"], "--nodes is for --executor slurm")):
+        res = CliRunner().invoke(main, base + extra)
+        assert res.exit_code == 2 and message in res.output, (extra, res.output)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="bn_batch must divide the batch of 32, got 5"):
+        RunSpec("resnet8", recipe("smoke", batch_size=32), bn_batch=5)
+    legacy = RunSpec("resnet8", recipe("smoke"))
+    assert "bn_batch" not in legacy.identity()  # runs of earlier versions keep their run_ids
+    assert RunSpec("resnet8", recipe("smoke"), bn_batch=32).run_id != legacy.run_id
+    assert pd.isna(legacy.flat()["bn_batch"])
+
+
+def test_each_process_of_a_data_parallel_run_gets_its_share_of_the_batch():
+    from bench import data
+
+    a = data.synthetic(n_train=100, n_test=10)
+    x, y, mean = a.train_x, a.train_y, data.pixel_mean(a.train_x)
+    cpu = torch.device("cpu")
+    whole = data.DeviceLoader(x, y, mean, batch_size=8, seed=2, device=cpu)
+    shares = [data.DeviceLoader(x, y, mean, batch_size=8, seed=2, device=cpu, rank=r, world=4) for r in range(4)]
+    for it in (0, 11, 12, 30):  # 12 steps per epoch: 12 and 30 are in later epochs
+        bx, by = whole.batch(it)
+        parts = [s.batch(it) for s in shares]
+        assert torch.equal(torch.cat([p[0] for p in parts]), bx) and torch.equal(torch.cat([p[1] for p in parts]), by)
+        assert all(len(p[1]) == 2 for p in parts)
+    with pytest.raises(ValueError, match="^the batch of 8 images does not split over 3 processes$"):
+        data.DeviceLoader(x, y, mean, batch_size=8, seed=2, device=cpu, world=3)
