@@ -1,0 +1,328 @@
+"""ImageNet-style data (He et al. 2015, sec. 3.4): an ImageFolder tree, decoded batch by batch.
+
+Layout: the one torchvision's references read, ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``
+(a folder, or a ``.tar``/``.tar.gz`` of one; Imagenette's ``imagenette2/`` after torchvision's
+download has it). Classes are the sorted folder names of ``train/``, as torchvision's ImageFolder
+numbers them. Unlike CIFAR, the decoded set does not fit in memory, so worker processes decode
+each batch (torchvision.io's JPEG decoder, PIL for other formats).
+
+Training augmentation, the paper's: the shorter side resized to a random s in [256, 480], a random
+224 x 224 crop, a random horizontal flip, the per-pixel mean subtracted (a mean image of the
+training set, from ``MEAN_IMAGES`` images at the evaluation's scale); the colour augmentation of
+Krizhevsky et al. (PCA lighting, std 0.1) as an option. Every random choice for image i of epoch
+e is drawn from a generator seeded by (seed, e, i), so batch ``it`` of a run is a pure function of
+(seed, it), also across a resume and across the processes of a data-parallel run.
+
+Evaluation: the single centre crop (shorter side 256, centre 224 x 224), or the paper's standard
+10-crop test (the four corner and the centre crops of that image and their mirrors; the ten
+softmax outputs averaged).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EXTENSIONS = (".jpeg", ".jpg", ".png")
+TRAIN_SCALES = (256, 480)  # the shorter side, drawn uniformly (He et al. sec. 3.4)
+CROP = 224
+EVAL_SCALE = 256
+MEAN_IMAGES = 10_000
+# Krizhevsky et al. 2012's PCA lighting on ImageNet (the eigenvalues and eigenvectors of the RGB covariance
+# of the training pixels, in [0, 1] units, as torch/fb.resnet.torch states them)
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+class ImageFolderError(Exception):
+    """The tree is missing, empty, or holds an image that cannot be decoded; the message names it."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # a file, or "archive::member"
+    label: int
+
+
+@dataclass(frozen=True)
+class Tree:
+    """The images of one ImageFolder data set: (path, label) per split, the class names, where it came from."""
+
+    root: str
+    classes: tuple[str, ...]
+    train: tuple[Item, ...]
+    val: tuple[Item, ...]
+
+
+def scan(root: str | os.PathLike) -> Tree:
+    """The train/ and val/ images under ``root`` (a folder, or an archive of one), sorted, labelled by class."""
+    root = Path(root)
+    if root.is_file():
+        return _scan_archive(root)
+    base = next((b for b in (root, root / "imagenette2", root / "imagenette2-320", root / "imagenette2-160")
+                 if (b / "train").is_dir()), None)
+    if base is None:
+        raise ImageFolderError(f"no train/<class>/ folders under {root}: an ImageNet-style data set is "
+                               f"train/<class>/*.JPEG and val/<class>/*.JPEG")
+    classes = tuple(sorted(p.name for p in (base / "train").iterdir() if p.is_dir()))
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in ("train", "val"):
+        folder = base / split
+        if not folder.is_dir():
+            raise ImageFolderError(f"{base} has train/ but no {split}/ folder")
+        items = []
+        for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            if c not in index:
+                raise ImageFolderError(f"{folder / c}: a class that train/ does not have")
+            items += [Item(str(f), index[c]) for f in sorted((folder / c).iterdir()) if f.suffix.lower() in EXTENSIONS]
+        if not items:
+            raise ImageFolderError(f"{folder} holds no images (*.JPEG, *.jpg, *.png)")
+        splits[split] = tuple(items)
+    return Tree(str(base), classes, splits["train"], splits["val"])
+
+
+def _scan_archive(path: Path) -> Tree:
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            names = [m.name for m in tar if m.isfile()]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ImageFolderError(f"{path} is not a readable tar archive ({type(e).__name__}: {e})") from e
+    found: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-3] in found and parts[-1].lower().endswith(EXTENSIONS):
+            found[parts[-3]].setdefault(parts[-2], []).append(name)
+    if not found["train"] or not found["val"]:
+        raise ImageFolderError(f"{path} holds no train/<class>/ and val/<class>/ images")
+    classes = tuple(sorted(found["train"]))
+    index = {c: i for i, c in enumerate(classes)}
+    missing = sorted(set(found["val"]) - set(index))
+    if missing:
+        raise ImageFolderError(f"{path}: val/ classes that train/ does not have: {', '.join(missing)}")
+    split = {s: tuple(Item(f"{path}::{n}", index[c]) for c in sorted(found[s]) for n in sorted(found[s][c]))
+             for s in found}
+    return Tree(str(path), classes, split["train"], split["val"])
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+_archives: dict[str, tarfile.TarFile] = {}  # per process (each worker opens its own)
+
+
+def read_bytes(path: str) -> bytes:
+    if "::" in path:
+        archive, member = path.split("::", 1)
+        tar = _archives.get(archive)
+        if tar is None:
+            tar = _archives[archive] = tarfile.open(archive, "r:*")
+        f = tar.extractfile(member)
+        if f is None:
+            raise ImageFolderError(f"{path}: not a file in the archive")
+        return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def decode(path: str) -> torch.Tensor:
+    """The image at ``path`` as uint8 (3, H, W) RGB; ImageFolderError naming the file if it cannot be read."""
+    data = read_bytes(path)
+    try:
+        if data[:3] == b"\xff\xd8\xff":  # JPEG: torchvision's decoder (libjpeg-turbo)
+            import warnings
+
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            with warnings.catch_warnings():  # torchvision 0.29 deprecates it for TorchCodec; 0.19-0.28 do not
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(__import__("numpy").asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    except Exception as e:  # a corrupt file: name it (decoders raise many types)
+        raise ImageFolderError(f"cannot decode {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"remove or replace the file") from e
+
+
+def resize_shorter(img: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (3, H, W) resized (bilinear, antialiased) so that its shorter side is ``side``."""
+    _, h, w = img.shape
+    scale = side / min(h, w)
+    size = (max(side, round(h * scale)), max(side, round(w * scale)))
+    if size == (h, w):
+        return img
+    out = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def image_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of image ``index``'s random choices in ``epoch`` of run ``seed``."""
+    key = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2 ** 63 - 1))
+
+
+def train_crop(img: torch.Tensor, g: torch.Generator, scales=TRAIN_SCALES, crop: int = CROP,
+               lighting: bool = False) -> torch.Tensor:
+    """The paper's training augmentation of one image (see the module docstring): uint8 (3, crop, crop)."""
+    side = int(torch.randint(scales[0], scales[1] + 1, (1,), generator=g))
+    img = resize_shorter(img, side)
+    _, h, w = img.shape
+    top = int(torch.randint(0, h - crop + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - crop + 1, (1,), generator=g))
+    out = img[:, top:top + crop, left:left + crop]
+    if bool(torch.rand(1, generator=g) < 0.5):
+        out = out.flip(2)
+    if lighting:
+        alpha = torch.randn(3, generator=g) * 0.1
+        shift = torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL))  # per RGB channel, [0, 1] units
+        out = (out.float() + 255 * shift[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
+    return out.contiguous()
+
+
+def centre_crop(img: torch.Tensor, side: int = EVAL_SCALE, crop: int = CROP) -> torch.Tensor:
+    img = resize_shorter(img, side)
+    _, h, w = img.shape
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return img[:, top:top + crop, left:left + crop].contiguous()
+
+
+def ten_crops(img: torch.Tensor, side: int = EVAL_SCALE, crop: int = CROP) -> torch.Tensor:
+    """(10, 3, crop, crop): the four corners and the centre of the image at ``side``, then their mirrors."""
+    img = resize_shorter(img, side)
+    _, h, w = img.shape
+    corners = [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
+    five = torch.stack([img[:, t:t + crop, l:l + crop] for t, l in corners])
+    return torch.cat([five, five.flip(3)])
+
+
+# -- datasets for worker processes -------------------------------------------------------------------
+
+class TrainSet(torch.utils.data.Dataset):
+    """Item i of ``order`` (a global position in epoch ``epoch``), augmented from its own generator."""
+
+    def __init__(self, items, seed: int, lighting: bool = False):
+        self.items, self.seed, self.lighting = items, seed, lighting
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, index = key  # the sampler hands (epoch, image index)
+        item = self.items[index]
+        return train_crop(decode(item.path), image_generator(self.seed, epoch, index), lighting=self.lighting), item.label
+
+
+class EvalSet(torch.utils.data.Dataset):
+    def __init__(self, items, ten: bool):
+        self.items, self.ten = items, ten
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img = decode(self.items[i].path)
+        return (ten_crops(img) if self.ten else centre_crop(img)), self.items[i].label
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled image order of ``epoch`` (seeded by (seed, epoch), as the CIFAR loader's)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class StreamLoader:
+    """Batches of an ImageFolder training set, as DeviceLoader serves CIFAR: ``batch(it)`` is batch ``it``
+    of the run (normalised, on the device), ``steps_per_epoch``. Worker processes decode ahead, in order.
+
+    With ``world`` processes, process ``rank`` gets its share (images rank*b .. (rank+1)*b - 1) of each
+    global batch of ``batch_size`` = world x b images: together, the batch a single process would train.
+    """
+
+    def __init__(self, items, mean: torch.Tensor, *, batch_size: int, seed: int, device: torch.device,
+                 workers: int = 4, channels_last: bool = False, lighting: bool = False, rank: int = 0,
+                 world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"the batch of {batch_size} images does not split over {world} processes")
+        if len(items) < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the training set ({len(items)} images)")
+        self.items, self.mean, self.seed, self.device = items, mean.to(device), seed, device
+        self.batch_size, self.local = batch_size, batch_size // world
+        self.rank, self.world, self.workers, self.channels_last = rank, world, workers, channels_last
+        self.set = TrainSet(items, seed, lighting)
+        self.steps_per_epoch = len(items) // batch_size
+        self._iter, self._next = None, None
+
+    def _keys(self, start: int):
+        """(epoch, image index) of this process's images from batch ``start`` on, forever."""
+        it = start
+        while True:
+            epoch, i = divmod(it, self.steps_per_epoch)
+            order = epoch_order(len(self.items), self.seed, epoch)
+            lo = i * self.batch_size + self.rank * self.local
+            for index in order[lo: lo + self.local].tolist():
+                yield epoch, index
+            it += 1
+
+    def _start(self, it: int) -> None:
+        sampler = _Keys(self._keys(it))
+        self._iter = iter(torch.utils.data.DataLoader(self.set, batch_size=self.local, sampler=sampler,
+                                                      num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                                      persistent_workers=False, prefetch_factor=4 if self.workers else None))
+        self._next = it
+
+    def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None or it != self._next:
+            self._start(it)
+        x, y = next(self._iter)
+        self._next = it + 1
+        x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+
+class _Keys(torch.utils.data.Sampler):
+    """An endless sampler over precomputed keys (a generator of (epoch, index))."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __iter__(self):
+        return self.keys
+
+    def __len__(self):  # endless: the trainer stops it
+        return 2 ** 62
+
+
+def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tensor:
+    """The per-pixel mean (3, 224, 224), in [0, 1] units, of the first ``images`` training images (an evenly
+    spaced sample of the tree), each at the evaluation's scale and centre crop."""
+    step = max(1, len(items) // images)
+    sample = items[::step][:images]
+    loader = torch.utils.data.DataLoader(EvalSet(sample, ten=False), batch_size=64, num_workers=workers)
+    total, n = torch.zeros(3, CROP, CROP, dtype=torch.float64), 0
+    for x, _ in loader:
+        total += x.double().sum(0)
+        n += len(x)
+    return (total / n / 255).float()
+
+
+def decode_rate(items, seconds: float = 10.0, workers: int = 0) -> dict:
+    """Training images per second the pipeline decodes and augments per CPU core (``workers`` = 0: in
+    this process, one core), over about ``seconds`` seconds."""
+    import time
+
+    ds = TrainSet(items, seed=0)
+    n, start = 0, time.perf_counter()
+    order = epoch_order(len(items), 0, 0).tolist()
+    while time.perf_counter() - start < seconds:
+        ds[(0, order[n % len(order)])]
+        n += 1
+    elapsed = time.perf_counter() - start
+    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed)
