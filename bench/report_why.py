@@ -171,7 +171,7 @@ def shattered_figure(sha: pd.DataFrame):
                     row_order=[c for c in ("init", "trained") if c in set(sha["state"])], errorbar="sd",
                     height=2.8, aspect=1.2)
     g.set_titles("{row_name}: {col_name}")
-    g.set_axis_labels("distance along the line (per pixel, normalised units)", "gradient correlation C(d)")
+    g.set_axis_labels("distance d (per pixel)", "gradient correlation C(d)")
     g.figure.suptitle("Correlation of input gradients against distance from a test image (Balduzzi et al. 2017)",
                       y=1.03)
     return g.figure

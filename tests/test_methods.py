@@ -105,9 +105,9 @@ def test_skipinit_and_rezero_branches_end_in_a_zero_scalar():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in skip.modules())  # SkipInit: no BN
     assert any(isinstance(m, nn.BatchNorm2d) for m in rz.modules())  # ReZero's CIFAR ResNet keeps it
     for b in resnet.blocks(skip):
-        assert isinstance(b, SkipInitBlock) and float(b.alpha) == 0.0
+        assert isinstance(b, SkipInitBlock) and b.alpha.item() == 0.0
     for b in resnet.blocks(rz):
-        assert isinstance(b, ReZeroBlock) and float(b.alpha) == 0.0
+        assert isinstance(b, ReZeroBlock) and b.alpha.item() == 0.0
     # ReZero adds after the nonlinearity (no ReLU after the addition): a negative input stays negative
     block = ReZeroBlock(4, 4)
     x = -torch.ones(1, 4, 8, 8)
