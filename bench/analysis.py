@@ -65,6 +65,11 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
                 notes.append(f"{what}: {run['run_id']} left out: {e}")
             continue
         spec = RunSpec.from_dict(saved["spec"])
+        if spec.dataset in data.TREES:  # lesions and line gradients read the test set in memory: CIFAR-like sets
+            if notes is not None:
+                notes.append(f"{what}: {run['run_id']} left out: {spec.dataset} (ImageNet-style data) is not "
+                             f"diagnosed yet")
+            continue
         if spec.dataset not in arrays_by_set:
             source = data_root
             if source is None and isinstance(run.get("data_source"), str) and Path(run["data_source"]).exists():

@@ -153,7 +153,10 @@ def exec_options(fn):
         click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
                      help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
                           "(0: off)  [default: 0]"),
-        click.option("--dataset", type=click.Choice(DATASETS), default="cifar10"),
+        click.option("--dataset", type=click.Choice(DATASETS), default=None,
+                     help="[default: the preset's: cifar10, imagenet for he2015-imagenet, imagenette for imagenette]"),
+        click.option("--loader-workers", type=click.IntRange(min=0), default=None,
+                     help="ImageNet-style data: decoding processes per training process  [default: 4]"),
         click.option("--width", type=POSITIVE, default=None,
                      help=f"Channel multiplier  [default: {preset_defaults('width')}]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
@@ -182,10 +185,16 @@ def _execution(o: dict):
 def _exec_overrides(o: dict) -> dict:
     """The execution options given (None: the device's default), as Execution fields."""
     return dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"],
-                pad_input=None if o["pad_input"] is None else int(o["pad_input"]))
+                pad_input=None if o["pad_input"] is None else int(o["pad_input"]), loader_workers=o["loader_workers"])
 
 
-PRESET = click.option("--preset", type=click.Choice(["he2015", "quick", "smoke"]), default="smoke",
+def _presets() -> list[str]:
+    from bench.specs import PRESETS
+
+    return list(PRESETS)
+
+
+PRESET = click.option("--preset", type=click.Choice(_presets()), default="smoke",
                       help="Recipe and grid defaults (see README).")
 
 
@@ -207,6 +216,7 @@ def run(model, preset, seed, out, **o):
     from bench.specs import PRESETS, RunSpec
     from bench.sweep import check_writable, run_local
 
+    o["dataset"] = _dataset(preset, o)
     spec = RunSpec(model=model, recipe=_recipe(preset, o), seed=seed, dataset=o["dataset"],
                    width=o["width"] if o["width"] is not None else PRESETS[preset]["width"],
                    shortcut=o["shortcut"].upper(), sweep=preset)
@@ -219,11 +229,17 @@ def run(model, preset, seed, out, **o):
     _fail_if_failed([spec], out)
 
 
+def _dataset(preset: str, o: dict) -> str:
+    from bench.specs import PRESETS
+
+    return o["dataset"] or PRESETS[preset].get("dataset", "cifar10")
+
+
 def _require_data(o: dict) -> None:
     """Find and decode the data set before anything is written (and warm the cache for workers)."""
     from bench import data
 
-    data.load(o["dataset"], o["data_root"], o["download"])
+    data.check(o["dataset"], o["data_root"], o["download"])
 
 
 def _fail_if_failed(runs, out: Path) -> None:
@@ -299,6 +315,7 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
     from bench.specs import PRESETS, SweepSpec
 
     p = PRESETS[preset]
+    o["dataset"] = _dataset(preset, o)
     recipe = _recipe(preset, o)
     # on Slurm the device is resolved on the compute node, not on this one
     ex = _execution(o) if executor == "local" else None
@@ -579,6 +596,11 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 @click.option("--pad-inputs", callback=csv_list(int), default=None,
               help="Run groups: each member's input zero-padded to this many channels, 0 for none (e.g. 0,4,8)  "
                    f"[default: {profile_defaults('pad_inputs')}]")
+@click.option("--decode", "decode_tree", type=click.Path(exists=True, path_type=Path), default=None, metavar="TREE",
+              help="Instead of the grid: time the ImageNet-style input pipeline on an ImageFolder tree, on one core "
+                   "and with --workers processes")
+@click.option("--image-size", type=COUNT, default=32,
+              help="Square input size; at 64 and more the ImageNet-style family gets its 7x7 stem (224: ImageNet)")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
 @click.option("--repeats", type=COUNT, default=5, help="Timed blocks per configuration (median and spread).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Untimed steps first.")
@@ -595,8 +617,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
               help="A saved profile (.parquet, or a folder such as results/reference-profile-h200): "
                    "write this machine / reference for every configuration both measured.")
 @friendly_errors
-def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size, data_root, out, name,
-            against, **given):
+def profile(device, decode_tree, image_size, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size,
+            data_root, out, name, against, **given):
     """Training and inference img/s, MFU and memory over a grid of configurations.
 
     \b
@@ -605,6 +627,7 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
       resbench profile --models resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
       resbench profile --models resnet20 --batch-sizes 128 --against results/reference-profile-h200
       resbench profile --models resnet20,resnet56 --batch-sizes 128 --group-sizes 1,2,5,10,20 --executions cudagraph
+      resbench profile --models resnet18,resnet34,plain34 --image-size 224 --batch-sizes 64,256
     """
     import pandas as pd
 
@@ -613,12 +636,20 @@ def profile(device, repeats, warmup, block_s, baseline, baseline_model, baseline
     from bench.sweep import check_writable
 
     ex = Execution.for_device(device)
+    if decode_tree is not None:
+        import os
+
+        check_writable(out)
+        workers = given.get("workers")
+        df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),), log=click.echo)
+        click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name("cpu").removeprefix("profile-"))))
+        return
     reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing
     grid = prof.resolve_grid(ex.device, **given)
     workers = grid.pop("workers")
     check_writable(out)
     df = prof.profile(grid.pop("models"), grid.pop("batch_sizes"), device=ex.device, log=click.echo, repeats=repeats,
-                      warmup=warmup, block_s=block_s, **grid)
+                      warmup=warmup, block_s=block_s, image_size=image_size, **grid)
     if baseline:
         pipe = prof.pipeline_comparison(baseline_model, baseline_batch_size, ex.device, data_root=data_root,
                                         workers=workers, log=click.echo)

@@ -35,10 +35,12 @@ import torch.nn.functional as F
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic")
+# ImageNet-style data sets: an ImageFolder tree decoded batch by batch (bench.imagefolder), not held in memory
+TREES = ("imagenet", "imagenette")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic") + TREES
 # (image shape (C, H, W), classes) of each data set, known before it is loaded (memory planning)
 SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion-mnist": ((1, 28, 28), 10),
-          "synthetic": ((3, 32, 32), 10)}
+          "synthetic": ((3, 32, 32), 10), "imagenet": ((3, 224, 224), 1000), "imagenette": ((3, 224, 224), 10)}
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 # The md5 sums the publishers give for their files (torchvision's download checks the same ones).
 PUBLISHED_MD5 = {
@@ -87,10 +89,63 @@ def data_root(root: str | os.PathLike | None) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
+def stem(dataset: str, model: str) -> str:
+    """The stem a net gets on ``dataset``: ImageNet-style data (224 px) the paper's 7x7/2 + max-pool for the
+    ImageNet-style family; everything else the 3x3 stem of 32 px inputs (the CIFAR family has no other)."""
+    import resnet
+
+    return "imagenet" if dataset in TREES and resnet.parse(model).family == "imagenet" else "cifar"
+
+
+def check(dataset: str, root: str | os.PathLike | None = None, download: bool = False) -> None:
+    """Find (and for CIFAR-like sets decode and cache) ``dataset``, or raise DataError: what a command does
+    before it writes anything."""
+    if dataset in TREES:
+        load_tree(dataset, root, download)
+    else:
+        load(dataset, root, download)
+
+
+def load_tree(dataset: str, root: str | os.PathLike | None = None, download: bool = False):
+    """An ImageNet-style data set's images (bench.imagefolder.Tree): under ``root`` (or RESBENCH_DATA), a
+    folder or archive with train/<class>/ and val/<class>/; Imagenette also by torchvision's download."""
+    from bench import imagefolder
+
+    base = data_root(root)
+    if dataset == "imagenette" and download and (base is None or not _has_tree(base)):
+        import torchvision.datasets as tvd
+
+        target = base or cache_dir() / "download"
+        try:
+            tvd.Imagenette(str(target), split="train", download=True)
+        except Exception as e:  # network errors come in many types
+            raise DataError(f"--download of imagenette into {target} failed ({e}); pass --data-root instead") from e
+        base = target
+    if base is None:
+        raise DataError(f"{dataset} not found: no --data-root given and RESBENCH_DATA is not set. Fix: pass "
+                        f"--data-root PATH, a folder (or .tar) with train/<class>/*.JPEG and val/<class>/*.JPEG"
+                        + (", or add --download" if dataset == "imagenette" else ""))
+    try:
+        tree = imagefolder.scan(base)
+    except imagefolder.ImageFolderError as e:
+        raise DataError(f"{dataset}: {e}") from e
+    want = SHAPES[dataset][1]
+    if len(tree.classes) != want:
+        raise DataError(f"{tree.root} holds {len(tree.classes)} classes; {dataset} has {want}")
+    return tree
+
+
+def _has_tree(base: Path) -> bool:
+    return any((b / "train").is_dir() for b in (base, base / "imagenette2", base / "imagenette2-320",
+                                                 base / "imagenette2-160"))
+
+
 def load(dataset: str, root: str | os.PathLike | None = None, download: bool = False) -> Arrays:
     """Find, decode (once; then cached) and return a data set."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if dataset in TREES:
+        raise DataError(f"{dataset} is decoded batch by batch, never held in memory: bench.data.load_tree reads it")
     if dataset == "synthetic":
         return synthetic()
     base = data_root(root)

@@ -313,16 +313,40 @@ def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tens
     return (total / n / 255).float()
 
 
-def decode_rate(items, seconds: float = 10.0, workers: int = 0) -> dict:
-    """Training images per second the pipeline decodes and augments per CPU core (``workers`` = 0: in
-    this process, one core), over about ``seconds`` seconds."""
+def decode_rate(items, seconds: float = 10.0, workers: int = 0, batch_size: int = 64) -> dict:
+    """Training images per second the pipeline reads, decodes and augments, over about ``seconds``: in this
+    process (``workers`` = 0: one core, torch held to one thread), or ``workers`` DataLoader processes."""
     import time
 
-    ds = TrainSet(items, seed=0)
-    n, start = 0, time.perf_counter()
-    order = epoch_order(len(items), 0, 0).tolist()
-    while time.perf_counter() - start < seconds:
-        ds[(0, order[n % len(order)])]
-        n += 1
-    elapsed = time.perf_counter() - start
-    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed)
+    loader = StreamLoader(items, torch.zeros(3, CROP, CROP), batch_size=batch_size, seed=0, device=torch.device("cpu"),
+                          workers=workers)
+    threads = torch.get_num_threads()
+    if not workers:
+        torch.set_num_threads(1)
+    try:
+        loader.batch(0)  # workers started, first batches in flight
+        n, start, it = 0, time.perf_counter(), 1
+        while time.perf_counter() - start < seconds:
+            n += len(loader.batch(it)[1])
+            it += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed, workers=workers, batch_size=batch_size)
+
+
+def write_sample(images: torch.Tensor, labels: torch.Tensor, classes, out: str | os.PathLike, *, size=(375, 500),
+                 quality: int = 90, val_every: int = 10) -> Tree:
+    """A tree of ImageNet-sized JPEGs (``size``, ImageNet's typical 500 x 375) from small images (CIFAR's,
+    upscaled): to try the ImageNet-style path and time its decoding without ImageNet. Every
+    ``val_every``-th image goes to val/."""
+    from PIL import Image
+
+    out = Path(out)
+    for i, (img, y) in enumerate(zip(images, labels.tolist())):
+        split = "val" if i % val_every == 0 else "train"
+        folder = out / split / str(classes[y])
+        folder.mkdir(parents=True, exist_ok=True)
+        big = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((size[1], size[0]), Image.BICUBIC)
+        big.save(folder / f"{i:07d}.JPEG", format="JPEG", quality=quality)
+    return scan(out)

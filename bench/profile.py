@@ -119,6 +119,7 @@ class Config:
     mode: str = "train"
     group_size: int = 1
     pad_input: int = 0  # a group's members' input channels after zero-padding (0: none)
+    image_size: int = 32  # square inputs; 224 times the ImageNet-style family with its 7x7 stem, as on ImageNet
 
 
 def _set_precision(precision: str) -> None:
@@ -175,20 +176,22 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
     arch = resnet.parse(cfg.model)
     row = dict(model=cfg.model, family=arch.family, kind=arch.kind, depth=arch.depth, residual=arch.residual,
                batch_size=cfg.batch_size, precision=cfg.precision, memory_format=cfg.memory_format,
-               execution=cfg.execution, mode=cfg.mode, group_size=cfg.group_size, pad_input=cfg.pad_input, status="ok",
-               error=None)
+               execution=cfg.execution, mode=cfg.mode, group_size=cfg.group_size, pad_input=cfg.pad_input,
+               image_size=cfg.image_size, status="ok", error=None)
     k = cfg.group_size
     fmt = torch.channels_last if cfg.memory_format == "channels_last" else torch.contiguous_format
     try:
         _set_precision(cfg.precision)
         torch.backends.cudnn.benchmark = device.type == "cuda"
         nets = []
+        stem = "imagenet" if arch.family == "imagenet" and cfg.image_size >= 64 else "cifar"
         for seed in range(k):
             torch.manual_seed(seed)
-            nets.append(resnet.build(cfg.model))
-        row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0]))  # per member
+            nets.append(resnet.build(cfg.model, stem=stem))
+        shape = (3, cfg.image_size, cfg.image_size)
+        row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0], shape), stem=stem)  # per member
         net = Members(nets, pad_input=cfg.pad_input or None).model.to(device, memory_format=fmt)  # the net, or the group
-        x = torch.randn(cfg.batch_size, 3 * k, 32, 32, device=device).contiguous(memory_format=fmt)
+        x = torch.randn(cfg.batch_size, 3 * k, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (cfg.batch_size, k) if k > 1 else (cfg.batch_size,), device=device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -226,7 +229,8 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
 
 
 def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",), executions=("eager",),
-            modes=MODES, group_sizes=(1,), pad_inputs=(0,), device: str = "cpu", log=print, **timing) -> pd.DataFrame:
+            modes=MODES, group_sizes=(1,), pad_inputs=(0,), image_size: int = 32, device: str = "cpu", log=print,
+            **timing) -> pd.DataFrame:
     """Measure the whole grid. Batch sizes run smallest first; after an OOM the larger ones of that
     configuration are skipped (recorded as oom) instead of being tried. Input padding applies to
     groups only (a lone net is never padded), so groups of one are timed unpadded once."""
@@ -239,7 +243,7 @@ def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",
         pad = pad if k > 1 else 0
         for bs in sorted(batch_sizes):
             key = (model, precision, fmt, execution, mode, k, pad)
-            cfg = Config(model, bs, precision, fmt, execution, mode, k, pad)
+            cfg = Config(model, bs, precision, fmt, execution, mode, k, pad, image_size)
             if key in oom:
                 row = dict(model=model, batch_size=bs, precision=precision, memory_format=fmt, execution=execution,
                            mode=mode, group_size=k, pad_input=pad, status="oom",
@@ -371,6 +375,24 @@ def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
                 img_per_s_max=max(rates), steps_per_block=steps, repeats=3, warmup_steps=warmup)
 
 
+def decode_profile(root, workers=(0,), seconds: float = 10.0, log=print) -> pd.DataFrame:
+    """img/s of the ImageNet-style training pipeline (read, decode, scale-augment, crop, flip: bench.imagefolder)
+    on an ImageFolder tree, in this process on one core (0 workers) and with each number of worker processes."""
+    from bench import imagefolder as imf
+
+    tree = imf.scan(root)
+    rows = []
+    for w in workers:
+        r = imf.decode_rate(tree.train, seconds=seconds, workers=w, batch_size=min(64, len(tree.train)))
+        cores = w or 1
+        rows.append(dict(mode="decode", status="ok", workers=w, img_per_s=r["img_per_s"],
+                         img_per_s_per_core=r["img_per_s"] / cores, images=r["images"], seconds=r["seconds"],
+                         batch_size=r["batch_size"], data=str(tree.root), train_images=len(tree.train)))
+        log(f"decode  {w} worker(s): {r['img_per_s']:.0f} img/s ({r['img_per_s'] / cores:.0f} per core)")
+    env = records.environment("cpu")
+    return pd.DataFrame([r | env for r in rows])
+
+
 def save(df: pd.DataFrame, out: Path, name: str) -> Path:
     path = Path(out) / "profile" / f"{name}.parquet"
     records.write_parquet(df, path)
@@ -383,10 +405,11 @@ def measurements(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration (CONFIG_KEYS) and machine: a configuration measured more than once (in one
     call, or in several files of a folder) counts with the median of its img/s. The one rule by which a
     profile's number is quoted (the report, --against, the README)."""
-    grid = df[(df["mode"] != "train-pipeline") & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
+    grid = df[~df["mode"].isin(["train-pipeline", "decode"]) & (df["status"] == "ok")] if "mode" in df else df.iloc[0:0]
     if not len(grid):
         return grid
-    grid = grid.assign(**{k: grid[k] if k in grid else d for k, d in (("group_size", 1), ("pad_input", 0))})
+    grid = grid.assign(**{k: grid[k] if k in grid else d for k, d in (("group_size", 1), ("pad_input", 0),
+                                                                       ("image_size", 32))})
     grid = grid.assign(machine=_machine(grid))
     keys = CONFIG_KEYS + ["machine"]
     medians = grid.groupby(keys, as_index=False, dropna=False)["img_per_s"].median()
@@ -420,7 +443,7 @@ def profile_figure(df: pd.DataFrame):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    grid = df[(df.get("mode") != "train-pipeline") & (df["status"] == "ok")].copy()
+    grid = df[~df["mode"].isin(["train-pipeline", "decode"]) & (df["status"] == "ok")].copy()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, mode in zip(axes, MODES):
         sub = grid[grid["mode"] == mode]
@@ -439,7 +462,8 @@ def profile_figure(df: pd.DataFrame):
 
 # -- against a saved profile (`resbench profile --against`) -----------------------------------------
 
-CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode", "group_size", "pad_input"]
+CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution", "mode", "group_size", "pad_input",
+               "image_size"]
 
 
 def read_reference(path) -> pd.DataFrame:
@@ -462,6 +486,8 @@ def read_reference(path) -> pd.DataFrame:
         ref = ref.assign(group_size=1)
     if "pad_input" not in ref.columns:  # ... and never padded a group's input
         ref = ref.assign(pad_input=0)
+    if "image_size" not in ref.columns:  # ... and timed 32 x 32 images
+        ref = ref.assign(image_size=32)
     missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
     if missing:
         raise ValueError(f"--against {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "

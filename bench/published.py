@@ -34,3 +34,8 @@ METHODS = [
 ]
 # Not listed, for want of a source read here: Fixup's own ResNet-110 without BN (Zhang et al. 2019,
 # Table 2), SkipInit's, DiracNets' and TAT's CIFAR numbers (their nets differ from ours in width or depth).
+
+# He et al. 2015, Table 2: top-1 error (%, 10-crop testing) on ImageNet validation; the ResNets with option A
+# shortcuts (identity, zero-padding where the dimensions grow), as our he2015-imagenet preset builds them.
+HE2015_IMAGENET_TOP1_10CROP = {("plain", 18): 27.94, ("plain", 34): 28.54, ("resnet", 18): 27.88, ("resnet", 34): 25.03}
+IMAGENET_CITATION = "He et al. 2015, Table 2 (ImageNet val, top-1 error, 10-crop testing)"

@@ -33,6 +33,9 @@ class Recipe:
     train_size: int | None = None  # train on the first N of the remaining images; None = all
     test_size: int | None = None  # evaluate on the first N test images; None = all 10k
     eval_every: int = 1_000  # steps between evaluation points (curve rows, checkpoints)
+    # ImageNet-style data only (bench.imagefolder); at these defaults, not part of a run's identity
+    ten_crop: bool = False  # the final test error also by the paper's 10-crop test (final_test_err_10crop)
+    lighting: bool = False  # Krizhevsky et al.'s colour augmentation (PCA lighting) on top of the paper's
 
     def lr_at(self, it: int, depth: int) -> float:
         """Learning rate for step ``it`` (0-based) of a net of ``depth`` layers."""
@@ -70,7 +73,20 @@ RECIPES = {
     # results/reference-smoke-cpu) and still shows the degradation (see README).
     "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=400, milestones=(), val_size=1_000,
                     train_size=5_000, test_size=2_000, eval_every=100),
+    # He et al. 2015 sec. 3.4 on ImageNet: batch 256, lr 0.1, momentum 0.9, weight decay 1e-4, the paper's
+    # scale augmentation and 10-crop test, ImageNet's val set as the test set (no images held out). The paper
+    # divides the lr by 10 "when the error plateaus" within 60e4 iterations; a plateau rule is not
+    # reproducible, so here fixed: /10 after epochs 30 and 60 of 90 (5,005 steps of 256 per epoch of the
+    # 1,281,167 training images; torchvision's reference recipe), an evaluation point per epoch.
+    "he2015-imagenet": Recipe("he2015-imagenet", batch_size=256, iterations=90 * 5005,
+                              milestones=(30 * 5005, 60 * 5005), val_size=0, eval_every=5005, ten_crop=True),
+    # A single-GPU proxy on Imagenette (10 ImageNet classes, 9,469 training and 3,925 val images): batch 128
+    # at lr 0.05 (the paper's 0.1 per 256, scaled), 40 epochs of 73 steps, /10 after epochs 20 and 30.
+    "imagenette": Recipe("imagenette", batch_size=128, lr=0.05, iterations=40 * 73, milestones=(20 * 73, 30 * 73),
+                         val_size=0, eval_every=73, ten_crop=True),
 }
+# recipe fields added after the first records: left out of a run's identity at their defaults
+LATE_RECIPE_DEFAULTS = {"ten_crop": False, "lighting": False}
 
 
 def recipe(name: str, **overrides) -> Recipe:
@@ -111,6 +127,9 @@ class RunSpec:
         d.pop("sweep")
         if d["bn_batch"] is None:  # the whole batch, as every run of earlier versions: their run_ids stay
             d.pop("bn_batch")
+        for key, default in LATE_RECIPE_DEFAULTS.items():
+            if d["recipe"][key] == default:
+                d["recipe"].pop(key)
         info = method_info(self.model)
         if info:
             d["method"] = info
@@ -180,6 +199,7 @@ class Execution:
     # 0 = off. Off until a GPU measurement shows it pays (resnet.group; `resbench profile --pad-inputs`)
     pad_input: int = 0
     world_size: int = 1  # processes of a data-parallel run (bench.ddp); 1: one process
+    loader_workers: int = 4  # ImageNet-style data: processes that decode each process's batches (bench.imagefolder)
     sync_bn: bool = False  # a data-parallel run's BatchNorm over the whole batch (CUDA only)
 
     @classmethod
@@ -247,6 +267,11 @@ PRESETS = {
     "he2015": dict(recipe="he2015", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
     "quick": dict(recipe="quick", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
     "smoke": dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5),
+    # He et al.'s Table 2 / Figure 4: plain and residual 18 and 34 (option A shortcuts, the 7x7 stem)
+    "he2015-imagenet": dict(recipe="he2015-imagenet", models=("plain", "resnet"), depths=(18, 34), seeds=(0,),
+                            width=1.0, dataset="imagenet"),
+    "imagenette": dict(recipe="imagenette", models=("plain", "resnet"), depths=(18, 34), seeds=(0,), width=1.0,
+                       dataset="imagenette"),
 }
 
 

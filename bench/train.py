@@ -171,27 +171,143 @@ def _check_data_parallel(specs: list[RunSpec], ex: Execution, place: ddp.Place) 
                          f"its spec says bn_batch={spec.bn_batch}")
 
 
-@dataclass
 class _Data:
-    """What every member of a group trains and is evaluated on (one split: it does not depend on the seed)."""
+    """What every member of a group trains and is evaluated on (one split: it does not depend on the seed):
+    a CIFAR-like data set held on the device (bench.data). _TreeData serves ImageNet-style sets the same way."""
 
-    arrays: data.Arrays
-    train: tuple[torch.Tensor, torch.Tensor]
-    mean: torch.Tensor
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    def __init__(self, arrays: data.Arrays, r, device: torch.device):
+        parts = data.split(arrays, r.val_size, r.train_size)
+        self.arrays, self.train, self.mean = arrays, parts["train"], data.pixel_mean(parts["train"][0])
+        # evaluation sets live on the device too: no host-to-device copies at evaluation points
+        self.sets = dict(val=tuple(t.to(device) for t in parts["val"]),
+                         test=tuple(t[: r.test_size].to(device) for t in parts["test"]))
+        self.num_classes, self.image_shape = arrays.num_classes, arrays.image_shape
+        self.source, self.sha256, self.official = arrays.source, arrays.sha256, arrays.official
+
+    def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
+        # one copy of the training set on the device, shared by every member's loader (seeded by its run)
+        train_x, train_y, mean = (t.to(device) for t in (*self.train, self.mean))
+        return [data.DeviceLoader(train_x, train_y, mean, batch_size=s.recipe.batch_size, seed=s.seed, device=device,
+                                  channels_last=ex.channels_last, rank=place.rank, world=place.world) for s in specs]
+
+    @staticmethod
+    def batch(loaders: list, it: int):
+        return loaders[0].batch(it) if len(loaders) == 1 else data.group_batch(loaders, it)
+
+    def evaluate(self, model, split: str, ex: Execution, device, members) -> list[float]:
+        return evaluate(model, *self.sets[split], self.mean, ex, device, members)
+
+    def final(self, model, ex: Execution, device, recipe) -> dict:
+        return {}
+
+
+class _TreeData:
+    """An ImageNet-style data set (bench.imagefolder): training batches decoded by worker processes,
+    evaluation on the centre crop, and the paper's 10-crop test at the end where the recipe asks for it.
+    The test set is the tree's val/ (as the paper reports ImageNet's val error); --val-size N holds N
+    training images out for validation (a fixed permutation, as for CIFAR)."""
+
+    def __init__(self, tree, r, device: torch.device, ex: Execution):
+        from bench import imagefolder as imf
+
+        self.imf, self.tree = imf, tree
+        perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).tolist()
+        held, kept = perm[: r.val_size], perm[r.val_size:]
+        self.train = [tree.train[i] for i in kept][: r.train_size]
+        self.sets = dict(val=[tree.train[i] for i in held], test=list(tree.val)[: r.test_size])
+        self.mean = _mean_image(tree, self.train)
+        self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
+        self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree), None
+        self.workers = ex.loader_workers
+
+    def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
+        if len(specs) != 1:
+            raise ValueError("ImageNet-style runs train alone (run groups hold CIFAR nets only)")
+        s = specs[0]
+        return [self.imf.StreamLoader(self.train, self.mean, batch_size=s.recipe.batch_size, seed=s.seed, device=device,
+                                      workers=self.workers, channels_last=ex.channels_last, lighting=s.recipe.lighting,
+                                      rank=place.rank, world=place.world)]
+
+    @staticmethod
+    def batch(loaders: list, it: int):
+        return loaders[0].batch(it)
+
+    @torch.no_grad()
+    def _error(self, model, items, ex: Execution, device, ten: bool) -> float:
+        if not items:
+            return float("nan")
+        place = ddp.place()
+        mine = items[place.rank::place.world] if ddp.active() else items
+        loader = torch.utils.data.DataLoader(self.imf.EvalSet(mine, ten=ten), batch_size=32 if ten else 128,
+                                             num_workers=self.workers, pin_memory=device.type == "cuda")
+        mean = self.mean.to(device)
+        wrong = torch.zeros((), device=device, dtype=torch.long)
+        model.eval()
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).float().div_(255).sub_(mean)
+            if ten:  # (B, 10, C, H, W): the ten crops' softmax outputs averaged, as in the paper's 10-crop test
+                b = len(x)
+                x = x.flatten(0, 1)
+            if ex.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(ex.amp, device):
+                logits = model(x).float()
+            pred = (logits.softmax(1).view(b, 10, -1).mean(1) if ten else logits).argmax(1)
+            wrong += (pred != y.to(device)).sum()
+        model.train()
+        return int(ddp.all_sum(wrong)) / len(items)
+
+    def evaluate(self, model, split: str, ex: Execution, device, members) -> list[float]:
+        return [self._error(model, self.sets[split], ex, device, ten=False)]
+
+    def final(self, model, ex: Execution, device, recipe) -> dict:
+        if not recipe.ten_crop:
+            return {}
+        ddp.sync_buffers(model)
+        return dict(final_test_err_10crop=self._error(model, self.sets["test"], ex, device, ten=True))
+
+
+def _mean_image(tree, items) -> torch.Tensor:
+    """The training set's per-pixel mean image (bench.imagefolder.mean_image), cached by the tree's list of files."""
+    from bench import imagefolder as imf
+
+    import hashlib
+
+    key = hashlib.sha1("\n".join(i.path for i in items).encode()).hexdigest()[:16]
+    path = data.cache_dir() / f"mean-{key}-{imf.MEAN_IMAGES}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    mean = imf.mean_image(items)
+    records.save_torch(mean, path)
+    return mean
+
+
+def _tree_fingerprint(tree) -> str:
+    """sha256 of a tree's file names (relative to its root) and sizes: its bytes would take hours to hash
+    at ImageNet's size. An archive counts with its own size."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    archive = Path(tree.root).is_file()
+    sha.update(f"{Path(tree.root).name}|{os.path.getsize(tree.root) if archive else ''}\n".encode())
+    for item in tree.train + tree.val:
+        name = item.path.split("::", 1)[1] if archive else os.path.relpath(item.path, tree.root)
+        sha.update(f"{name}|{'' if archive else os.path.getsize(item.path)}\n".encode())
+    return sha.hexdigest()
+
+
+def _load_data(specs: list[RunSpec], ex: Execution, device: torch.device, data_root, download: bool):
+    r = specs[0].recipe
+    if specs[0].dataset in data.TREES:
+        return _TreeData(data.load_tree(specs[0].dataset, data_root, download), r, device, ex)
+    return _Data(data.load(specs[0].dataset, data_root, download), r, device)
 
 
 def _train(specs: list[RunSpec], held: list[claims.Claim], out: Path, ex: Execution, *, data_root, download: bool,
            progress: bool) -> list[dict | claims.Skip]:
     device = torch.device(ex.device)
     torch.backends.cudnn.benchmark = ex.cudnn_benchmark
-    r = specs[0].recipe
-    arrays = data.load(specs[0].dataset, data_root, download)
-    parts = data.split(arrays, r.val_size, r.train_size)
-    # evaluation sets live on the device too: no host-to-device copies at evaluation points
-    d = _Data(arrays, parts["train"], data.pixel_mean(parts["train"][0]),
-              tuple(t.to(device) for t in parts["val"]), tuple(t[: r.test_size].to(device) for t in parts["test"]))
+    d = _load_data(specs, ex, device, data_root, download)
     results: list = [None] * len(specs)
     where = {s.run_id: i for i, s in enumerate(specs)}
     # as many members at once as the device's free memory holds (bench.fuse.member_bytes)
@@ -267,20 +383,17 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     gid = fuse.group_id(specs)  # the runs that really trained together
     memory_tracked = reset_peak_memory(device)
     r, arch = specs[0].recipe, specs[0].arch
-    # one copy of the training set on the device, shared by every member's loader (seeded by its run)
-    train_x, train_y, mean = (t.to(device) for t in (*d.train, d.mean))
     place = ddp.place()  # a data-parallel run: this process trains its share of each batch; rank 0 records
-    loaders = [data.DeviceLoader(train_x, train_y, mean, batch_size=r.batch_size, seed=s.seed, device=device,
-                                 channels_last=ex.channels_last, rank=place.rank, world=place.world) for s in specs]
+    loaders = d.loaders(specs, ex, device, place)
     nets = []
     for s, ck in zip(specs, cks):
         torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
-        net = resnet.build(s.model, d.arrays.num_classes, width=s.width, shortcut=s.shortcut,
-                           in_channels=d.arrays.image_shape[0])
+        net = resnet.build(s.model, d.num_classes, width=s.width, shortcut=s.shortcut, in_channels=d.image_shape[0],
+                           stem=data.stem(s.dataset, s.model))
         if ck is not None:
             net.load_state_dict(ck["model"])
         nets.append(net)
-    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.arrays.image_shape)
+    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.image_shape)
     derived = json.dumps(getattr(nets[0], "derived", {}), sort_keys=True)  # what a method computed (TAT's slope)
     members = Members(nets, pad_input=ex.pad_input or None)
     model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
@@ -320,15 +433,17 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         lost = ddp.from_main(lost)
         if lost is not None:
             return claims.Claimed(lost)
+        final = d.final(model, ex, device, specs[k].recipe) if status == "ok" else {}  # every rank: collectives
         row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
                    status=status, error=error, start=start, train_time=train_time[k],
-                   wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, arrays=d.arrays, group_id=gid,
-                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None) | dict(method_derived=derived)
+                   wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, source=d, group_id=gid,
+                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None) \
+            | dict(method_derived=derived) | final
         if not place.main:
             return row
         p = records.paths(out, specs[k].run_id)
-        records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.arrays.num_classes,
-                                in_channels=d.arrays.image_shape[0]), p["weights"])
+        records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.num_classes,
+                                in_channels=d.image_shape[0]), p["weights"])
         records.write_parquet(pd.DataFrame(curves[k], columns=records.CURVE_COLUMNS), p["curves"])
         records.write_parquet(pd.DataFrame(layers[k], columns=records.LAYER_COLUMNS), p["layers"])
         records.write_parquet(pd.DataFrame(signals[k], columns=records.SIGNAL_COLUMNS), p["signals"])
@@ -352,7 +467,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         if r.lr_at(it, arch.depth) != lr:
             lr = r.lr_at(it, arch.depth)
             set_lr(opt, lr)
-        step(*(loaders[0].batch(it) if len(loaders) == 1 else data.group_batch(loaders, it)))
+        step(*d.batch(loaders, it))
         bar.step()
         if (it + 1) % r.eval_every and it + 1 != r.iterations:
             continue
@@ -378,13 +493,12 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         for k, rows in members.layer_rows(opt, ids, it + 1).items():
             layers[k] += rows
         # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
-        probe = [loaders[0].batch(j) if len(loaders) == 1 else data.group_batch(loaders, j)
-                 for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
+        probe = [d.batch(loaders, j) for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
         for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
             signals[k] += rows
         ddp.sync_buffers(model)
-        val_err = evaluate(model, *d.val, d.mean, ex, device, members)
-        test_err = evaluate(model, *d.test, d.mean, ex, device, members)
+        val_err = d.evaluate(model, "val", ex, device, members)
+        test_err = d.evaluate(model, "test", ex, device, members)
         for k in active:
             curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
                                   val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
@@ -433,7 +547,7 @@ def _data_parallel(model: torch.nn.Module, ex: Execution, device: torch.device) 
 
 
 def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, macs: int, status: str,
-         error: str | None, start: int, train_time: float, wall: float, ex: Execution, arrays: data.Arrays,
+         error: str | None, start: int, train_time: float, wall: float, ex: Execution, source,
          group_id: str, group_size: int, peak: int | None) -> dict:
     """A run's row: its spec, its summary, how fast, and where (records.environment)."""
     cdf = pd.DataFrame(curves, columns=records.CURVE_COLUMNS)
@@ -465,7 +579,7 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         world_size=ex.world_size, per_process_batch=spec.recipe.batch_size // ex.world_size,
         bn_mode="whole batch" if ex.world_size == 1 else ("synchronised" if ex.sync_bn else "per process"),
         train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
-        data_source=arrays.source, data_sha256=arrays.sha256, data_official=arrays.official,
+        data_source=source.source, data_sha256=source.sha256, data_official=source.official,
     ) | records.environment(ex.device)
 
 

@@ -118,3 +118,121 @@ def test_batches_are_a_function_of_seed_and_step_and_split_over_processes(tree):
     assert sorted(sum((list(b) for b in firsts), [])) == sorted(i.label for i in t.train)  # an epoch sees each once
     with pytest.raises(ValueError, match="does not split over 4 processes"):
         imf.StreamLoader(t.train, mean, batch_size=6, seed=1, device=torch.device("cpu"), world=4)
+
+
+@pytest.fixture(scope="module")
+def imagenette(tmp_path_factory):
+    """Imagenette's layout (imagenette2/train|val/<wnid>/*.JPEG), ten classes, a few small JPEGs each."""
+    root = tmp_path_factory.mktemp("imagenette")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 4), ("val", 1)):
+        for c in range(10):
+            folder = root / "imagenette2" / split / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                (folder / f"{c}_{i}.JPEG").write_bytes(_jpeg(rng, 36, 48))
+    return root
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports_table_2(imagenette, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench import records
+
+    root = Path(__file__).resolve().parent.parent
+    env = os.environ | {"PYTHONPATH": str(root)}
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(imagenette),
+            "--models", "plain,resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "4",
+            "--eval-every", "2", "--loader-workers", "0", "--device", "cpu", "--out", str(out)]
+    res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs, curves = records.load(out)
+    assert sorted(runs["model"]) == ["plain18", "resnet18"] and (runs["dataset"] == "imagenette").all()
+    assert runs["final_test_err_10crop"].between(0, 1).all() and (runs["ten_crop"]).all()
+    assert (runs["shortcut"] == "A").all()  # the paper's Table 2 ResNets: option A
+    assert curves["epoch"].tolist()[:2] == [0.4, 0.8]  # 40 training images, 8 a step: 5 steps an epoch
+    saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
+    assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs
+    rep = subprocess.run([sys.executable, "-m", "bench", "report", str(out), "--no-responses"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    md = (out / "report" / "report.md").read_text()
+    assert "Table 2" in md and "10-crop" in md
+
+
+def test_imagenet_style_data_is_found_or_the_error_says_how(tree, tmp_path, monkeypatch):
+    from bench import data
+
+    monkeypatch.delenv("RESBENCH_DATA", raising=False)
+    with pytest.raises(data.DataError, match=r"imagenette not found: no --data-root .* or add --download"):
+        data.check("imagenette")
+    with pytest.raises(data.DataError, match=r"holds 3 classes; imagenette has 10"):
+        data.load_tree("imagenette", tree)
+    with pytest.raises(data.DataError, match="decoded batch by batch"):
+        data.load("imagenet", tree)  # never read into memory as the CIFAR-like sets are
+    assert data.stem("imagenette", "resnet18") == "imagenet" and data.stem("cifar10", "resnet18") == "cifar"
+    assert data.stem("imagenet", "resnet20") == "cifar"  # the CIFAR family has no other stem
+
+
+def test_the_imagenet_recipe_fields_leave_earlier_run_ids_alone():
+    from bench.specs import RunSpec, recipe
+
+    # the id this spec had before ten_crop and lighting existed (results/reference-methods-cpu)
+    spec = RunSpec("resnet8", recipe("smoke"), seed=0, width=0.5, sweep="smoke")
+    assert spec.run_id == "resnet8-cifar10-smoke-s0-930bab7b93"
+    for change in (dict(ten_crop=True), dict(lighting=True)):
+        assert RunSpec("resnet8", recipe("smoke", **change), seed=0, width=0.5).run_id != spec.run_id, change
+    r = recipe("he2015-imagenet")
+    assert (r.batch_size, r.lr, r.momentum, r.weight_decay, r.ten_crop, r.val_size) == (256, 0.1, 0.9, 1e-4, True, 0)
+    assert (r.iterations, r.milestones, r.eval_every) == (450_450, (150_150, 300_300), 5_005)  # 90 epochs, /10 at 30, 60
+
+
+def test_a_tree_is_fingerprinted_by_its_file_names_and_sizes(tree, tmp_path):
+    import shutil
+
+    from bench.train import _tree_fingerprint
+
+    copy = tmp_path / tree.name
+    shutil.copytree(tree, copy)
+    assert _tree_fingerprint(imf.scan(copy)) == _tree_fingerprint(imf.scan(tree))  # where it lies does not count
+    extra = copy / "train" / "n0100" / "n0100_0.JPEG"
+    extra.write_bytes(extra.read_bytes() + b"\0")
+    assert _tree_fingerprint(imf.scan(copy)) != _tree_fingerprint(imf.scan(tree))
+
+
+def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_grid(tree):
+    from bench import profile as prof
+
+    df = prof.decode_profile(tree, workers=(0,), seconds=0.3, log=lambda *_: None)
+    row = df.iloc[0]
+    assert (row["mode"], row["workers"], row["train_images"]) == ("decode", 0, 18)
+    assert row["images"] >= 6 and row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
+    assert row["img_per_s_per_core"] == row["img_per_s"] and "cpu" in df
+    assert prof.measurements(df).empty  # a decode rate is not a configuration of the training grid
+
+
+def test_table_2_sets_the_runs_10_crop_error_beside_the_papers():
+    import pandas as pd
+
+    from bench.report import imagenet_table
+
+    runs = pd.DataFrame([dict(status="ok", family="imagenet", kind="resnet", depth=34, dataset="imagenet",
+                              final_test_err=0.30, final_test_err_10crop=e) for e in (0.26, 0.27)]
+                        + [dict(status="ok", family="imagenet", kind="plain", depth=18, dataset="imagenette",
+                                final_test_err=0.2, final_test_err_10crop=None),
+                           dict(status="failed", family="imagenet", kind="plain", depth=34, dataset="imagenet",
+                                final_test_err=0.9, final_test_err_10crop=0.9),
+                           dict(status="ok", family="cifar", kind="resnet", depth=20, dataset="cifar10",
+                                final_test_err=0.1, final_test_err_10crop=None)])
+    table = imagenet_table(runs).set_index("net")
+    assert list(table.index) == ["plain-18", "resnet-34"]
+    r34 = table.loc["resnet-34"]
+    assert (r34["test"], r34["n"], r34["He et al. %"], r34["difference"]) == ("10-crop", 2, "25.03", "+1.47")
+    assert r34["top-1 err % (mean ± sd)"] == "26.50 ± 0.71"
+    p18 = table.loc["plain-18"]  # Imagenette: the centre crop, no published number
+    assert (p18["test"], p18["He et al. %"], p18["top-1 err % (mean ± sd)"]) == ("centre crop", "-", "20.00")

@@ -500,7 +500,7 @@ def test_run_row_summary_and_columns_by_hand():
     arrays = Arrays(*(torch.zeros(1),) * 4, classes=("a",), source="/data/x.tar.gz", sha256="abc", official=False)
     ex = Execution("cpu", amp=True, channels_last=True, execution="compile", cudnn_benchmark=True)
     kw = dict(params=7, macs=11, status="diverged", error="boom", start=100, train_time=3.5, wall=9.0, ex=ex,
-              arrays=arrays, group_id="g1", group_size=3, peak=12345)
+              source=arrays, group_id="g1", group_size=3, peak=12345)
     row = _row(spec, curves, timed, **kw)
     assert {k: row[k] for k in ("iterations_done", "resumed_from", "final_train_err", "final_val_err",
                                 "final_test_err", "best_train_err", "best_val_err", "test_err_at_best_val",
