@@ -208,10 +208,15 @@ def line_gradients(net, x0: torch.Tensor, *, steps: int = LINE_STEPS, step: floa
 
 
 def correlation_by_distance(grads: torch.Tensor) -> list[float]:
-    """C(k), k = 0..T, of ``line_gradients`` output (2T + 1 rows, the image in the middle)."""
+    """C(k), k = 0..T, of ``line_gradients`` output (2T + 1 rows, the image in the middle): the mean of the
+    two directions' cosines; NaN where either point's gradient is exactly zero (a dead region, or a zero
+    classifier), since its cosine is undefined."""
     g = grads.double()
     mid = (len(g) - 1) // 2
-    cos = F.cosine_similarity(g[mid][None], g, dim=1)  # (2T + 1,)
+    norms = g.norm(dim=1)
+    # 0/0 = NaN where a gradient is exactly zero (a net whose classifier starts at zero, as Fixup's): no
+    # direction to correlate, where cosine_similarity's eps would report 0, i.e. "shattered"
+    cos = (g @ g[mid]) / (norms * norms[mid])  # (2T + 1,)
     return [float((cos[mid + k] + cos[mid - k]) / 2) for k in range(mid + 1)]
 
 

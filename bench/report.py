@@ -202,6 +202,16 @@ def final_errors_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def by_compared(table, runs: pd.DataFrame, compare: str | None) -> pd.DataFrame:
+    """``table(runs)``, or under --compare-by one such table per compared value, stacked, the value first:
+    runs of one net that differ in the compared setting are never pooled."""
+    if not compare:
+        return table(runs)
+    parts = [table(g).pipe(lambda t, v=v: t.insert(0, compare, v) or t)
+             for v, g in runs.groupby(COMPARE, sort=True)]
+    return pd.concat(parts, ignore_index=True)
+
+
 def published_methods_table(runs: pd.DataFrame) -> pd.DataFrame:
     """The published numbers (bench.published.METHODS) of the kinds in ``runs``, beside its own."""
     kinds = set(runs["kind"])
@@ -310,8 +320,8 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
             rep.tables["comparison"] = comparison_table(runs, compare)
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
                 rep.tables["imagenet"] = imagenet_table(runs)
+            rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
             if not compare:
-                rep.tables["final_errors"] = final_errors_table(runs)
                 published_rows = published_methods_table(runs)
                 if len(published_rows) and runs["kind"].nunique() > 2:
                     rep.tables["published_methods"] = published_rows
@@ -398,7 +408,8 @@ def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
     if "shattered" in parts:
         rep.figures["shattered"] = why.shattered_figure(parts["shattered"])
     if parts:
-        rep.tables["why"] = why.why_table(parts, runs)
+        rep.tables["why"] = by_compared(lambda r: why.why_table({k: v[v["run_id"].isin(r["run_id"])]
+                                                                 for k, v in parts.items()}, r), runs, rep.compared)
 
 
 def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
@@ -493,7 +504,8 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                 ("Why do plain nets degrade? Summary of the measures", "why",
                  "Mean ± sd over seeds (n seeds): each seed's value is first averaged over its blocks, lesion draws, "
                  "images or layers (medians for the gradients). C(d max): the gradient correlation at the end of "
-                 "the line. 'sd over sets': the spread of the error over random lesion sets within a seed, "
+                 "the line; '-' where a net has no input gradient to correlate (a classifier that starts at zero, "
+                 "as Fixup's, at initialisation). 'sd over sets': the spread of the error over random lesion sets within a seed, "
                  "averaged over seeds, apart from the spread over seeds."),
                 ("Missing, failed and diverged runs", "status", ""),
                 ("Hardware and software", "environment", ""),

@@ -39,6 +39,15 @@ def test_two_sweeps_differing_only_in_shortcut(sweeps, tmp_path):
     assert table.loc["resnet-8", "test err % [A]"] == f"{a8:.2f}" and table.loc["resnet-8", "n [B]"] == 1
     md = (tmp_path / "r" / "report.md").read_text()
     assert "Compared by `shortcut`" in md and "Warning" not in md
+    # the per-net tables get a row per compared value: runs that differ in it are never pooled
+    errors = rep.tables["final_errors"]
+    assert list(errors.columns[:2]) == ["shortcut", "net"] and len(errors) == 4
+    b = pd.concat([pd.read_parquet(p) for p in (sweeps / "sb" / "runs").glob("*.parquet")])
+    b8 = 100 * b.loc[b["model"] == "plain8", "final_train_err"].iloc[0]
+    cell = errors.set_index(["shortcut", "net"]).loc[("B", "plain"), "depth 8: train / test err % (n)"]
+    assert cell.startswith(f"{b8:.1f} / ") and cell.endswith("(1)")
+    why = rep.tables["why"]
+    assert sorted(zip(why["shortcut"], why["net"])) == [(v, n) for v in "AB" for n in ("plain-8", "residual-8")]
 
 
 def test_default_comparison_is_by_sweep_and_names_what_else_differs(sweeps, tmp_path):

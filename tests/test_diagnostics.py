@@ -141,6 +141,23 @@ def test_gradient_correlation_is_one_for_a_linear_map_and_zero_for_noise():
     assert abs(sum(correlation_by_distance(noise)[1:]) / 1000) < 0.01
 
 
+def test_a_net_with_no_input_gradient_has_no_gradient_correlation_not_zero():
+    """Fixup's classifier starts at zero: every input gradient is exactly zero, and C(d) is undefined
+    (NaN), not the 0 of gradients that have shattered."""
+    import math
+
+    import resnet
+
+    torch.manual_seed(0)
+    fixup = resnet.build("fixup8", width=0.25)
+    g = line_gradients(fixup, torch.randn(3, 32, 32), steps=4)
+    assert not g.any() and all(math.isnan(c) for c in correlation_by_distance(g))
+    g[:, 0] = 1.0  # one point's gradient zero, the others not: only that one has no correlation
+    g[1] = 0.0
+    c = correlation_by_distance(g)
+    assert c[0] == pytest.approx(1.0) and math.isnan(c[3]) and c[2] == pytest.approx(1.0)
+
+
 def test_grad_times_weight_norm_does_not_see_the_scale_of_a_weight_in_front_of_bn():
     """By hand: behind BN (train mode), y = BN(c W * x) = BN(W * x) for any c > 0 (BN divides by the
     batch's std, which scales by c; eps 1e-12 makes that exact to ~1e-12), so the loss as a function of
