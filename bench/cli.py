@@ -599,6 +599,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 @click.option("--decode", "decode_tree", type=click.Path(exists=True, path_type=Path), default=None, metavar="TREE",
               help="Instead of the grid: time the ImageNet-style input pipeline on an ImageFolder tree, on one core "
                    "and with --workers processes")
+@click.option("--decode-s", type=POSITIVE, default=10.0, show_default=True,
+              help="With --decode: seconds each setting (one core, then the workers) decodes")
 @click.option("--image-size", type=COUNT, default=32,
               help="Square input size; at 64 and more the ImageNet-style family gets its 7x7 stem (224: ImageNet)")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
@@ -617,7 +619,7 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
               help="A saved profile (.parquet, or a folder such as results/reference-profile-h200): "
                    "write this machine / reference for every configuration both measured.")
 @friendly_errors
-def profile(device, decode_tree, image_size, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size,
+def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size,
             data_root, out, name, against, **given):
     """Training and inference img/s, MFU and memory over a grid of configurations.
 
@@ -641,7 +643,8 @@ def profile(device, decode_tree, image_size, repeats, warmup, block_s, baseline,
 
         check_writable(out)
         workers = given.get("workers")
-        df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),), log=click.echo)
+        df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),),
+                                 seconds=decode_s, log=click.echo)
         click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name("cpu").removeprefix("profile-"))))
         return
     reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing
