@@ -148,12 +148,7 @@ def build(
     spec = parse(name)
     if spec.method is not None:
         return _build_method(spec, num_classes, shortcut, width, in_channels, zero_init_residual, stem)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not width > 0:
-        raise ValueError(f"width must be positive (e.g. 0.5 or 1), got {width!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    _check_sizes(num_classes, width, in_channels)
     shortcut = (shortcut or ("B" if spec.family == "imagenet" else "A")).upper()
     if shortcut not in SHORTCUTS:
         raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
@@ -174,14 +169,19 @@ def build(
     return cifar_resnet(spec.depth, preact=spec.preact, **common)
 
 
-def _build_method(spec: ModelName, num_classes, shortcut, width, in_channels, zero_init_residual, stem) -> nn.Module:
-    fam = spec.method
+def _check_sizes(num_classes, width, in_channels) -> None:
+    """The arguments every family's builder shares: a clear error for each bad one."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not width > 0:
         raise ValueError(f"width must be positive (e.g. 0.5 or 1), got {width!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+
+
+def _build_method(spec: ModelName, num_classes, shortcut, width, in_channels, zero_init_residual, stem) -> nn.Module:
+    fam = spec.method
+    _check_sizes(num_classes, width, in_channels)
     shortcut = (shortcut or fam.shortcuts[0]).upper()
     if shortcut not in fam.shortcuts:
         raise ValueError(f"{spec.kind} nets are built with shortcut {', '.join(fam.shortcuts)} only, got {shortcut!r}")
