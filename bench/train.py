@@ -7,6 +7,7 @@ synchronize), so evaluation is excluded from the throughput figures.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import statistics
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -228,9 +228,7 @@ class _TreeData:
                                       workers=self.workers, channels_last=ex.channels_last, lighting=s.recipe.lighting,
                                       rank=place.rank, world=place.world)]
 
-    @staticmethod
-    def batch(loaders: list, it: int):
-        return loaders[0].batch(it)
+    batch = staticmethod(_Data.batch)  # one loader: its batch
 
     @torch.no_grad()
     def _error(self, model, items, ex: Execution, device, ten: bool) -> float:
@@ -271,8 +269,6 @@ def _mean_image(tree, items) -> torch.Tensor:
     """The training set's per-pixel mean image (bench.imagefolder.mean_image), cached by the tree's list of files."""
     from bench import imagefolder as imf
 
-    import hashlib
-
     key = hashlib.sha1("\n".join(i.path for i in items).encode()).hexdigest()[:16]
     path = data.cache_dir() / f"mean-{key}-{imf.MEAN_IMAGES}.pt"
     if path.exists():
@@ -285,8 +281,6 @@ def _mean_image(tree, items) -> torch.Tensor:
 def _tree_fingerprint(tree) -> str:
     """sha256 of a tree's file names (relative to its root) and sizes: its bytes would take hours to hash
     at ImageNet's size. An archive counts with its own size."""
-    import hashlib
-
     sha = hashlib.sha256()
     archive = Path(tree.root).is_file()
     sha.update(f"{Path(tree.root).name}|{os.path.getsize(tree.root) if archive else ''}\n".encode())
