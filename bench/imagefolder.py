@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.data import DataError
+
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 TRAIN_SCALES = (256, 480)  # the shorter side, drawn uniformly (He et al. sec. 3.4)
 CROP = 224
@@ -40,7 +42,7 @@ PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 
-class ImageFolderError(Exception):
+class ImageFolderError(DataError):  # a data error: the CLI reports it in one line
     """The tree is missing, empty, or holds an image that cannot be decoded; the message names it."""
 
 

@@ -236,3 +236,13 @@ def test_table_2_sets_the_runs_10_crop_error_beside_the_papers():
     assert r34["top-1 err % (mean ± sd)"] == "26.50 ± 0.71"
     p18 = table.loc["plain-18"]  # Imagenette: the centre crop, no published number
     assert (p18["test"], p18["He et al. %"], p18["top-1 err % (mean ± sd)"]) == ("centre crop", "-", "20.00")
+
+
+def test_profile_decode_of_a_folder_without_a_tree_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    res = CliRunner().invoke(main, ["profile", "--decode", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: no train/<class>/ folders under") and not (tmp_path / "out" / "profile").exists()
