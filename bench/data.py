@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.errors import DataError  # noqa: F401  (bench.data.DataError, as callers name it)
+
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -53,8 +55,6 @@ PUBLISHED_MD5 = {
 }
 
 
-class DataError(Exception):
-    """Data missing or unreadable; the message says where we looked and how to fix it."""
 
 
 @dataclass

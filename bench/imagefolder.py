@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.data import DataError
+from bench.errors import DataError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 TRAIN_SCALES = (256, 480)  # the shorter side, drawn uniformly (He et al. sec. 3.4)
