@@ -133,7 +133,7 @@ def _footprint(model: str, width: float, shortcut: str, image_shape: tuple[int, 
                 h.remove()
         return sum(storages.values()), largest
 
-    (two, wide2), (four, wide4) = saved(2), saved(4)
+    (two, _), (four, wide4) = saved(2), saved(4)
     return (four - two) / 2, wide4 / 4, resnet.count_params(net)
 
 

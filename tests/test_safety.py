@@ -3,7 +3,6 @@
 Every hostile file is made here: a pickle whose ``__reduce__`` would create a marker file when
 loaded. The marker must never appear.
 """
-import os
 import tarfile
 
 import pandas as pd
