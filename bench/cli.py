@@ -157,6 +157,9 @@ def exec_options(fn):
                      help="[default: the preset's: cifar10, imagenet for he2015-imagenet, imagenette for imagenette]"),
         click.option("--loader-workers", type=click.IntRange(min=0), default=None,
                      help="ImageNet-style data: decoding processes per training process  [default: 4]"),
+        click.option("--decode-on", type=click.Choice(["workers", "device"]), default=None,
+                     help="ImageNet-style data: decode the training JPEGs in the workers, or on the run's device "
+                          "(nvJPEG on CUDA; the workers only read)  [default: workers]"),
         click.option("--width", type=POSITIVE, default=None,
                      help=f"Channel multiplier  [default: {preset_defaults('width')}]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
@@ -185,7 +188,8 @@ def _execution(o: dict):
 def _exec_overrides(o: dict) -> dict:
     """The execution options given (None: the device's default), as Execution fields."""
     return dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"],
-                pad_input=None if o["pad_input"] is None else int(o["pad_input"]), loader_workers=o["loader_workers"])
+                pad_input=None if o["pad_input"] is None else int(o["pad_input"]), loader_workers=o["loader_workers"],
+                decode_on=o["decode_on"])
 
 
 def _presets() -> list[str]:
@@ -598,7 +602,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
                    f"[default: {profile_defaults('pad_inputs')}]")
 @click.option("--decode", "decode_tree", type=click.Path(exists=True, path_type=Path), default=None, metavar="TREE",
               help="Instead of the grid: time the ImageNet-style input pipeline on an ImageFolder tree, on one core "
-                   "and with --workers processes")
+                   "and with --workers processes, and on a CUDA --device decoding there (nvJPEG); batch: the first "
+                   "of --batch-sizes (64 if not given)")
 @click.option("--decode-s", type=POSITIVE, default=10.0, show_default=True,
               help="With --decode: seconds each setting (one core, then the workers) decodes")
 @click.option("--image-size", type=COUNT, default=32,
@@ -643,9 +648,11 @@ def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s,
 
         check_writable(out)
         workers = given.get("workers")
-        df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),),
-                                 seconds=decode_s, log=click.echo)
-        click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name("cpu").removeprefix("profile-"))))
+        on_gpu = ex.device.startswith("cuda")
+        df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),), seconds=decode_s,
+                                 device=ex.device if on_gpu else None, batch_size=(given.get("batch_sizes") or [64])[0],
+                                 log=click.echo)
+        click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name(ex.device).removeprefix("profile-"))))
         return
     reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing
     grid = prof.resolve_grid(ex.device, **given)

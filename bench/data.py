@@ -510,6 +510,9 @@ class DeviceLoader:
             self._epoch = epoch
         return self._plan
 
+    def close(self) -> None:  # as StreamLoader's; this loader holds no processes
+        pass
+
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``it`` (counting from 0 over the whole run)."""
         idx, shift, flip = self.plan(it)

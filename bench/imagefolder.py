@@ -3,8 +3,13 @@
 Layout: the one torchvision's references read, ``train/<class>/*.JPEG`` and ``val/<class>/*.JPEG``
 (a folder, or a ``.tar``/``.tar.gz`` of one; Imagenette's ``imagenette2/`` after torchvision's
 download has it). Classes are the sorted folder names of ``train/``, as torchvision's ImageFolder
-numbers them. Unlike CIFAR, the decoded set does not fit in memory, so worker processes decode
-each batch (torchvision.io's JPEG decoder, PIL for other formats).
+numbers them. Unlike CIFAR, the decoded set does not fit in memory, so each batch is decoded as it
+is needed: by worker processes (``decode_on="workers"``: torchvision.io's JPEG decoder, libjpeg-turbo,
+PIL for other formats), or on the run's device (``decode_on="device"``: the workers only read the
+files; the JPEGs of a batch are decoded in one call of ``torchvision.io.decode_jpeg`` on that device,
+nvJPEG on CUDA, and augmented there), which frees the CPU cores a GPU would otherwise need to be fed.
+The random choices are the same either way; the pixels agree exactly on the CPU and up to the
+decoders' rounding on CUDA (nvJPEG's IDCT is not libjpeg-turbo's).
 
 Training augmentation, the paper's: the shorter side resized to a random s in [256, 480], a random
 224 x 224 crop, a random horizontal flip, the per-pixel mean subtracted (a mean image of the
@@ -32,6 +37,8 @@ import torch.nn.functional as F
 from bench.errors import DataError
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
+DECODE_ON = ("workers", "device")  # where a training batch's JPEGs are decoded (see the module docstring)
+JPEG_MAGIC = b"\xff\xd8\xff"
 TRAIN_SCALES = (256, 480)  # the shorter side, drawn uniformly (He et al. sec. 3.4)
 CROP = 224
 EVAL_SCALE = 256
@@ -134,16 +141,28 @@ def read_bytes(path: str) -> bytes:
 
 def decode(path: str) -> torch.Tensor:
     """The image at ``path`` as uint8 (3, H, W) RGB; ImageFolderError naming the file if it cannot be read."""
-    data = read_bytes(path)
+    return decode_data(read_bytes(path), path)
+
+
+def _frombytes(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _decode_jpeg(data, device="cpu"):
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates it for TorchCodec; 0.19-0.28 do not
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_data(data: bytes, path: str) -> torch.Tensor:
+    """``data`` (the bytes of the file at ``path``) as uint8 (3, H, W) RGB on the CPU."""
     try:
-        if data[:3] == b"\xff\xd8\xff":  # JPEG: torchvision's decoder (libjpeg-turbo)
-            import warnings
-
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            with warnings.catch_warnings():  # torchvision 0.29 deprecates it for TorchCodec; 0.19-0.28 do not
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if data[:3] == JPEG_MAGIC:  # JPEG: torchvision's decoder (libjpeg-turbo)
+            return _decode_jpeg(_frombytes(data))
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
@@ -151,6 +170,28 @@ def decode(path: str) -> torch.Tensor:
     except Exception as e:  # a corrupt file: name it (decoders raise many types)
         raise ImageFolderError(f"cannot decode {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                                f"remove or replace the file") from e
+
+
+def decode_many(datas, paths, device: torch.device) -> list[torch.Tensor]:
+    """Each file's bytes as a uint8 (3, H, W) RGB image on ``device``: the JPEGs in one batched call of
+    ``decode_jpeg`` there (nvJPEG on CUDA), the others by PIL on the CPU. A batch the device's decoder
+    refuses is decoded image by image, each one it still refuses (nvJPEG lacks some JPEG variants, e.g.
+    CMYK) on the CPU, so only a file no decoder reads stops the run, named."""
+    out: list = [None] * len(datas)
+    jpegs = [i for i, d in enumerate(datas) if bytes(d[:3]) == JPEG_MAGIC]
+    try:
+        for i, img in zip(jpegs, _decode_jpeg([_frombytes(datas[i]) for i in jpegs], device) if jpegs else ()):
+            out[i] = img
+    except RuntimeError:
+        for i in jpegs:
+            try:
+                out[i] = _decode_jpeg(_frombytes(datas[i]), device)
+            except RuntimeError:
+                out[i] = decode_data(datas[i], paths[i]).to(device)
+    for i, img in enumerate(out):
+        if img is None:
+            out[i] = decode_data(datas[i], paths[i]).to(device)
+    return out
 
 
 def resize_shorter(img: torch.Tensor, side: int) -> torch.Tensor:
@@ -184,7 +225,7 @@ def train_crop(img: torch.Tensor, g: torch.Generator, scales=TRAIN_SCALES, crop:
     if lighting:
         alpha = torch.randn(3, generator=g) * 0.1
         shift = torch.tensor(PCA_EIGVEC) @ (alpha * torch.tensor(PCA_EIGVAL))  # per RGB channel, [0, 1] units
-        out = (out.float() + 255 * shift[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
+        out = (out.float() + 255 * shift.to(out.device)[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
     return out.contiguous()
 
 
@@ -221,6 +262,18 @@ class TrainSet(torch.utils.data.Dataset):
         return train_crop(decode(item.path), image_generator(self.seed, epoch, index), lighting=self.lighting), item.label
 
 
+class RawSet(TrainSet):
+    """TrainSet's items as the files' bytes, with their keys: for decoding on the device."""
+
+    def __getitem__(self, key):
+        epoch, index = key
+        return read_bytes(self.items[index].path), self.items[index].label, epoch, index
+
+
+def _as_columns(batch):  # a DataLoader collate: [(bytes, label, epoch, index), ...] -> four lists
+    return tuple(map(list, zip(*batch)))
+
+
 class EvalSet(torch.utils.data.Dataset):
     def __init__(self, items, ten: bool):
         self.items, self.ten = items, ten
@@ -244,11 +297,14 @@ class StreamLoader:
 
     With ``world`` processes, process ``rank`` gets its share (images rank*b .. (rank+1)*b - 1) of each
     global batch of ``batch_size`` = world x b images: together, the batch a single process would train.
+    ``decode_on="device"``: the workers read, ``device`` decodes and augments (the module docstring).
     """
 
     def __init__(self, items, mean: torch.Tensor, *, batch_size: int, seed: int, device: torch.device,
                  workers: int = 4, channels_last: bool = False, lighting: bool = False, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, decode_on: str = "workers"):
+        if decode_on not in DECODE_ON:
+            raise ValueError(f"decode_on must be one of {', '.join(DECODE_ON)}, got {decode_on!r}")
         if batch_size % world:
             raise ValueError(f"the batch of {batch_size} images does not split over {world} processes")
         if len(items) < batch_size:
@@ -256,7 +312,8 @@ class StreamLoader:
         self.items, self.mean, self.seed, self.device = items, mean.to(device), seed, device
         self.batch_size, self.local = batch_size, batch_size // world
         self.rank, self.world, self.workers, self.channels_last = rank, world, workers, channels_last
-        self.set = TrainSet(items, seed, lighting)
+        self.decode_on, self.lighting = decode_on, lighting
+        self.set = (TrainSet if decode_on == "workers" else RawSet)(items, seed, lighting)
         self.steps_per_epoch = len(items) // batch_size
         self._iter, self._next = None, None
 
@@ -271,22 +328,43 @@ class StreamLoader:
                 yield epoch, index
             it += 1
 
+    def close(self) -> None:
+        """Stop the worker processes now (a dropped iterator stops them only when it is collected)."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iter, self._next = None, None
+
     def _start(self, it: int) -> None:
+        self.close()  # the previous workers' prefetched batches are of the wrong steps
         sampler = _Keys(self._keys(it))
+        raw = self.decode_on == "device"
         self._iter = iter(torch.utils.data.DataLoader(self.set, batch_size=self.local, sampler=sampler,
-                                                      num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                                      num_workers=self.workers, collate_fn=_as_columns if raw else None,
+                                                      pin_memory=self.device.type == "cuda" and not raw,
                                                       persistent_workers=False, prefetch_factor=4 if self.workers else None))
         self._next = it
 
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None or it != self._next:
             self._start(it)
-        x, y = next(self._iter)
+        if self.decode_on == "device":
+            x, y = self._decoded(*next(self._iter))
+        else:
+            x, y = next(self._iter)
         self._next = it + 1
         x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
+
+
+    def _decoded(self, datas, labels, epochs, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """A read batch decoded and augmented on the device, each image by its own generator (as TrainSet)."""
+        imgs = decode_many(datas, [self.items[i].path for i in indices], self.device)
+        x = torch.stack([train_crop(img, image_generator(self.seed, e, i), lighting=self.lighting)
+                         for img, e, i in zip(imgs, epochs, indices)])
+        return x, torch.tensor(labels)
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -315,26 +393,34 @@ def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tens
     return (total / n / 255).float()
 
 
-def decode_rate(items, seconds: float = 10.0, workers: int = 0, batch_size: int = 64) -> dict:
+def decode_rate(items, seconds: float = 10.0, workers: int = 0, batch_size: int = 64, decode_on: str = "workers",
+                device: str = "cpu") -> dict:
     """Training images per second the pipeline reads, decodes and augments, over about ``seconds``: in this
-    process (``workers`` = 0: one core, torch held to one thread), or ``workers`` DataLoader processes."""
+    process (``workers`` = 0: one core, torch held to one thread), or ``workers`` DataLoader processes;
+    with ``decode_on="device"`` the workers read and ``device`` decodes (timed to the device's last image)."""
     import time
 
-    loader = StreamLoader(items, torch.zeros(3, CROP, CROP), batch_size=batch_size, seed=0, device=torch.device("cpu"),
-                          workers=workers)
+    dev = torch.device(device)
+    loader = StreamLoader(items, torch.zeros(3, CROP, CROP), batch_size=batch_size, seed=0, device=dev,
+                          workers=workers, decode_on=decode_on)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     threads = torch.get_num_threads()
     if not workers:
         torch.set_num_threads(1)
     try:
-        loader.batch(0)  # workers started, first batches in flight
+        loader.batch(0)  # workers started, first batches in flight (and the device's decoder warmed up)
+        sync()
         n, start, it = 0, time.perf_counter(), 1
         while time.perf_counter() - start < seconds:
             n += len(loader.batch(it)[1])
             it += 1
+        sync()
         elapsed = time.perf_counter() - start
     finally:
+        loader.close()  # before the next setting is timed
         torch.set_num_threads(threads)
-    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed, workers=workers, batch_size=batch_size)
+    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed, workers=workers, batch_size=batch_size,
+                decode_on=decode_on, decode_device=str(dev) if decode_on == "device" else "cpu")
 
 
 def write_sample(images: torch.Tensor, labels: torch.Tensor, classes, out: str | os.PathLike, *, size=(375, 500),

@@ -375,21 +375,30 @@ def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
                 img_per_s_max=max(rates), steps_per_block=steps, repeats=3, warmup_steps=warmup)
 
 
-def decode_profile(root, workers=(0,), seconds: float = 10.0, log=print) -> pd.DataFrame:
+def decode_profile(root, workers=(0,), seconds: float = 10.0, device: str | None = None, batch_size: int = 64,
+                   log=print) -> pd.DataFrame:
     """img/s of the ImageNet-style training pipeline (read, decode, scale-augment, crop, flip: bench.imagefolder)
-    on an ImageFolder tree, in this process on one core (0 workers) and with each number of worker processes."""
+    on an ImageFolder tree, in this process on one core (0 workers) and with each number of worker processes;
+    with ``device``, also decoded and augmented there, the most workers reading."""
     from bench import imagefolder as imf
 
     tree = imf.scan(root)
+    batch_size = min(batch_size, len(tree.train))
+    settings = [("workers", w) for w in workers] + ([("device", max(workers))] if device else [])
     rows = []
-    for w in workers:
-        r = imf.decode_rate(tree.train, seconds=seconds, workers=w, batch_size=min(64, len(tree.train)))
-        cores = w or 1
-        rows.append(dict(mode="decode", status="ok", workers=w, img_per_s=r["img_per_s"],
-                         img_per_s_per_core=r["img_per_s"] / cores, images=r["images"], seconds=r["seconds"],
-                         batch_size=r["batch_size"], data=str(tree.root), train_images=len(tree.train)))
-        log(f"decode  {w} worker(s): {r['img_per_s']:.0f} img/s ({r['img_per_s'] / cores:.0f} per core)")
-    env = records.environment("cpu")
+    for decode_on, w in settings:
+        r = imf.decode_rate(tree.train, seconds=seconds, workers=w, batch_size=batch_size, decode_on=decode_on,
+                            device=device or "cpu")
+        # per core: the workers' (or this process's) decoding; on the device, the cores only read
+        per_core = r["img_per_s"] / (w or 1) if decode_on == "workers" else float("nan")
+        rows.append(dict(mode="decode", status="ok", workers=w, decode_on=decode_on, decode_device=r["decode_device"],
+                         img_per_s=r["img_per_s"], img_per_s_per_core=per_core, images=r["images"],
+                         seconds=r["seconds"], batch_size=r["batch_size"], data=str(tree.root),
+                         train_images=len(tree.train)))
+        where = f"on {r['decode_device']}, {w} worker(s) reading" if decode_on == "device" else f"{w} worker(s)"
+        log(f"decode  {where}: {r['img_per_s']:.0f} img/s"
+            + (f" ({per_core:.0f} per core)" if decode_on == "workers" else ""))
+    env = records.environment(device or "cpu")
     return pd.DataFrame([r | env for r in rows])
 
 

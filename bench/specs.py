@@ -200,6 +200,7 @@ class Execution:
     pad_input: int = 0
     world_size: int = 1  # processes of a data-parallel run (bench.ddp); 1: one process
     loader_workers: int = 4  # ImageNet-style data: processes that decode each process's batches (bench.imagefolder)
+    decode_on: str = "workers"  # ImageNet-style data: "device" has the workers read and the run's device decode
     sync_bn: bool = False  # a data-parallel run's BatchNorm over the whole batch (CUDA only)
 
     @classmethod

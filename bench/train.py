@@ -218,7 +218,7 @@ class _TreeData:
         self.mean = _mean_image(tree, self.train)
         self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
         self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree), None
-        self.workers = ex.loader_workers
+        self.workers, self.decode_on = ex.loader_workers, ex.decode_on
 
     def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
         if len(specs) != 1:
@@ -226,7 +226,7 @@ class _TreeData:
         s = specs[0]
         return [self.imf.StreamLoader(self.train, self.mean, batch_size=s.recipe.batch_size, seed=s.seed, device=device,
                                       workers=self.workers, channels_last=ex.channels_last, lighting=s.recipe.lighting,
-                                      rank=place.rank, world=place.world)]
+                                      rank=place.rank, world=place.world, decode_on=self.decode_on)]
 
     batch = staticmethod(_Data.batch)  # one loader: its batch
 
@@ -521,6 +521,8 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
         sync(device)
         t0 = time.perf_counter()
     bar.close()
+    for loader in loaders:  # an ImageNet-style loader's decoding processes stop with the training
+        loader.close()
     for k in list(active):
         results[k] = finish(k, "ok", None)
     return results
@@ -573,6 +575,7 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         world_size=ex.world_size, per_process_batch=spec.recipe.batch_size // ex.world_size,
         bn_mode="whole batch" if ex.world_size == 1 else ("synchronised" if ex.sync_bn else "per process"),
         train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
+        decode_on=getattr(source, "decode_on", None),  # ImageNet-style data only: CIFAR sits decoded in memory
         data_source=source.source, data_sha256=source.sha256, data_official=source.official,
     ) | records.environment(ex.device)
 

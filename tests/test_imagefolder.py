@@ -120,6 +120,59 @@ def test_batches_are_a_function_of_seed_and_step_and_split_over_processes(tree):
         imf.StreamLoader(t.train, mean, batch_size=6, seed=1, device=torch.device("cpu"), world=4)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_on_the_device_gives_the_workers_batches_exactly_on_the_cpu(tree, tmp_path, workers):
+    """decode_on="device": the workers only read, the device decodes and augments, with the same random
+    choices; on the CPU the decoder is the same libjpeg-turbo, so every pixel agrees. A PNG in the tree
+    takes PIL's path either way, with the lighting augmentation on."""
+    from PIL import Image
+
+    import shutil
+
+    shutil.copytree(tree, tmp_path / "t")
+    png = tmp_path / "t" / "train" / "n0200" / "n0200_9.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(png)
+    t = imf.scan(tmp_path / "t")
+    mean = torch.rand(3, 224, 224)
+    kw = dict(batch_size=6, seed=3, device=torch.device("cpu"), workers=workers, lighting=True)
+    by_workers = imf.StreamLoader(t.train, mean, **kw)
+    on_device = imf.StreamLoader(t.train, mean, decode_on="device", **kw)
+    for it in (0, 1, 2, 3, 5):  # the first epoch, and into the second after a jump (a resume)
+        (xw, yw), (xd, yd) = by_workers.batch(it), on_device.batch(it)
+        assert torch.equal(xw, xd) and torch.equal(yw, yd), it
+    for loader in (by_workers, on_device):  # workers left to the garbage collector take ~5 s each to stop
+        loader.close()
+    with pytest.raises(ValueError, match="decode_on must be one of workers, device, got 'gpu'"):
+        imf.StreamLoader(t.train, mean, decode_on="gpu", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_device_decodes_the_workers_images_up_to_the_decoders_rounding(tree):
+    """nvJPEG against libjpeg-turbo: the same images, sizes and random choices; pixels within a few levels."""
+    t = imf.scan(tree)
+    paths = [i.path for i in t.train]
+    on_gpu = imf.decode_many([imf.read_bytes(p) for p in paths], paths, torch.device("cuda"))
+    for p, img in zip(paths, on_gpu):
+        ref = imf.decode(p)
+        assert img.device.type == "cuda" and img.shape == ref.shape
+        assert (img.cpu().int() - ref.int()).abs().float().mean() < 2
+    mean = torch.zeros(3, 224, 224)
+    kw = dict(batch_size=6, seed=3, workers=0)
+    xw, yw = imf.StreamLoader(t.train, mean, device=torch.device("cpu"), **kw).batch(1)
+    xd, yd = imf.StreamLoader(t.train, mean, device=torch.device("cuda"), decode_on="device", **kw).batch(1)
+    assert torch.equal(yd.cpu(), yw) and (xd.cpu() - xw).abs().mean() < 2 / 255
+
+
+def test_decoding_many_names_the_one_file_no_decoder_reads(tree, tmp_path):
+    good = (tree / "val" / "n0100" / "n0100_0.JPEG").read_bytes()
+    bad = b"\xff\xd8\xff\xe0 not a jpeg at all"
+    imgs = imf.decode_many([good, good], ["a.JPEG", "b.JPEG"], torch.device("cpu"))
+    assert len(imgs) == 2 and torch.equal(imgs[0], imf.decode(str(tree / "val" / "n0100" / "n0100_0.JPEG")))
+    with pytest.raises(imf.ImageFolderError, match=r"^cannot decode b\.JPEG \("):
+        imf.decode_many([good, bad, good], ["a.JPEG", "b.JPEG", "c.JPEG"], torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def imagenette(tmp_path_factory):
     """Imagenette's layout (imagenette2/train|val/<wnid>/*.JPEG), ten classes, a few small JPEGs each."""
@@ -155,6 +208,7 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     assert sorted(runs["model"]) == ["plain18", "resnet18"] and (runs["dataset"] == "imagenette").all()
     assert runs["final_test_err_10crop"].between(0, 1).all() and (runs["ten_crop"]).all()
     assert (runs["shortcut"] == "A").all()  # the paper's Table 2 ResNets: option A
+    assert (runs["decode_on"] == "workers").all()  # the default, recorded
     assert curves["epoch"].tolist()[:2] == [0.4, 0.8]  # 40 training images, 8 a step: 5 steps an epoch
     saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
     assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs
@@ -214,6 +268,10 @@ def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_gri
     assert row["images"] >= 6 and row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
     assert row["img_per_s_per_core"] == row["img_per_s"] and "cpu" in df
     assert prof.measurements(df).empty  # a decode rate is not a configuration of the training grid
+    both = prof.decode_profile(tree, workers=(0, 1), seconds=0.2, device="cpu", batch_size=4, log=lambda *_: None)
+    assert both[["decode_on", "workers", "decode_device"]].values.tolist() == [
+        ["workers", 0, "cpu"], ["workers", 1, "cpu"], ["device", 1, "cpu"]]
+    assert (both["batch_size"] == 4).all() and both["img_per_s_per_core"].isna().tolist() == [False, False, True]
 
 
 def test_table_2_sets_the_runs_10_crop_error_beside_the_papers():
