@@ -29,6 +29,8 @@ net without BN.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from itertools import combinations
 from pathlib import Path
@@ -238,20 +240,40 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
     """Write analysis/lesion.parquet and analysis/shattered.parquet for the folder's ok runs; return them.
 
     ``max_images``: test images for the lesions (None: the whole test set). ``ex``: how evaluation runs
-    (on the CPU; bf16 and channels_last where the CPU has native bf16, as training does)."""
+    (on the CPU; bf16 and channels_last where the CPU has native bf16, as training does).
+
+    Resumable: each run's rows go to analysis/parts/ as soon as they are computed, under a key of the
+    options that made them; a diagnose interrupted and started again with the same options takes the
+    runs it finished from there. The two files are written (atomically) once every run is done, and
+    the parts are then removed: until then, files of an earlier diagnose stay as they were."""
     from tqdm.auto import tqdm
 
     ex = ex or Execution.for_device("cpu")
     results_dir = Path(results_dir)
-    les, sha = [], []
+    parts = results_dir / "analysis" / "parts"
+    key = _options_key(lesion=lesion, shattered=shattered_, max_images=max_images, draws=draws, images=images,
+                       amp=ex.amp, channels_last=ex.channels_last)
+    les, sha, done = [], [], []
     n = int((runs["status"] == "ok").sum()) if "status" in runs else len(runs)
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
     for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose"):
+        part = parts / f"{run['run_id']}-{key}.json"
+        if part.exists():
+            try:
+                rows = json.loads(part.read_text())
+                les += rows["lesion"]
+                sha += rows["shattered"]
+                done.append(part)
+                bar.update()
+                continue
+            except (ValueError, KeyError, TypeError):  # a damaged part: compute the run again
+                pass
+        mine = dict(lesion=[], shattered=[])
         x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
         if lesion:
             try:
-                les += [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
-                        for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
+                mine["lesion"] = [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
+                                  for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
             except ValueError as e:  # a block that cannot be deleted as such (pre-activation with projections)
                 if notes is not None:
                     notes.append(f"lesion: {run['run_id']} left out: {e}")
@@ -264,7 +286,11 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
                   "trained": "running averages of training"}
             for state, model in (("init", init), ("trained", net)):
                 for r in shattered(model, x, mean, images=images):
-                    sha.append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
+                    mine["shattered"].append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
+        records.atomic_write(part, lambda tmp, rows=mine: Path(tmp).write_text(json.dumps(rows)))
+        done.append(part)
+        les += mine["lesion"]
+        sha += mine["shattered"]
         bar.update()
     bar.close()
     out = {}
@@ -272,4 +298,14 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
         if rows:
             out[name] = pd.DataFrame(rows)
             records.write_parquet(out[name], results_dir / "analysis" / f"{name}.parquet")
+    for part in done:  # every run is in the files now
+        part.unlink(missing_ok=True)
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
     return out
+
+
+def _options_key(**options) -> str:
+    """A short name for the options that decide a diagnose's rows (and this module's fixed settings)."""
+    fixed = dict(calibration=CALIBRATION_IMAGES, line_steps=LINE_STEPS, line_step=LINE_STEP)
+    return hashlib.blake2b(json.dumps(options | fixed, sort_keys=True).encode(), digest_size=6).hexdigest()

@@ -559,7 +559,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 
     Writes RESULTS_DIR/analysis/lesion.parquet and shattered.parquet; `resbench report` draws them.
     Needs the runs' weights (RESULTS_DIR/weights/, written by the sweep; the committed references
-    keep none). Runs on the CPU, in bf16 where the CPU has native bf16.
+    keep none). Runs on the CPU, in bf16 where the CPU has native bf16. Interrupted, the same
+    command resumes from the runs it finished (kept in RESULTS_DIR/analysis/parts/ until the end).
 
     \b
     Example:

@@ -1,5 +1,6 @@
 """Why plain nets degrade: lesion study (Veit et al. 2016) and shattered gradients (Balduzzi et al. 2017)."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,10 +195,20 @@ TINY = ["--dataset", "synthetic", "--models", "plain,resnet", "--depths", "8,14"
         "--device", "cpu"]
 
 
-def test_diagnose_writes_its_parquet_and_the_report_draws_it(tmp_path):
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A finished sweep of four tiny nets, with their weights (copy it before writing into it)."""
+    out = tmp_path_factory.mktemp("swept")
+    assert CliRunner().invoke(main, ["sweep", *TINY, "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_diagnose_writes_its_parquet_and_the_report_draws_it(swept, tmp_path):
+    import shutil
+
     import pandas as pd
 
-    assert CliRunner().invoke(main, ["sweep", *TINY, "--out", str(tmp_path)]).exit_code == 0
+    tmp_path = Path(shutil.copytree(swept, tmp_path / "s"))
     res = CliRunner().invoke(main, ["diagnose", str(tmp_path)])
     assert res.exit_code == 0, res.output
     les = pd.read_parquet(tmp_path / "analysis" / "lesion.parquet")
@@ -219,6 +230,49 @@ def test_diagnose_writes_its_parquet_and_the_report_draws_it(tmp_path):
     assert (signals["signal_rms"] > 0).all() and (signals["batches"] == 2).all()
     bad = CliRunner().invoke(main, ["diagnose", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "not a results folder" in bad.output
+
+
+def test_an_interrupted_diagnose_resumes_from_its_finished_runs_and_ends_as_one_that_ran_through(swept, tmp_path,
+                                                                                                monkeypatch):
+    import shutil
+
+    import pandas as pd
+
+    from bench import analysis
+
+    whole, cut = (Path(shutil.copytree(swept, tmp_path / name)) for name in ("whole", "cut"))
+    opts = dict(max_images=64, draws=2, images=2, progress=False)
+    runs = records.load(swept)[0]
+    expected = analysis.diagnose(whole, runs, **opts)
+    earlier = pd.DataFrame(dict(run_id=["from an earlier diagnose"]))
+    records.write_parquet(earlier, cut / "analysis" / "lesion.parquet")
+    calls, interrupt_at = [], [3]
+
+    def counted(net, *a, **k):
+        calls.append(1)
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt  # Ctrl-C in the third run
+        return lesion_errors(net, *a, **k)
+
+    monkeypatch.setattr(analysis, "lesion_errors", counted)
+    with pytest.raises(KeyboardInterrupt):
+        analysis.diagnose(cut, runs, **opts)
+    interrupt_at[0] = None
+    parts = sorted((cut / "analysis" / "parts").iterdir())
+    assert len(parts) == 2 and all(p.suffix == ".json" for p in parts)
+    pd.testing.assert_frame_equal(pd.read_parquet(cut / "analysis" / "lesion.parquet"), earlier)  # untouched
+    calls.clear()
+    other = analysis.diagnose(tmp_path / "cut", runs, **(opts | dict(draws=3)))  # other options: parts not used
+    assert len(calls) == 4 and len(list((cut / "analysis" / "parts").iterdir())) == 2
+    assert other["lesion"]["draw"].max() == 2
+    records.write_parquet(earlier, cut / "analysis" / "lesion.parquet")
+    calls.clear()
+    resumed = analysis.diagnose(cut, runs, **opts)
+    assert len(calls) == 2  # the two runs the interrupted diagnose had not finished
+    for name in ("lesion", "shattered"):
+        pd.testing.assert_frame_equal(resumed[name], expected[name])
+        pd.testing.assert_frame_equal(pd.read_parquet(cut / "analysis" / f"{name}.parquet"), expected[name])
+    assert not (cut / "analysis" / "parts").exists()
 
 
 def test_a_plain_block_is_deletable_only_where_its_input_and_output_shapes_match():
