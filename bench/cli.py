@@ -675,3 +675,39 @@ def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s,
             click.echo(f"no match in {against} for: " + ", ".join(f"{k}={v}" for k, v in zip(prof.CONFIG_KEYS, row)))
         for path in prof.save_against(matched, out, name):
             click.echo(str(path))
+
+
+@main.command()
+@click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
+@PRESET
+@click.option("--models", callback=csv_list(str), default=None, help="Kinds  [default: the preset's]")
+@click.option("--depths", callback=csv_list(int), default=None, help="[default: the preset's]")
+@click.option("--seeds", callback=csv_list(int), default=None, help="Runs per net  [default: the preset's]")
+@click.option("--gpus-per-run", type=COUNT, default=1, show_default=True,
+              help="GPUs of each data-parallel run (the profile's rate per GPU at the batch each GPU gets)")
+@friendly_errors
+def estimate(profile_path, preset, models, depths, seeds, gpus_per_run):
+    """Estimate a sweep's GPU-hours from a saved profile (training steps only, a low estimate).
+
+    PROFILE: a parquet that `resbench profile` wrote, or a folder holding profile/*.parquet.
+
+    \b
+    Examples:
+      resbench estimate results/reference-profile-h200 --preset he2015 --depths 20,56,110 --seeds 0,1,2,3,4
+      resbench estimate results/profile-imagenet --preset he2015-imagenet --gpus-per-run 8
+    """
+    from bench import cost
+    from bench.profile import read_reference
+
+    df = cost.estimate(read_reference(profile_path, "PROFILE"), preset, models=models, depths=depths, seeds=seeds,
+                       gpus_per_run=gpus_per_run)
+    shown = df.assign(img_per_s_per_gpu=df["img_per_s_per_gpu"].round().astype("Int64"))
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    known = df.dropna(subset=["gpu_hours"])
+    click.echo(f"total: {known['gpu_hours'].sum():.3g} GPU-hours for {int(known['runs'].sum())} runs "
+               f"({len(known)} of {len(df)} nets profiled); training steps only, at the profiled rates, "
+               f"linear over a run's GPUs: a low estimate")
+    missing = df.loc[df["gpu_hours"].isna(), "net"].tolist()
+    if missing:
+        click.echo(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per GPU: {', '.join(missing)} "
+                   f"(resbench profile --models {','.join(missing)} ...)", err=True)

@@ -475,8 +475,9 @@ CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution",
                "image_size"]
 
 
-def read_reference(path) -> pd.DataFrame:
-    """A saved profile to compare against: a parquet file, or a folder holding profile/*.parquet."""
+def read_reference(path, what: str = "--against") -> pd.DataFrame:
+    """A saved profile (to compare against, or to estimate from): a parquet file, or a folder holding
+    profile/*.parquet. ``what`` names it in errors (the option or argument it came from)."""
     path = Path(path)
     if path.is_dir():
         files = sorted((path / "profile").glob("*.parquet")) or sorted(path.glob("*.parquet"))
@@ -486,11 +487,11 @@ def read_reference(path) -> pd.DataFrame:
     elif path.is_file():
         files = [path]
     else:
-        raise ValueError(f"--against {path}: no such file or folder")
+        raise ValueError(f"{what} {path}: no such file or folder")
     try:
         ref = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
-        raise ValueError(f"--against {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{what} {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     if "group_size" not in ref.columns:  # profiles of earlier versions timed single nets only
         ref = ref.assign(group_size=1)
     if "pad_input" not in ref.columns:  # ... and never padded a group's input
@@ -499,7 +500,7 @@ def read_reference(path) -> pd.DataFrame:
         ref = ref.assign(image_size=32)
     missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
     if missing:
-        raise ValueError(f"--against {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "
+        raise ValueError(f"{what} {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "
                          f"give a parquet that `resbench profile` wrote, e.g. results/reference-profile-h200")
     return ref
 

@@ -1,0 +1,64 @@
+"""`resbench estimate`: a sweep's GPU-hours from a saved profile (bench.cost)."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from bench import cost
+from bench.cli import main
+from bench.profile import read_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+H200 = ROOT / "results" / "reference-profile-h200"
+
+
+def _row(model, batch, rate, execution="eager", precision="bf16", fmt="channels_last", image_size=224, mode="train"):
+    return dict(model=model, mode=mode, status="ok", batch_size=batch, group_size=1, image_size=image_size,
+                execution=execution, precision=precision, memory_format=fmt, img_per_s=rate)
+
+
+def test_hours_are_the_recipes_images_over_the_profiled_rate_of_the_configuration_the_run_would_use():
+    profile = pd.DataFrame([
+        _row("resnet18", 32, 900.0), _row("resnet18", 32, 1100.0),  # timed twice: the median, 1000
+        _row("resnet18", 32, 5000.0, precision="fp32"),  # faster, but not what a run uses
+        _row("resnet18", 32, 9000.0, image_size=32),  # another input size
+        _row("resnet18", 256, 9000.0),  # the batch of one GPU, not of each of 8
+        _row("resnet18", 32, 9000.0, mode="infer"),
+        _row("plain34", 32, 400.0, execution="compile"), _row("plain34", 32, 300.0, execution="compile", fmt="nchw"),
+    ])
+    df = cost.estimate(profile, "he2015-imagenet", depths=(18, 34), seeds=(0, 1, 2), gpus_per_run=8).set_index("net")
+    images = 90 * 5005 * 256
+    r18 = df.loc["resnet18"]
+    assert (r18["batch_per_gpu"], r18["img_per_s_per_gpu"], r18["precision"], r18["runs"]) == (32, 1000.0, "bf16", 3)
+    assert r18["images_per_run"] == images
+    assert r18["hours_per_run"] == pytest.approx(images / (1000 * 8) / 3600, rel=1e-12)
+    assert r18["gpu_hours_per_run"] == pytest.approx(8 * r18["hours_per_run"], rel=1e-12)
+    assert r18["gpu_hours"] == pytest.approx(3 * r18["gpu_hours_per_run"], rel=1e-12)
+    p34 = df.loc["plain34"]  # no eager row: the fastest it has, and which one that is
+    assert (p34["execution"], p34["memory_format"], p34["img_per_s_per_gpu"]) == ("compile", "channels_last", 400.0)
+    assert df.loc["resnet34", "execution"] == "not profiled" and pd.isna(df.loc["resnet34", "gpu_hours"])
+    assert df.loc["plain18", "execution"] == "not profiled"
+
+
+def test_the_committed_h200_profile_prices_the_he2015_recipe(tmp_path):
+    df = cost.estimate(read_reference(H200), "he2015", models=("resnet",), depths=(20,), seeds=(0, 1))
+    row = df.iloc[0]  # a one-GPU run: its CUDA graph row, 61,960 img/s
+    assert (row["execution"], round(row["img_per_s_per_gpu"])) == ("cudagraph", 61960)
+    assert row["hours_per_run"] == pytest.approx(64_000 * 128 / row["img_per_s_per_gpu"] / 3600, rel=1e-12)
+    res = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015", "--depths", "20,32", "--seeds", "0,1"])
+    assert res.exit_code == 0, res.output
+    total = df["gpu_hours"].sum() + cost.estimate(read_reference(H200), "he2015", models=("plain",), depths=(20,),
+                                                  seeds=(0, 1))["gpu_hours"].sum()
+    assert f"total: {total:.3g} GPU-hours for 4 runs (2 of 4 nets profiled)" in res.output
+    assert "not profiled at batch 128 per GPU: plain32, resnet32" in res.output
+
+
+def test_estimates_it_cannot_make_say_why():
+    profile = pd.DataFrame([_row("resnet20", 128, 1.0, image_size=32)])
+    with pytest.raises(ValueError, match="smoke preset trains width-0.5 nets; a profile times width-1 nets"):
+        cost.estimate(profile, "smoke")
+    with pytest.raises(ValueError, match="batch of 128 does not split over 3 GPUs"):
+        cost.estimate(profile, "he2015", gpus_per_run=3)
+    bad = CliRunner().invoke(main, ["estimate", "no/such/profile", "--preset", "he2015"])
+    assert bad.exit_code == 1 and "PROFILE no/such/profile: no such file or folder" in bad.output
