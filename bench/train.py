@@ -175,6 +175,9 @@ class _Data:
     """What every member of a group trains and is evaluated on (one split: it does not depend on the seed):
     a CIFAR-like data set held on the device (bench.data). _TreeData serves ImageNet-style sets the same way."""
 
+    loader = "device-loader"  # how training batches are made, in each row's train_path
+    decode_on = None  # the set sits decoded in memory
+
     def __init__(self, arrays: data.Arrays, r, device: torch.device):
         parts = data.split(arrays, r.val_size, r.train_size)
         self.arrays, self.train, self.mean = arrays, parts["train"], data.pixel_mean(parts["train"][0])
@@ -206,6 +209,8 @@ class _TreeData:
     evaluation on the centre crop, and the paper's 10-crop test at the end where the recipe asks for it.
     The test set is the tree's val/ (as the paper reports ImageNet's val error); --val-size N holds N
     training images out for validation (a fixed permutation, as for CIFAR)."""
+
+    loader = "stream-loader"
 
     def __init__(self, tree, r, device: torch.device, ex: Execution):
         from bench import imagefolder as imf
@@ -457,72 +462,74 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     t0 = time.perf_counter()
     model.train()
     lr = None
-    for it in range(start, r.iterations):
-        if r.lr_at(it, arch.depth) != lr:
-            lr = r.lr_at(it, arch.depth)
-            set_lr(opt, lr)
-        step(*d.batch(loaders, it))
-        bar.step()
-        if (it + 1) % r.eval_every and it + 1 != r.iterations:
-            continue
-        # --- evaluation point: the only host syncs of the loop ---
-        sync(device)
-        window = time.perf_counter() - t0
-        losses, errs, seen = step.read_members()
-        point = dict(iteration=it + 1, epoch=(it + 1) / loaders[0].steps_per_epoch, lr=current_lr(opt),
-                     img_per_s=seen / window)
-        for k in active:
-            train_time[k] += window
-            windows[k].append(dict(attempt=attempts[k], steps=seen // r.batch_size, seconds=window,
-                                   img_per_s=seen / window, group_size=len(active)))
-        for k in [k for k in active if not math.isfinite(losses[k])]:
-            curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
-                                  val_err=float("nan"), test_err=float("nan"), train_time_s=train_time[k]))
-            drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
-        if not active:
-            break
-        # before evaluation: the gradients of the last step (the same on every rank of a data-parallel run:
-        # rank 0 records them; its backward signals come from its own share of the batches)
-        ids = {k: specs[k].run_id for k in active} if place.main else {}
-        for k, rows in members.layer_rows(opt, ids, it + 1).items():
-            layers[k] += rows
-        # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
-        probe = [d.batch(loaders, j) for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
-        for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
-            signals[k] += rows
-        ddp.sync_buffers(model)
-        val_err = d.evaluate(model, "val", ex, device, members)
-        test_err = d.evaluate(model, "test", ex, device, members)
-        for k in active:
-            curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
-                                  val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
-        k0 = active[0]
-        bar.show(loss=f"{losses[k0]:.3f}", err=f"{errs[k0]:.3f}", val=f"{val_err[k0]:.3f}",
-                 img_s=f"{seen * len(active) / window:.0f}")
-        lost = {}
-        for k in list(active) if place.main else []:
-            try:
-                held[k].beat(time.perf_counter() - t_beat)
-            except claims.Claimed as e:  # another trainer took this run over: stop it without writing
-                lost[k] = str(e)
-        for k, why in ddp.from_main(lost).items():
-            drop(k, claims.Claimed(why))
-        if not active:
-            break
-        t_beat = time.perf_counter()
-        if it + 1 < r.iterations and place.main:
+    try:
+        for it in range(start, r.iterations):
+            if r.lr_at(it, arch.depth) != lr:
+                lr = r.lr_at(it, arch.depth)
+                set_lr(opt, lr)
+            step(*d.batch(loaders, it))
+            bar.step()
+            if (it + 1) % r.eval_every and it + 1 != r.iterations:
+                continue
+            # --- evaluation point: the only host syncs of the loop ---
+            sync(device)
+            window = time.perf_counter() - t0
+            losses, errs, seen = step.read_members()
+            point = dict(iteration=it + 1, epoch=(it + 1) / loaders[0].steps_per_epoch, lr=current_lr(opt),
+                         img_per_s=seen / window)
             for k in active:
-                records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
-                                        optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
-                                        iteration=it + 1, curves=curves[k], layers=layers[k], signals=signals[k],
-                                        windows=windows[k],
-                                        wall_s=wall_before[k] + time.perf_counter() - t_wall),
-                                   records.paths(out, specs[k].run_id)["ckpt"])
-        sync(device)
-        t0 = time.perf_counter()
-    bar.close()
-    for loader in loaders:  # an ImageNet-style loader's decoding processes stop with the training
-        loader.close()
+                train_time[k] += window
+                windows[k].append(dict(attempt=attempts[k], steps=seen // r.batch_size, seconds=window,
+                                       img_per_s=seen / window, group_size=len(active)))
+            for k in [k for k in active if not math.isfinite(losses[k])]:
+                curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
+                                      val_err=float("nan"), test_err=float("nan"), train_time_s=train_time[k]))
+                drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
+            if not active:
+                break
+            # before evaluation: the gradients of the last step (the same on every rank of a data-parallel run:
+            # rank 0 records them; its backward signals come from its own share of the batches)
+            ids = {k: specs[k].run_id for k in active} if place.main else {}
+            for k, rows in members.layer_rows(opt, ids, it + 1).items():
+                layers[k] += rows
+            # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
+            probe = [d.batch(loaders, j) for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
+            for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
+                signals[k] += rows
+            ddp.sync_buffers(model)
+            val_err = d.evaluate(model, "val", ex, device, members)
+            test_err = d.evaluate(model, "test", ex, device, members)
+            for k in active:
+                curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
+                                      val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
+            k0 = active[0]
+            bar.show(loss=f"{losses[k0]:.3f}", err=f"{errs[k0]:.3f}", val=f"{val_err[k0]:.3f}",
+                     img_s=f"{seen * len(active) / window:.0f}")
+            lost = {}
+            for k in list(active) if place.main else []:
+                try:
+                    held[k].beat(time.perf_counter() - t_beat)
+                except claims.Claimed as e:  # another trainer took this run over: stop it without writing
+                    lost[k] = str(e)
+            for k, why in ddp.from_main(lost).items():
+                drop(k, claims.Claimed(why))
+            if not active:
+                break
+            t_beat = time.perf_counter()
+            if it + 1 < r.iterations and place.main:
+                for k in active:
+                    records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
+                                            optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
+                                            iteration=it + 1, curves=curves[k], layers=layers[k], signals=signals[k],
+                                            windows=windows[k],
+                                            wall_s=wall_before[k] + time.perf_counter() - t_wall),
+                                       records.paths(out, specs[k].run_id)["ckpt"])
+            sync(device)
+            t0 = time.perf_counter()
+    finally:  # also when interrupted: the bar leaves the terminal, an ImageNet-style loader's decoding
+        bar.close()  # processes stop (left to the garbage collector, they took seconds each)
+        for loader in loaders:
+            loader.close()
     for k in list(active):
         results[k] = finish(k, "ok", None)
     return results
@@ -574,8 +581,8 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         pad_input=ex.pad_input if group_size > 1 else 0,  # a lone net is never padded
         world_size=ex.world_size, per_process_batch=spec.recipe.batch_size // ex.world_size,
         bn_mode="whole batch" if ex.world_size == 1 else ("synchronised" if ex.sync_bn else "per process"),
-        train_path=f"device-loader+{ex.execution}", group_size=group_size, group_id=group_id,
-        decode_on=getattr(source, "decode_on", None),  # ImageNet-style data only: CIFAR sits decoded in memory
+        train_path=f"{source.loader}+{ex.execution}", group_size=group_size, group_id=group_id,
+        decode_on=source.decode_on,  # ImageNet-style data: where its JPEGs were decoded
         data_source=source.source, data_sha256=source.sha256, data_official=source.official,
     ) | records.environment(ex.device)
 

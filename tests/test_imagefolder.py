@@ -208,7 +208,7 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     assert sorted(runs["model"]) == ["plain18", "resnet18"] and (runs["dataset"] == "imagenette").all()
     assert runs["final_test_err_10crop"].between(0, 1).all() and (runs["ten_crop"]).all()
     assert (runs["shortcut"] == "A").all()  # the paper's Table 2 ResNets: option A
-    assert (runs["decode_on"] == "workers").all()  # the default, recorded
+    assert (runs["decode_on"] == "workers").all() and (runs["train_path"] == "stream-loader+eager").all()
     assert curves["epoch"].tolist()[:2] == [0.4, 0.8]  # 40 training images, 8 a step: 5 steps an epoch
     saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
     assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs

@@ -169,6 +169,15 @@ def test_training_on_all_images_still_reports_test_error(tmp_path, tiny):
     assert math.isnan(row["final_val_err"]) and math.isnan(row["best_val_err"]) and math.isnan(row["test_err_at_best_val"])
 
 
+def test_an_interrupted_run_closes_its_progress_bar_and_its_loader(tmp_path, tiny, interrupt, monkeypatch):
+    """Ctrl-C mid-run: the bar leaves the terminal, and a loader's processes (ImageNet-style data) stop."""
+    closed = []
+    monkeypatch.setattr(train.Progress, "close", lambda self: closed.append("bar"))
+    monkeypatch.setattr(data.DeviceLoader, "close", lambda self: closed.append("loader"))
+    interrupt(RunSpec("resnet8", tiny, seed=0, width=0.25, dataset="synthetic"), tmp_path, CPU)
+    assert closed == ["bar", "loader"]
+
+
 def test_resumed_run_times_only_its_own_attempt_without_its_warmup(tmp_path, tiny, interrupt):
     """Attempt 0 wrote window 1; attempt 1 (a new process, maybe another execution) wrote 2, 3 and 4,
     of which 2 holds its warm-up: the throughput is the median of windows 3 and 4."""
@@ -488,7 +497,6 @@ def _curve(it, loss, train, val, test):
 
 def test_run_row_summary_and_columns_by_hand():
     """Every summary column of a run's row from hand-made curves and timing windows."""
-    from bench.data import Arrays
     from bench.train import _row
 
     spec = RunSpec("plain8", recipe("smoke"), seed=2, width=0.5, dataset="synthetic", sweep="s")
@@ -497,10 +505,12 @@ def test_run_row_summary_and_columns_by_hand():
     timed = [dict(img_per_s=100.0, group_size=3, seconds=1.0, steps=10),
              dict(img_per_s=150.0, group_size=1, seconds=3.0, steps=10),
              dict(img_per_s=120.0, seconds=2.0, steps=4)]  # a window of an earlier version: no group size
-    arrays = Arrays(*(torch.zeros(1),) * 4, classes=("a",), source="/data/x.tar.gz", sha256="abc", official=False)
+    # the trainer's data object (bench.train._TreeData here): where the data came from, how batches were made
+    source = SimpleNamespace(source="/data/x.tar.gz", sha256="abc", official=False, loader="stream-loader",
+                             decode_on="device")
     ex = Execution("cpu", amp=True, channels_last=True, execution="compile", cudnn_benchmark=True)
     kw = dict(params=7, macs=11, status="diverged", error="boom", start=100, train_time=3.5, wall=9.0, ex=ex,
-              source=arrays, group_id="g1", group_size=3, peak=12345)
+              source=source, group_id="g1", group_size=3, peak=12345)
     row = _row(spec, curves, timed, **kw)
     assert {k: row[k] for k in ("iterations_done", "resumed_from", "final_train_err", "final_val_err",
                                 "final_test_err", "best_train_err", "best_val_err", "test_err_at_best_val",
@@ -512,11 +522,11 @@ def test_run_row_summary_and_columns_by_hand():
     assert {k: row[k] for k in ("params", "macs", "status", "error", "train_time_s", "wall_time_s",
                                 "peak_memory_bytes", "amp", "channels_last", "execution", "cudnn_benchmark",
                                 "train_path", "group_size", "group_id", "data_source", "data_sha256",
-                                "data_official", "device")} == dict(
+                                "data_official", "device", "decode_on")} == dict(
         params=7, macs=11, status="diverged", error="boom", train_time_s=3.5, wall_time_s=9.0, peak_memory_bytes=12345,
-        amp=True, channels_last=True, execution="compile", cudnn_benchmark=True, train_path="device-loader+compile",
+        amp=True, channels_last=True, execution="compile", cudnn_benchmark=True, train_path="stream-loader+compile",
         group_size=3, group_id="g1", data_source="/data/x.tar.gz", data_sha256="abc", data_official=False,
-        device="cpu")
+        device="cpu", decode_on="device")
     assert spec.flat().items() <= row.items() and records.environment("cpu").keys() <= row.keys()
     assert _row(spec, curves[:3], timed[2:], **kw)["final_train_loss"] == 1.2
     assert _row(spec, curves, [dict(seconds=0.5, steps=0, img_per_s=1.0)], **kw)["step_time_ms"] == 500.0
