@@ -685,8 +685,11 @@ def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s,
 @click.option("--seeds", callback=csv_list(int), default=None, help="Runs per net  [default: the preset's]")
 @click.option("--gpus-per-run", type=COUNT, default=1, show_default=True,
               help="GPUs of each data-parallel run (the profile's rate per GPU at the batch each GPU gets)")
+@click.option("--decode", "decode_path", type=click.Path(path_type=Path), default=None, metavar="DECODE_PROFILE",
+              help="A `resbench profile --decode` parquet or folder: add the CPU cores that would feed each GPU, and "
+                   "whether decoding on the GPU keeps up")
 @friendly_errors
-def estimate(profile_path, preset, models, depths, seeds, gpus_per_run):
+def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_path):
     """Estimate a sweep's GPU-hours from a saved profile (training steps only, a low estimate).
 
     PROFILE: a parquet that `resbench profile` wrote, or a folder holding profile/*.parquet.
@@ -694,13 +697,14 @@ def estimate(profile_path, preset, models, depths, seeds, gpus_per_run):
     \b
     Examples:
       resbench estimate results/reference-profile-h200 --preset he2015 --depths 20,56,110 --seeds 0,1,2,3,4
-      resbench estimate results/profile-imagenet --preset he2015-imagenet --gpus-per-run 8
+      resbench estimate results/profile-imagenet --preset he2015-imagenet --gpus-per-run 8 --decode results/decode
     """
     from bench import cost
-    from bench.profile import read_reference
+    from bench.profile import DECODE_KEYS, read_reference
 
+    decode = read_reference(decode_path, "--decode", columns=DECODE_KEYS) if decode_path else None
     df = cost.estimate(read_reference(profile_path, "PROFILE"), preset, models=models, depths=depths, seeds=seeds,
-                       gpus_per_run=gpus_per_run)
+                       gpus_per_run=gpus_per_run, decode=decode)
     shown = df.assign(img_per_s_per_gpu=df["img_per_s_per_gpu"].round().astype("Int64"))
     click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     known = df.dropna(subset=["gpu_hours"])

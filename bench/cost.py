@@ -8,6 +8,12 @@ start-up, or an input pipeline that cannot keep up) and assumes a data-parallel 
 linearly over its GPUs. The profile row is the configuration the run would use where the profile
 has it (bf16, channels_last, a CUDA graph for a one-GPU run, eager under DDP), else the fastest the
 profile has for that net and batch, and the table says which.
+
+Given a decode profile (`resbench profile --decode`, best made on the GPU node itself: the rate per
+core is the CPU's), it also says what would feed each GPU of an ImageNet-style run: the CPU cores
+the input pipeline needs at the net's rate (decoding in worker processes, at the per-core rate
+measured with the most workers), and, where the profile timed decoding on the GPU, whether that
+rate keeps up with the training step.
 """
 from __future__ import annotations
 
@@ -18,12 +24,27 @@ from bench.specs import PRESETS, RECIPES, model_name
 IMAGE_SIZES = {"cifar10": 32, "synthetic": 32, "imagenet": 224, "imagenette": 224}  # what the nets see
 COLUMNS = ["net", "runs", "gpus_per_run", "batch_per_gpu", "execution", "precision", "memory_format", "img_per_s_per_gpu",
            "images_per_run", "hours_per_run", "gpu_hours_per_run", "gpu_hours"]
+FEED_COLUMNS = ["cpu_cores_per_gpu", "gpu_decode_keeps_up"]
 
 
-def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, seeds=None,
-             gpus_per_run: int = 1) -> pd.DataFrame:
+def decode_rates(decode: pd.DataFrame) -> dict:
+    """From a decode profile: images per second per CPU core (the setting with the most workers) and,
+    if timed, the rate decoding on the device (None if not)."""
+    rows = decode[(decode["mode"] == "decode") & (decode["status"] == "ok")]
+    on = rows["decode_on"] if "decode_on" in rows else pd.Series("workers", index=rows.index)  # older profiles
+    cpu, gpu = rows[on == "workers"], rows[on == "device"]
+    if cpu.empty:
+        raise ValueError("the decode profile has no rows of decoding by CPU workers (resbench profile --decode TREE)")
+    most = cpu[cpu["workers"] == cpu["workers"].max()]
+    return dict(per_core=float(most["img_per_s_per_core"].median()),
+                on_device=float(gpu["img_per_s"].median()) if len(gpu) else None)
+
+
+def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, seeds=None, gpus_per_run: int = 1,
+             decode: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per net of ``preset``'s grid (``models`` kinds x ``depths``, ``seeds`` runs each): the profile
-    row used and the hours; nets the profile lacks get NaN hours and ``execution`` "not profiled"."""
+    row used and the hours; nets the profile lacks get NaN hours and ``execution`` "not profiled". With
+    ``decode`` (a decode profile), also the CPU cores per GPU and whether GPU decoding keeps up."""
     p, r = PRESETS[preset], RECIPES[PRESETS[preset]["recipe"]]
     if p["width"] != 1.0:
         raise ValueError(f"the {preset} preset trains width-{p['width']:g} nets; a profile times width-1 nets, so it "
@@ -53,4 +74,13 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
         rows.append(row | dict(zip(keys, best)) | dict(img_per_s_per_gpu=rate, hours_per_run=hours,
                                                        gpu_hours_per_run=hours * gpus_per_run,
                                                        gpu_hours=hours * gpus_per_run * runs))
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if decode is not None:
+        if p.get("dataset", "cifar10") not in ("imagenet", "imagenette"):
+            raise ValueError(f"the {preset} preset's data sits decoded in memory: it has no input pipeline to feed "
+                             f"(--decode is for he2015-imagenet and imagenette)")
+        rates = decode_rates(decode)
+        df["cpu_cores_per_gpu"] = df["img_per_s_per_gpu"] / rates["per_core"]
+        df["gpu_decode_keeps_up"] = (None if rates["on_device"] is None else
+                                     df["img_per_s_per_gpu"].map(lambda v: None if pd.isna(v) else bool(rates["on_device"] >= v)))
+    return df

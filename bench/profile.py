@@ -475,9 +475,13 @@ CONFIG_KEYS = ["model", "batch_size", "precision", "memory_format", "execution",
                "image_size"]
 
 
-def read_reference(path, what: str = "--against") -> pd.DataFrame:
+DECODE_KEYS = ["mode", "workers", "img_per_s", "img_per_s_per_core", "status"]  # what a decode profile has
+
+
+def read_reference(path, what: str = "--against", columns=None) -> pd.DataFrame:
     """A saved profile (to compare against, or to estimate from): a parquet file, or a folder holding
-    profile/*.parquet. ``what`` names it in errors (the option or argument it came from)."""
+    profile/*.parquet. ``what`` names it in errors (the option or argument it came from); ``columns``:
+    the ones it must have (a grid profile's by default; DECODE_KEYS for a decode profile)."""
     path = Path(path)
     if path.is_dir():
         files = sorted((path / "profile").glob("*.parquet")) or sorted(path.glob("*.parquet"))
@@ -498,10 +502,12 @@ def read_reference(path, what: str = "--against") -> pd.DataFrame:
         ref = ref.assign(pad_input=0)
     if "image_size" not in ref.columns:  # ... and timed 32 x 32 images
         ref = ref.assign(image_size=32)
-    missing = [c for c in CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
+    missing = [c for c in columns or CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
     if missing:
+        command, example = (("resbench profile --decode TREE", "results/reference-decode-cpu") if columns == DECODE_KEYS
+                            else ("resbench profile", "results/reference-profile-h200"))
         raise ValueError(f"{what} {path}: not a resbench profile (it lacks the columns {', '.join(missing)}); "
-                         f"give a parquet that `resbench profile` wrote, e.g. results/reference-profile-h200")
+                         f"give a parquet that `{command}` wrote, e.g. {example}")
     return ref
 
 

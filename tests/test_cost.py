@@ -62,3 +62,35 @@ def test_estimates_it_cannot_make_say_why():
         cost.estimate(profile, "he2015", gpus_per_run=3)
     bad = CliRunner().invoke(main, ["estimate", "no/such/profile", "--preset", "he2015"])
     assert bad.exit_code == 1 and "PROFILE no/such/profile: no such file or folder" in bad.output
+
+
+def _decode(workers, per_core, decode_on="workers", rate=None):
+    return dict(mode="decode", status="ok", workers=workers, decode_on=decode_on, img_per_s_per_core=per_core,
+                img_per_s=rate if rate is not None else per_core * max(workers, 1))
+
+
+def test_a_decode_profile_says_how_many_cores_feed_each_gpu_and_whether_the_gpus_decoder_keeps_up():
+    profile = pd.DataFrame([_row("resnet18", 32, 1000.0), _row("plain18", 32, 3000.0)])
+    decode = pd.DataFrame([_decode(0, 120.0), _decode(8, 100.0), _decode(8, 110.0), _decode(8, None, "device", 2000.0)])
+    df = cost.estimate(profile, "he2015-imagenet", depths=(18,), gpus_per_run=8, decode=decode).set_index("net")
+    # the per-core rate with the most workers (median of its two rows, 105), not the one-process rate
+    assert df.loc["resnet18", "cpu_cores_per_gpu"] == pytest.approx(1000 / 105, rel=1e-12)
+    assert df.loc["plain18", "cpu_cores_per_gpu"] == pytest.approx(3000 / 105, rel=1e-12)
+    assert df["gpu_decode_keeps_up"].tolist() == [False, True]  # plain18 first: 3000 img/s > 2000 decoded
+    older = pd.DataFrame([_decode(2, 111.0)]).drop(columns="decode_on")  # a profile before device decoding
+    df = cost.estimate(profile, "he2015-imagenet", depths=(18,), gpus_per_run=8, decode=older)
+    assert df["gpu_decode_keeps_up"].isna().all() and df["cpu_cores_per_gpu"].tolist() == pytest.approx([3000 / 111, 1000 / 111])
+    with pytest.raises(ValueError, match="he2015 preset's data sits decoded in memory"):
+        cost.estimate(profile, "he2015", decode=decode)
+    with pytest.raises(ValueError, match="no rows of decoding by CPU workers"):
+        cost.estimate(profile, "imagenette", decode=pd.DataFrame([_decode(8, None, "device", 2000.0)]))
+
+
+def test_estimate_reads_the_committed_decode_profile_and_refuses_a_grid_profile_for_it():
+    decode = ROOT / "results" / "reference-decode-cpu"
+    res = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(decode)])
+    assert res.exit_code == 0, res.output
+    assert "cpu_cores_per_gpu" in res.output and "not profiled at batch 256 per GPU" in res.output
+    bad = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(H200)])
+    assert bad.exit_code == 1 and "lacks the columns workers, img_per_s_per_core" in bad.output
+    assert "results/reference-decode-cpu" in bad.output
