@@ -11,7 +11,8 @@ deleted alone (``mode="single"``), and k of them together (``mode="random"``): `
 sets for each k, from a generator seeded by (run seed, k), so two seeds lose different sets and a
 rerun the same ones; where fewer distinct sets exist than ``draws``, each is taken once. A
 residual net's downsampling blocks (deletable there, not in a plain net) are reported apart
-(``position="downsampling"``). By default on the whole test set (Veit et al. used all 10,000).
+(``position="downsampling"``). By default on the whole test set (Veit et al. used all 10,000); of an
+ImageNet-style set, on the centre crops of its first ``TREE_IMAGES`` val/ images.
 
 ``shattered``: Balduzzi et al. 2017, "The Shattered Gradients Problem". Exactly: for a test image
 x0 (normalised as in training), a random direction u with one unit of norm per pixel
@@ -47,13 +48,18 @@ CALIBRATION_IMAGES = 512  # training images whose batch statistics an initial ne
 LINE_STEPS = 32  # T: points on each side of the image
 LINE_STEP = 0.002  # h, per pixel in normalised units: the line spans +-0.064, a quarter of the pixel spread
 LESION_DRAWS = 10
+TREE_IMAGES = 1000  # test images of an ImageNet-style set diagnosed when --max-images is not given
 
 
-def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | None, what: str):
+def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | None, what: str,
+                tree_images: int = TREE_IMAGES):
     """(run row, spec, trained net, test images, their labels, pixel mean, training images) of each ok
     run with readable weights. The data set is found through ``data_root``, else the runs' recorded
-    ``data_source``. The test images are all of the set's (the run's recipe may have used fewer)."""
+    ``data_source``. The test images are all of the set's (the run's recipe may have used fewer); of an
+    ImageNet-style set, the centre crops of the first ``tree_images`` of val/ (all of ImageNet's would
+    take 7.5 GB), and the training images (for BN calibration) the centre crops of the first 512."""
     arrays_by_set: dict = {}
+    tests_by_set: dict = {}
     ok = runs[runs["status"] == "ok"] if "status" in runs else runs
     for _, run in ok.iterrows():
         wpath = records.paths(results_dir, run["run_id"])["weights"]
@@ -66,23 +72,48 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
                 notes.append(f"{what}: {run['run_id']} left out: {e}")
             continue
         spec = RunSpec.from_dict(saved["spec"])
-        if spec.dataset in data.TREES:  # lesions and line gradients read the test set in memory: CIFAR-like sets
-            if notes is not None:
-                notes.append(f"{what}: {run['run_id']} left out: {spec.dataset} (ImageNet-style data) is not "
-                             f"diagnosed yet")
-            continue
+        r = spec.recipe
         if spec.dataset not in arrays_by_set:
             source = data_root
             if source is None and isinstance(run.get("data_source"), str) and Path(run["data_source"]).exists():
                 source = run["data_source"]
-            arrays_by_set[spec.dataset] = data.load(spec.dataset, source)
-        arrays = arrays_by_set[spec.dataset]
-        r = spec.recipe
-        train_x = data.split(arrays, r.val_size, r.train_size)["train"][0]
-        net = resnet.build(spec.model, saved["num_classes"], width=spec.width, shortcut=spec.shortcut,
-                           in_channels=saved["in_channels"])
+            load = data.load_tree if spec.dataset in data.TREES else data.load
+            arrays_by_set[spec.dataset] = load(spec.dataset, source)
+        if spec.dataset in data.TREES:
+            from bench.train import tree_mean, tree_sets
+
+            tree = arrays_by_set[spec.dataset]
+            if spec.dataset not in tests_by_set:
+                tests_by_set[spec.dataset] = _centre_crops(list(tree.val)[:tree_images])
+                if notes is not None:
+                    notes.append(f"{what}: {spec.dataset} (ImageNet-style data): the centre crops of the first "
+                                 f"{len(tests_by_set[spec.dataset][1])} of {len(tree.val)} val/ images")
+            train_items = tree_sets(tree, r)["train"]
+            test_x, test_y = tests_by_set[spec.dataset]
+            mean, train_x = tree_mean(tree, train_items), _centre_crops(train_items[:CALIBRATION_IMAGES])[0]
+        else:
+            arrays = arrays_by_set[spec.dataset]
+            train_x = data.split(arrays, r.val_size, r.train_size)["train"][0]
+            test_x, test_y, mean = arrays.test_x, arrays.test_y, data.pixel_mean(train_x)
+        net = build_net(spec, saved["num_classes"], saved["in_channels"])
         net.load_state_dict(saved["model"])
-        yield run, spec, net.eval(), arrays.test_x, arrays.test_y, data.pixel_mean(train_x), train_x
+        yield run, spec, net.eval(), test_x, test_y, mean, train_x
+
+
+def build_net(spec: RunSpec, num_classes: int, in_channels: int) -> nn.Module:
+    """``spec``'s network as the trainer builds it (the 7x7 stem for the ImageNet-style family on 224 px)."""
+    return resnet.build(spec.model, num_classes, width=spec.width, shortcut=spec.shortcut, in_channels=in_channels,
+                        stem=data.stem(spec.dataset, spec.model))
+
+
+def _centre_crops(items) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, 224, 224) centre crops of ImageNet-style ``items`` (evaluation's), and their labels."""
+    from bench import imagefolder as imf
+
+    loader = torch.utils.data.DataLoader(imf.EvalSet(items, ten=False), batch_size=64, num_workers=0)
+    xs, ys = zip(*loader) if items else ((torch.zeros(0, 3, imf.CROP, imf.CROP, dtype=torch.uint8),),
+                                         (torch.zeros(0, dtype=torch.long),))
+    return torch.cat(xs), torch.cat(ys)
 
 
 def _ids(run, spec) -> dict:
@@ -256,7 +287,8 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
     les, sha, done = [], [], []
     n = int((runs["status"] == "ok").sum()) if "status" in runs else len(runs)
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
-    for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose"):
+    for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose",
+                                                           tree_images=max_images or TREE_IMAGES):
         part = parts / f"{run['run_id']}-{key}.json"
         if part.exists():
             try:
@@ -272,15 +304,16 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
         x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
         if lesion:
             try:
+                batch = max(1, 1000 * 32 * 32 // (x.shape[-2] * x.shape[-1]))  # 1000 CIFAR images' pixels
                 mine["lesion"] = [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
-                                  for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex)]
+                                  for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex,
+                                                         batch_size=batch)]
             except ValueError as e:  # a block that cannot be deleted as such (pre-activation with projections)
                 if notes is not None:
                     notes.append(f"lesion: {run['run_id']} left out: {e}")
         if shattered_:
             torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
-            init = resnet.build(spec.model, net.fc.out_features, width=spec.width, shortcut=spec.shortcut,
-                                in_channels=x.shape[1])
+            init = build_net(spec, net.fc.out_features, x.shape[1])
             calibrate_bn(init, calibration_batches(train_x, mean))
             bn = {"init": f"calibrated on {min(CALIBRATION_IMAGES, len(train_x))} training images",
                   "trained": "running averages of training"}
@@ -307,5 +340,5 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
 
 def _options_key(**options) -> str:
     """A short name for the options that decide a diagnose's rows (and this module's fixed settings)."""
-    fixed = dict(calibration=CALIBRATION_IMAGES, line_steps=LINE_STEPS, line_step=LINE_STEP)
+    fixed = dict(calibration=CALIBRATION_IMAGES, line_steps=LINE_STEPS, line_step=LINE_STEP, tree_images=TREE_IMAGES)
     return hashlib.blake2b(json.dumps(options | fixed, sort_keys=True).encode(), digest_size=6).hexdigest()

@@ -550,7 +550,7 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
 @click.option("--shattered/--no-shattered", default=True,
               help="Correlation of input gradients against distance along a line through test images, at "
                    "initialisation and trained (Balduzzi et al. 2017).")
-@click.option("--max-images", type=COUNT, default=None, help="Test images for the lesion study  [default: all]")
+@click.option("--max-images", type=COUNT, default=None, help="Test images for the lesion study  [default: all; 1000 of an ImageNet-style val/]")
 @click.option("--draws", type=COUNT, default=LESION_DRAWS,
               help="Random sets of k deleted blocks per k (seeded by the run's seed and k).")
 @friendly_errors

@@ -216,11 +216,9 @@ class _TreeData:
         from bench import imagefolder as imf
 
         self.imf, self.tree = imf, tree
-        perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).tolist()
-        held, kept = perm[: r.val_size], perm[r.val_size:]
-        self.train = [tree.train[i] for i in kept][: r.train_size]
-        self.sets = dict(val=[tree.train[i] for i in held], test=list(tree.val)[: r.test_size])
-        self.mean = _mean_image(tree, self.train)
+        sets = tree_sets(tree, r)
+        self.train, self.sets = sets.pop("train"), sets
+        self.mean = tree_mean(tree, self.train)
         self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
         self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree), None
         self.workers, self.decode_on = ex.loader_workers, ex.decode_on
@@ -270,7 +268,16 @@ class _TreeData:
         return dict(final_test_err_10crop=self._error(model, self.sets["test"], ex, device, ten=True))
 
 
-def _mean_image(tree, items) -> torch.Tensor:
+def tree_sets(tree, r) -> dict[str, list]:
+    """An ImageNet-style tree's train, val and test items under recipe ``r``: the val images held out of
+    train/ by a fixed permutation, the test images the first of val/ (what a run trains and is tested on)."""
+    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).tolist()
+    held, kept = perm[: r.val_size], perm[r.val_size:]
+    return dict(train=[tree.train[i] for i in kept][: r.train_size], val=[tree.train[i] for i in held],
+                test=list(tree.val)[: r.test_size])
+
+
+def tree_mean(tree, items) -> torch.Tensor:
     """The training set's per-pixel mean image (bench.imagefolder.mean_image), cached by the tree's list of files."""
     from bench import imagefolder as imf
 

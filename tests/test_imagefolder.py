@@ -212,11 +212,33 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     assert curves["epoch"].tolist()[:2] == [0.4, 0.8]  # 40 training images, 8 a step: 5 steps an epoch
     saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
     assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs
+    import pandas as pd
+
+    diag = subprocess.run([sys.executable, "-m", "bench", "diagnose", str(out), "--max-images", "6", "--draws", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert diag.returncode == 0, diag.stdout + diag.stderr
+    assert "the centre crops of the first 6 of 10 val/ images" in diag.stderr
+    les = pd.read_parquet(out / "analysis" / "lesion.parquet")
+    assert set(les["model"]) == {"plain18", "resnet18"} and (les["images"] == 6).all()
+    assert les["error"].between(0, 1).all() and len(les) > 4
+    # what they were computed on: the evaluation's centre crops of val/, the run's own mean image, its 7x7 stem
+    from bench import analysis, train
+
+    notes = []
+    (_, spec, net, x, y, mean, train_x), *_ = analysis._saved_nets(out, runs, imagenette, notes, "t", tree_images=3)
+    tree = imf.scan(imagenette / "imagenette2")
+    assert torch.equal(x, torch.stack([imf.centre_crop(imf.decode(i.path)) for i in tree.val[:3]]))
+    assert y.tolist() == [i.label for i in tree.val[:3]] and len(train_x) == 40
+    assert torch.equal(mean, train.tree_mean(tree, train.tree_sets(tree, spec.recipe)["train"]))
+    assert net.stem[0].kernel_size == (7, 7) and notes == ["t: imagenette (ImageNet-style data): the centre crops "
+                                                           "of the first 3 of 10 val/ images"]
+    sha = pd.read_parquet(out / "analysis" / "shattered.parquet")
+    assert set(sha["state"]) == {"init", "trained"} and (sha.loc[sha["k"] == 0, "correlation"] - 1).abs().max() < 1e-6
     rep = subprocess.run([sys.executable, "-m", "bench", "report", str(out), "--no-responses"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert rep.returncode == 0, rep.stderr
     md = (out / "report" / "report.md").read_text()
-    assert "Table 2" in md and "10-crop" in md
+    assert "Table 2" in md and "10-crop" in md and "lesion.png" in md
 
 
 def test_imagenet_style_data_is_found_or_the_error_says_how(tree, tmp_path, monkeypatch):
