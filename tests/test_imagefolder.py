@@ -76,6 +76,20 @@ def test_a_training_crop_is_a_224_window_of_the_image_at_a_random_scale_perhaps_
     assert not torch.equal(imf.train_crop(img, imf.image_generator(3, 1, 0)), imf.train_crop(img, imf.image_generator(4, 1, 0)))
 
 
+def test_resizing_on_the_cpu_is_the_antialiased_bilinear_resize_within_one_level(tree):
+    """The CPU resizes uint8 directly (torch's uint8 kernel); it must agree with the float computation
+    (what CUDA runs) up to rounding, down and up."""
+    import torch.nn.functional as F
+
+    img = imf.decode(str(tree / "train" / "n0100" / "n0100_3.JPEG"))  # 64 x 48
+    for side in (24, 256, 300):
+        got = imf.resize_shorter(img, side)
+        size = tuple(got.shape[1:])
+        ref = F.interpolate(img[None].double(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        assert got.dtype == torch.uint8 and min(size) == side
+        assert (got.double() - ref).abs().max() < 1.001, side  # fixed-point weights: a level, and a hair
+
+
 def test_evaluation_takes_the_centre_or_the_ten_standard_crops():
     img = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
     big = imf.resize_shorter(img, 256)
