@@ -31,6 +31,9 @@ def decode_rates(decode: pd.DataFrame) -> dict:
     """From a decode profile: images per second per CPU core (the setting with the most workers) and,
     if timed, the rate decoding on the device (None if not)."""
     rows = decode[(decode["mode"] == "decode") & (decode["status"] == "ok")]
+    if "git_sha" in rows and rows["git_sha"].nunique() > 1:  # e.g. a folder of a before and an after
+        raise ValueError(f"the decode profile holds measurements of {rows['git_sha'].nunique()} commits "
+                         f"({', '.join(sorted(rows['git_sha'].dropna().str[:7].unique()))}); give one parquet file")
     on = rows["decode_on"] if "decode_on" in rows else pd.Series("workers", index=rows.index)  # older profiles
     cpu, gpu = rows[on == "workers"], rows[on == "device"]
     if cpu.empty:

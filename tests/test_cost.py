@@ -88,9 +88,12 @@ def test_a_decode_profile_says_how_many_cores_feed_each_gpu_and_whether_the_gpus
 
 def test_estimate_reads_the_committed_decode_profile_and_refuses_a_grid_profile_for_it():
     decode = ROOT / "results" / "reference-decode-cpu"
-    res = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(decode)])
+    res = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode",
+                                    str(decode / "profile" / "decode-cpu-torch2.14.1.parquet")])
     assert res.exit_code == 0, res.output
     assert "cpu_cores_per_gpu" in res.output and "not profiled at batch 256 per GPU" in res.output
+    both = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(decode)])
+    assert both.exit_code == 1 and "measurements of 2 commits (1d9e505, 31f8426); give one parquet file" in both.output
     bad = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(H200)])
     assert bad.exit_code == 1 and "lacks the columns workers, img_per_s_per_core" in bad.output
     assert "results/reference-decode-cpu" in bad.output

@@ -149,7 +149,7 @@ def test_execution_help_states_the_devices_defaults(monkeypatch):
 def test_profile_and_diagnose_help_state_their_defaults():
     import inspect
 
-    from bench.analysis import LESION_DRAWS, diagnose
+    from bench.analysis import LESION_DRAWS, TREE_IMAGES, diagnose
     from bench.profile import DEFAULTS
 
     text = _help("profile")
@@ -158,7 +158,7 @@ def test_profile_and_diagnose_help_state_their_defaults():
         assert f"{cpu} on the CPU; {cuda} on CUDA" in text, key
     assert f"[default: {DEFAULTS['cpu']['workers']} on the CPU; {DEFAULTS['cuda']['workers']} on CUDA]" in text
     text = _help("diagnose")
-    assert inspect.signature(diagnose).parameters["max_images"].default is None and "[default: all]" in text
+    assert inspect.signature(diagnose).parameters["max_images"].default is None and f"[default: all; {TREE_IMAGES} of an ImageNet-style val/]" in text
     assert f"[default: {LESION_DRAWS};" in text and "recorded data_source, else $RESBENCH_DATA" in text
     assert "recorded data_source, else $RESBENCH_DATA" in _help("report")
 
