@@ -360,7 +360,6 @@ class StreamLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
-
     def _decoded(self, datas, labels, epochs, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """A read batch decoded and augmented on the device, each image by its own generator (as TrainSet)."""
         imgs = decode_many(datas, [self.items[i].path for i in indices], self.device)
