@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from bench.data import SHAPES, TREES
 from bench.specs import PRESETS, RECIPES, model_name
 
-IMAGE_SIZES = {"cifar10": 32, "synthetic": 32, "imagenet": 224, "imagenette": 224}  # what the nets see
 COLUMNS = ["net", "runs", "gpus_per_run", "batch_per_gpu", "execution", "precision", "memory_format", "img_per_s_per_gpu",
            "images_per_run", "hours_per_run", "gpu_hours_per_run", "gpu_hours"]
-FEED_COLUMNS = ["cpu_cores_per_gpu", "gpu_decode_keeps_up"]
 
 
 def decode_rates(decode: pd.DataFrame) -> dict:
@@ -54,10 +53,14 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
                          f"cannot estimate them (use he2015, he2015-imagenet or imagenette)")
     if r.batch_size % gpus_per_run:
         raise ValueError(f"the batch of {r.batch_size} does not split over {gpus_per_run} GPUs")
+    dataset = p.get("dataset", "cifar10")
+    if decode is not None and dataset not in TREES:
+        raise ValueError(f"the {preset} preset's data sits decoded in memory: it has no input pipeline to feed "
+                         f"(--decode is for he2015-imagenet and imagenette)")
     nets = [model_name(kind, depth) for depth in depths or p["depths"] for kind in models or p["models"]]
     runs = len(seeds or p["seeds"])
     batch = r.batch_size // gpus_per_run
-    size = IMAGE_SIZES[p.get("dataset", "cifar10")]
+    size = SHAPES[dataset][0][-1]  # the square input the nets see
     train = profile[(profile["mode"] == "train") & (profile["status"] == "ok") & (profile["batch_size"] == batch)
                     & (profile.get("group_size", 1) == 1) & (profile.get("image_size", 32) == size)]
     keys = ["execution", "precision", "memory_format"]
@@ -79,9 +82,6 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
                                                        gpu_hours=hours * gpus_per_run * runs))
     df = pd.DataFrame(rows, columns=COLUMNS)
     if decode is not None:
-        if p.get("dataset", "cifar10") not in ("imagenet", "imagenette"):
-            raise ValueError(f"the {preset} preset's data sits decoded in memory: it has no input pipeline to feed "
-                             f"(--decode is for he2015-imagenet and imagenette)")
         rates = decode_rates(decode)
         df["cpu_cores_per_gpu"] = df["img_per_s_per_gpu"] / rates["per_core"]
         df["gpu_decode_keeps_up"] = (None if rates["on_device"] is None else
