@@ -320,7 +320,7 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
             for state, model in (("init", init), ("trained", net)):
                 for r in shattered(model, x, mean, images=images):
                     mine["shattered"].append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
-        records.atomic_write(part, lambda tmp, rows=mine: Path(tmp).write_text(json.dumps(rows)))
+        records.atomic_write(part, lambda tmp: tmp.write_text(json.dumps(mine)))
         done.append(part)
         les += mine["lesion"]
         sha += mine["shattered"]

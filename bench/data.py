@@ -55,8 +55,6 @@ PUBLISHED_MD5 = {
 }
 
 
-
-
 @dataclass
 class Arrays:
     """A decoded data set: uint8 images (N, C, H, W) and int64 labels, on the CPU."""

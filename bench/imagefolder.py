@@ -177,21 +177,19 @@ def decode_many(datas, paths, device: torch.device) -> list[torch.Tensor]:
     ``decode_jpeg`` there (nvJPEG on CUDA), the others by PIL on the CPU. A batch the device's decoder
     refuses is decoded image by image, each one it still refuses (nvJPEG lacks some JPEG variants, e.g.
     CMYK) on the CPU, so only a file no decoder reads stops the run, named."""
-    out: list = [None] * len(datas)
-    jpegs = [i for i, d in enumerate(datas) if bytes(d[:3]) == JPEG_MAGIC]
+    jpegs = [i for i, d in enumerate(datas) if d[:3] == JPEG_MAGIC]
     try:
-        for i, img in zip(jpegs, _decode_jpeg([_frombytes(datas[i]) for i in jpegs], device) if jpegs else ()):
-            out[i] = img
-    except RuntimeError:
+        on_device = _decode_jpeg([_frombytes(datas[i]) for i in jpegs], device) if jpegs else []
+    except RuntimeError:  # one image it refuses fails the whole call
+        on_device = []
         for i in jpegs:
             try:
-                out[i] = _decode_jpeg(_frombytes(datas[i]), device)
+                on_device.append(_decode_jpeg(_frombytes(datas[i]), device))
             except RuntimeError:
-                out[i] = decode_data(datas[i], paths[i]).to(device)
-    for i, img in enumerate(out):
-        if img is None:
-            out[i] = decode_data(datas[i], paths[i]).to(device)
-    return out
+                on_device.append(None)
+    out = dict(zip(jpegs, on_device))
+    return [img if (img := out.get(i)) is not None else decode_data(d, p).to(device)  # the CPU's decoders
+            for i, (d, p) in enumerate(zip(datas, paths))]
 
 
 def resize_shorter(img: torch.Tensor, side: int) -> torch.Tensor:
@@ -260,8 +258,11 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key  # the sampler hands (epoch, image index)
-        item = self.items[index]
-        return train_crop(decode(item.path), image_generator(self.seed, epoch, index), lighting=self.lighting), item.label
+        return self.augment(decode(self.items[index].path), epoch, index), self.items[index].label
+
+    def augment(self, img: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        """Image ``index`` of ``epoch``, decoded (on any device), augmented by its own generator."""
+        return train_crop(img, image_generator(self.seed, epoch, index), lighting=self.lighting)
 
 
 class RawSet(TrainSet):
@@ -314,7 +315,7 @@ class StreamLoader:
         self.items, self.mean, self.seed, self.device = items, mean.to(device), seed, device
         self.batch_size, self.local = batch_size, batch_size // world
         self.rank, self.world, self.workers, self.channels_last = rank, world, workers, channels_last
-        self.decode_on, self.lighting = decode_on, lighting
+        self.decode_on = decode_on
         self.set = (TrainSet if decode_on == "workers" else RawSet)(items, seed, lighting)
         self.steps_per_epoch = len(items) // batch_size
         self._iter, self._next = None, None
@@ -363,9 +364,7 @@ class StreamLoader:
     def _decoded(self, datas, labels, epochs, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """A read batch decoded and augmented on the device, each image by its own generator (as TrainSet)."""
         imgs = decode_many(datas, [self.items[i].path for i in indices], self.device)
-        x = torch.stack([train_crop(img, image_generator(self.seed, e, i), lighting=self.lighting)
-                         for img, e, i in zip(imgs, epochs, indices)])
-        return x, torch.tensor(labels)
+        return torch.stack([self.set.augment(img, e, i) for img, e, i in zip(imgs, epochs, indices)]), torch.tensor(labels)
 
 
 class _Keys(torch.utils.data.Sampler):
@@ -401,21 +400,22 @@ def decode_rate(items, seconds: float = 10.0, workers: int = 0, batch_size: int 
     with ``decode_on="device"`` the workers read and ``device`` decodes (timed to the device's last image)."""
     import time
 
+    from bench.steps import sync
+
     dev = torch.device(device)
     loader = StreamLoader(items, torch.zeros(3, CROP, CROP), batch_size=batch_size, seed=0, device=dev,
                           workers=workers, decode_on=decode_on)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     threads = torch.get_num_threads()
     if not workers:
         torch.set_num_threads(1)
     try:
         loader.batch(0)  # workers started, first batches in flight (and the device's decoder warmed up)
-        sync()
+        sync(dev)
         n, start, it = 0, time.perf_counter(), 1
         while time.perf_counter() - start < seconds:
             n += len(loader.batch(it)[1])
             it += 1
-        sync()
+        sync(dev)
         elapsed = time.perf_counter() - start
     finally:
         loader.close()  # before the next setting is timed
