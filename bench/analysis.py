@@ -94,7 +94,7 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
         else:
             arrays = arrays_by_set[spec.dataset]
             train_x = data.split(arrays, r.val_size, r.train_size)["train"][0]
-            test_x, test_y, mean = arrays.test_x, arrays.test_y, data.pixel_mean(train_x)
+            test_x, test_y, mean = arrays.test_x, arrays.test_y, data.Norm.of(r.normalize, train_x)
         net = build_net(spec, saved["num_classes"], saved["in_channels"])
         net.load_state_dict(saved["model"])
         yield run, spec, net.eval(), test_x, test_y, mean, train_x
@@ -252,10 +252,24 @@ def correlation_by_distance(grads: torch.Tensor) -> list[float]:
     return [float((cos[mid + k] + cos[mid - k]) / 2) for k in range(mid + 1)]
 
 
-def shattered(net, x: torch.Tensor, mean: torch.Tensor, *, images: int = 8, steps: int = LINE_STEPS,
+class _Finished(nn.Module):
+    """``net`` after a Norm's last step (PLN), so that input gradients are taken where the line is drawn: in
+    the normalised images' space, as for every other normalisation."""
+
+    def __init__(self, net: nn.Module, norm: data.Norm):
+        super().__init__()
+        self.net, self.norm = net, norm
+
+    def forward(self, x):
+        return self.net(self.norm.finish(x))
+
+
+def shattered(net, x: torch.Tensor, mean: "torch.Tensor | data.Norm", *, images: int = 8, steps: int = LINE_STEPS,
               step: float = LINE_STEP) -> list[dict]:
     """Rows image, distance (k h, per pixel), correlation C(k h) for the first ``images`` test images."""
-    normed = x[:images].float() / 255 - mean
+    norm = data.as_norm(mean)
+    normed = norm.pixels(x[:images])
+    net = _Finished(net, norm) if norm.pln else net
     rows = []
     for i, img in enumerate(normed):
         for k, c in enumerate(correlation_by_distance(line_gradients(net, img, steps=steps, step=step, seed=i))):
@@ -313,7 +327,7 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
                     notes.append(f"lesion: {run['run_id']} left out: {e}")
         if shattered_:
             torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
-            init = build_net(spec, net.fc.out_features, x.shape[1])
+            init = build_net(spec, net.fc.out_features, data.as_norm(mean).channels(x.shape[1]))
             calibrate_bn(init, calibration_batches(train_x, mean))
             bn = {"init": f"calibrated on {min(CALIBRATION_IMAGES, len(train_x))} training images",
                   "trained": "running averages of training"}

@@ -85,8 +85,9 @@ def load_config(ctx: click.Context, _param, path: str | None):
         raise click.BadParameter(f"{path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"{path} is not valid TOML: {e}") from None
-    # lists become the comma-separated text the options parse
-    conf = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in conf.items()}
+    # lists become the comma-separated text the options parse, tables KEY=VALUE pairs (lr-for = {fixup = 0.1})
+    conf = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else
+            ",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v for k, v in conf.items()}
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(conf) - known)
     if unknown:
@@ -108,6 +109,8 @@ def preset_defaults(field: str) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     values = {name: p[field] if field in p else getattr(RECIPES[p["recipe"]], field) for name, p in PRESETS.items()}
+    if len({text(v) for v in values.values()}) == 1:  # every preset's: said once
+        return text(next(iter(values.values())))
     return ", ".join(f"{name} {text(v)}" for name, v in values.items())
 
 
@@ -120,21 +123,38 @@ def profile_defaults(key: str) -> str:
     return cpu if cpu == cuda else f"{cpu} on the CPU; {cuda} on CUDA"
 
 
+RECIPE_OPTIONS = [  # (option, Recipe field, type, help): each overrides the preset's recipe when given
+    ("--iterations", "iterations", COUNT, "Total optimizer steps."),
+    ("--batch-size", "batch_size", COUNT, "Training batch size."),
+    ("--lr", "lr", POSITIVE, "Base learning rate."),
+    ("--milestones", "milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
+    ("--momentum", "momentum", click.FloatRange(0, 1, max_open=True), "SGD momentum."),
+    ("--weight-decay", "weight_decay", click.FloatRange(min=0), "L2 weight decay (on every parameter unless "
+                                                                 "--no-decay-1d)."),
+    ("--warmup", "warmup_iters", click.IntRange(min=0), "Steps at --warmup-lr first, for nets of --warmup-min-depth "
+                                                        "layers or more (0: none)."),
+    ("--warmup-lr", "warmup_lr", POSITIVE, "The warm-up's learning rate."),
+    ("--warmup-min-depth", "warmup_min_depth", COUNT, "Nets at least this deep warm up."),
+    ("--normalize", "normalize", click.Choice(["pixel-mean", "standardize", "pln"]),
+     "Input: pixel-mean (He et al.: minus the per-pixel mean image), standardize (per channel to unit variance), "
+     "pln (standardize, then dks's per-location normalisation: one input channel more)."),
+    ("--mixup", "mixup", click.FloatRange(min=0), "mixup's Beta(a, a) parameter a (0: off; Fixup's code: 1)."),
+    ("--train-size", "train_size", COUNT, "Train on the first N images of the training split (the 50k training "
+                                          "images less --val-size)."),
+    ("--val-size", "val_size", click.IntRange(min=0), "Validation images held out of the training set (0: train on all)."),
+    ("--test-size", "test_size", COUNT, "Evaluate on the first N test images."),
+    ("--eval-every", "eval_every", COUNT, "Steps between evaluation points (curve rows and checkpoints)."),
+]
+
+
 def recipe_options(fn):
     """Options that override fields of the preset's recipe (unset = the preset's value, stated in the help)."""
-    for name, typ, text in reversed([
-        ("--iterations", COUNT, "Total optimizer steps."),
-        ("--batch-size", COUNT, "Training batch size."),
-        ("--lr", POSITIVE, "Base learning rate."),
-        ("--milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
-        ("--train-size", COUNT, "Train on the first N images of the training split (the 50k training images "
-                                "less --val-size)."),
-        ("--val-size", click.IntRange(min=0), "Validation images held out of the training set (0: train on all)."),
-        ("--test-size", COUNT, "Evaluate on the first N test images."),
-        ("--eval-every", COUNT, "Steps between evaluation points (curve rows and checkpoints)."),
-    ]):
-        field = name[2:].replace("-", "_")
-        fn = click.option(name, type=typ, default=None, help=f"{text}  [default: {preset_defaults(field)}]")(fn)
+    fn = click.option("--decay-1d/--no-decay-1d", default=None,
+                      help="Weight decay also on 1-D parameters (biases, BN's affine, per-channel scales); "
+                           "--no-decay-1d as DiracNet's code  [default: on]")(fn)
+    for name, field, typ, text in reversed(RECIPE_OPTIONS):
+        fn = click.option(name, field, type=typ, default=None,
+                          help=f"{text}  [default: {preset_defaults(field)}]")(fn)
     return fn
 
 
@@ -171,12 +191,10 @@ def exec_options(fn):
 def _recipe(preset: str, o: dict):
     from bench.specs import PRESETS, recipe
 
-    milestones = o.get("milestones")
-    if milestones is not None:
-        milestones = csv_list(int)(None, None, milestones) or ()
-    return recipe(PRESETS[preset]["recipe"], iterations=o["iterations"], batch_size=o["batch_size"], lr=o["lr"],
-                  milestones=milestones, train_size=o["train_size"], val_size=o["val_size"],
-                  test_size=o["test_size"], eval_every=o["eval_every"])
+    given = {field: o[field] for _, field, _, _ in RECIPE_OPTIONS} | dict(decay_1d=o["decay_1d"])
+    if given["milestones"] is not None:
+        given["milestones"] = csv_list(int)(None, None, given["milestones"]) or ()
+    return recipe(PRESETS[preset]["recipe"], **given)
 
 
 def _execution(o: dict):
@@ -256,6 +274,32 @@ def _fail_if_failed(runs, out: Path) -> None:
                                    f"`resbench status {out}` lists them): {', '.join(failed)}")
 
 
+def _lr_for(_ctx, _param, value):
+    """--lr-for fixup=0.1,tat=0.005 -> (("fixup", 0.1), ("tat", 0.005)); a TOML table works too."""
+    if value is None:
+        return None
+    pairs = value.items() if isinstance(value, dict) else (p.partition("=")[::2] for p in str(value).split(",") if p.strip())
+    out = []
+    for kind, lr in pairs:
+        try:
+            out.append((str(kind).strip(), float(lr)))
+        except ValueError:
+            raise click.BadParameter(f"expected KIND=LR,..., e.g. fixup=0.1,tat=0.005, got {value!r}") from None
+    return tuple(out)
+
+
+def _lr_grid(_ctx, _param, value):
+    if value is None or str(value).strip() == "preset":
+        return None if value is None else ("preset",)
+    return csv_list(float)(None, None, value)
+
+
+def _grids_help() -> str:
+    from bench.specs import LR_GRIDS
+
+    return "; ".join(f"{k} {min(g):g}..{max(g):g}, {len(g)} values x2 apart" for k, g in LR_GRIDS.items())
+
+
 def _fuse_option(ctx, param, value):
     try:
         parse_fuse(value)
@@ -277,6 +321,15 @@ def _fuse_option(ctx, param, value):
               help=f"Seeds, one run of each net per seed  [default: {preset_defaults('seeds')}]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
 @click.option("--name", default=None, help="Sweep name in the records  [default: the preset]")
+@click.option("--lr-for", callback=_lr_for, default=None, metavar="KIND=LR,...",
+              help="Kinds trained at their own lr, e.g. fixup=0.1,tat=0.005 (the others at --lr); in the run_id.")
+@click.option("--lr-grid", callback=_lr_grid, default=None, metavar="LR,...|preset",
+              help="Tune the lr: for each kind and depth, train every lr on the first seed, then the one with the "
+                   "lowest validation error on the other seeds ('preset': " + _grids_help() + ").")
+@click.option("--method-recipe", type=click.Choice(["matched", "paper"]), default="matched",
+              help="matched: every kind on the one recipe; paper: each method with its own paper's settings where "
+                   "they differ (fixup: standardized input and mixup; dirac: no decay on 1-D parameters; tat: "
+                   "per-location normalisation).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
 @click.option("--jobs", type=COUNT, default=None,
               help="CPU: runs at a time, each in its own process  [default: 1, in this process]")
@@ -302,8 +355,8 @@ def _fuse_option(ctx, param, value):
 @click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
               help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
-def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu, fuse, partition, gpus_per_run,
-          procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait, **o):
+def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_recipe, executor, jobs, runs_per_gpu, fuse,
+          partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
 
     Finished runs are skipped, an interrupted run continues from its checkpoint.
@@ -314,6 +367,7 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
       resbench sweep --preset he2015 --depths 20,56,110 --seeds 0,1,2 --device cuda
       resbench sweep --preset he2015 --seeds 0,1,2,3,4 --fuse 10   # 5 seeds x twins: one group per depth
       resbench sweep --config my-sweep.toml --seeds 3
+      resbench sweep --preset smoke --models plain,resnet,fixup,tat --seeds 0,1,2 --lr-grid preset
     """
     from bench import sweep as sw
     from bench.specs import PRESETS, SweepSpec
@@ -333,35 +387,52 @@ def sweep(preset, models, depths, seeds, out, name, executor, jobs, runs_per_gpu
             ex = replace(ex, execution="eager")  # DDP's gradient hooks stay outside a captured graph
     slurm_opts = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
                       extra=_key_values(slurm_opt), wait=wait, world=world, nodes=nodes, sync_bn=sync_bn)
+    if lr_grid == ("preset",):
+        from bench.specs import LR_GRIDS
+
+        if preset not in LR_GRIDS:
+            raise click.BadParameter(f"preset {preset} has no lr grid; give the lrs, e.g. 0.025,0.05,0.1,0.2",
+                                     param_hint="--lr-grid")
+        lr_grid = LR_GRIDS[preset]
     spec = SweepSpec(name=name or preset, recipe=recipe, models=models or p["models"],
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
                      width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
-                     dataset=o["dataset"], bn_batch=None if world == 1 or sync_bn else recipe.batch_size // world)
+                     dataset=o["dataset"], bn_batch=None if world == 1 or sync_bn else recipe.batch_size // world,
+                     lr_for=lr_for or (), lr_grid=lr_grid or (), method_recipe=method_recipe)
     runs = spec.runs()  # validates every model name before anything is written
     out = out or Path("results") / spec.name
     _require_data(o)
     sw.check_writable(out)
     if executor == "slurm":
-        return _submit_slurm(spec, runs, out, o, slurm_opts | dict(fuse=fuse))
+        return _submit_slurm(spec, out, o, slurm_opts | dict(fuse=fuse))
     sw.write_sweep_toml(spec, out)
-    todo = sw.pending(runs, out)
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
-    groups = sw.plan_groups(todo, fuse, ex, in_process=len(slots) == 1)
-    fused = sw.describe_groups(groups)
-    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
-               f"{len(todo)} to train on {ex.device}{' as ' + fused if fused else ''} -> {out}")
-    hint = _group_hint(groups, fuse, ex, runs_per_gpu)
-    if hint:
-        click.echo(hint)
-    kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
-    if world > 1:
-        sw.run_distributed(todo, out, ex, data_root=o["data_root"], download=o["download"], log=click.echo)
-    elif len(slots) > 1:
-        sw.run_parallel(todo, out, ex, slots, **kw)
-    else:
-        sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), groups=groups, **kw)
+    tried: set[str] = set()
+    # a tuned sweep trains in two phases: the grid, then each cell's chosen lr (known once its grid is recorded)
+    while True:
+        runs, todo = sw.next_phase(spec, out, tried)
+        if not todo and tried:
+            break
+        groups = sw.plan_groups(todo, fuse, ex, in_process=len(slots) == 1)
+        fused = sw.describe_groups(groups)
+        click.echo(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {len(runs) - len(todo)} already recorded, "
+                   f"{len(todo)} to train on {ex.device}{' as ' + fused if fused else ''} -> {out}")
+        if not todo:
+            break
+        hint = _group_hint(groups, fuse, ex, runs_per_gpu)
+        if hint:
+            click.echo(hint)
+        kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
+        if world > 1:
+            sw.run_distributed(todo, out, ex, data_root=o["data_root"], download=o["download"], log=click.echo)
+        elif len(slots) > 1:
+            sw.run_parallel(todo, out, ex, slots, **kw)
+        else:
+            sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), groups=groups, **kw)
+        if spec.lr_grid:
+            click.echo(sw.tuning_summary(out))
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    _fail_if_failed(todo, out)
+    _fail_if_failed(runs, out)
 
 
 def _world_size(ex, executor: str, gpus: int, procs: int, nodes: int, sync_bn: bool, batch: int) -> int:
@@ -407,7 +478,7 @@ def _key_values(pairs) -> dict:
     return out
 
 
-def _submit_slurm(spec, runs, out, o, so) -> None:
+def _submit_slurm(spec, out, o, so) -> None:
     import shutil
 
     from bench import slurm
@@ -416,19 +487,32 @@ def _submit_slurm(spec, runs, out, o, so) -> None:
     if shutil.which("sbatch") is None:
         raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
     sw.write_sweep_toml(spec, out)
-    todo = sw.pending(runs, out)
     overrides = _exec_overrides(o) | (dict(world_size=so["world"], sync_bn=so["sync_bn"]) if so["world"] > 1 else {})
-    submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
-                             partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
-                             max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"],
-                             world=so["world"], nodes=so["nodes"])
-    busy = len(todo) - len(submitted)
-    jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
-    click.echo(f"sweep {spec.name}: {len(runs)} runs, {len(runs) - len(todo)} recorded, {busy} already queued, "
-               f"{len(submitted)} submitted to Slurm (job {jobs}) -> {out}")
-    if so["wait"] and submitted:
-        slurm.follow(submitted, out, log=click.echo, progress=sys.stderr.isatty())
-        click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    tried: set[str] = set()
+    while True:
+        runs, todo = sw.next_phase(spec, out, tried)
+        if not todo and tried:
+            break
+        submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
+                                 partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
+                                 max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"],
+                                 world=so["world"], nodes=so["nodes"])
+        busy = len(todo) - len(submitted)
+        jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
+        click.echo(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {len(runs) - len(todo)} recorded, {busy} "
+                   f"already queued, {len(submitted)} submitted to Slurm (job {jobs}) -> {out}")
+        if not todo:
+            break
+        if not so["wait"]:
+            if sw.cells_waiting(spec, out):
+                click.echo("a tuned sweep: each cell's chosen lr trains on the other seeds once its grid runs are "
+                           "recorded; submit the same command again then (it submits only what is missing)")
+            return
+        if submitted:
+            slurm.follow(submitted, out, log=click.echo, progress=sys.stderr.isatty())
+        if spec.lr_grid:
+            click.echo(sw.tuning_summary(out))
+    click.echo(sw.summary(sw.expand(spec, out), out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 @main.command()

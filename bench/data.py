@@ -474,22 +474,28 @@ def split(arrays: Arrays, val_size: int, train_size: int | None = None) -> dict[
 class DeviceLoader:
     """The whole training set as uint8 on the device; batches are cut and augmented there.
 
-    Augmentation (He et al. 2015, sec. 4.2): per-pixel mean subtracted, 4 pixels of zero padding
-    on each side, a random crop of the original size and a random horizontal flip, all as batched
-    tensor ops. Every random choice of an epoch comes from a generator seeded by (seed, epoch), so
-    batch ``i`` is a pure function of (seed, i): resuming needs only the iteration number, and the
-    same seed gives the same batches on any device.
+    Augmentation (He et al. 2015, sec. 4.2): per-pixel mean subtracted (or the recipe's other ``Norm``), 4
+    pixels of zero padding on each side, a random crop of the original size and a random horizontal flip,
+    all as batched tensor ops. Every random choice of an epoch comes from a generator seeded by (seed,
+    epoch), so batch ``i`` is a pure function of (seed, i): resuming needs only the iteration number, and
+    the same seed gives the same batches on any device.
+
+    With ``mixup`` = a > 0 (Zhang et al. 2018, as Fixup's CIFAR code uses it): batch ``i`` is mixed with a
+    permutation of itself, x = lam x + (1 - lam) x[perm], lam ~ Beta(a, a), one per batch, both drawn from a
+    generator seeded by (seed, i); its labels are then the mixed one-hot targets (B, classes), float.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, *, batch_size: int, seed: int,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: "torch.Tensor | Norm", *, batch_size: int, seed: int,
                  device: torch.device, augment: bool = True, channels_last: bool = False, pad: int = 4,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, mixup: float = 0.0, num_classes: int | None = None):
         if len(x) < batch_size:
             raise ValueError(f"batch size {batch_size} is larger than the training set ({len(x)} images)")
         if batch_size % world:
             raise ValueError(f"the batch of {batch_size} images does not split over {world} processes")
         self.x, self.y = x.to(device), y.to(device)
-        self.mean = mean.to(device)  # (C, H, W) float, in [0, 1] units
+        self.norm = as_norm(mean).to(device)
+        self.mean = self.norm.mean  # (C, H, W) float, in [0, 1] units
+        self.mixup, self.num_classes = mixup, num_classes if num_classes is not None else int(y.max()) + 1
         self.batch_size, self.seed, self.device = batch_size, seed, device
         # a data-parallel run: this process's share of each global batch (bench.ddp); together, the whole batch
         self.rank, self.world = rank, world
@@ -514,10 +520,20 @@ class DeviceLoader:
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``it`` (counting from 0 over the whole run)."""
         idx, shift, flip = self.plan(it)
-        x = self.images(idx, shift, flip)
+        x, y = self.images(idx, shift, flip), self.y[idx]
+        if self.mixup:
+            x, y = self.mix(it, x, y)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, self.y[idx]
+        return x, y
+
+    def mix(self, it: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mixup of batch ``it``: (mixed images, mixed one-hot targets (B, classes))."""
+        rng = np.random.default_rng([self.seed, it, 0x6D6978])  # "mix": a stream of its own, seeded by (seed, it)
+        lam = float(rng.beta(self.mixup, self.mixup))
+        perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+        target = F.one_hot(y, self.num_classes).float()
+        return x * lam + x[perm] * (1 - lam), target * lam + target[perm] * (1 - lam)
 
     def plan(self, it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``it``'s image indices (B,), crop offsets (2, B) and flips (B,): views, no copies."""
@@ -530,14 +546,11 @@ class DeviceLoader:
 
     def images(self, idx: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         """The augmented, normalized images ``idx`` (any number), each flipped and cropped as planned."""
-        x = self.normalize(self.x[idx])
+        x = self.norm.pixels(self.x[idx])
         if self.augment:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             x = crop(x, shift[0], shift[1], self.pad)
-        return x
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255).sub_(self.mean)
+        return self.norm.finish(x)
 
 
 def group_batch(loaders: list[DeviceLoader], it: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,8 +562,11 @@ def group_batch(loaders: list[DeviceLoader], it: int) -> tuple[torch.Tensor, tor
     one training set on the device (the same tensor) and its mean.
     """
     first = loaders[0]
-    if any(l.x is not first.x or l.mean is not first.mean or l.batch_size != first.batch_size for l in loaders):
+    if any(l.x is not first.x or l.mean is not first.mean or l.norm.std is not first.norm.std
+           or l.batch_size != first.batch_size for l in loaders):
         raise ValueError("a group's loaders must share one training set, mean and batch size")
+    if any(l.mixup for l in loaders):
+        raise ValueError("mixup runs train alone (bench.fuse.group_key)")
     plans = [l.plan(it) for l in loaders]
     idx = torch.cat([p[0] for p in plans])
     x = first.images(idx, torch.cat([p[1] for p in plans], 1), torch.cat([p[2] for p in plans]))
@@ -577,9 +593,69 @@ def pixel_mean(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(0).div_(255)
 
 
-def eval_batches(x: torch.Tensor, mean: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool = False):
-    """Yield normalized, un-augmented batches of ``x`` (already on ``device`` or moved per batch)."""
-    mean = mean.to(device)
+@dataclass(frozen=True)
+class Norm:
+    """How uint8 images become a net's input (the recipe's ``normalize``, bench.specs.NORMALIZATIONS).
+
+    ``pixels``: /255, minus ``mean`` (He et al.'s per-pixel mean image (C, H, W); a per-channel mean
+    (C, 1, 1) when standardizing), over ``std`` (C, 1, 1) where given. Augmentation (flip, zero-padded crop)
+    comes next, then ``finish``: with ``pln``, per-location normalisation (Martens et al. 2021, "Rapid
+    training of deep neural networks without skip connections or normalization layers using Deep Kernel
+    Shaping", sec. "Uniform q values via PLN"; dks's data_preprocessing, homog_mode "one"): a constant 1
+    appended as one more channel, then each pixel's vector of C + 1 values scaled to mean square 1, so
+    every location enters the net with q = 1 (the padding's zero pixels too, through the 1).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor | None = None
+    pln: bool = False
+
+    @classmethod
+    def of(cls, how: str, train_x: torch.Tensor) -> "Norm":
+        """The normalisation ``how`` with its statistics from the uint8 training images ``train_x`` (N, C, H, W)."""
+        if how == "pixel-mean":
+            return cls(pixel_mean(train_x))
+        if how not in ("standardize", "pln"):
+            raise ValueError(f"normalize must be pixel-mean, standardize or pln, got {how!r}")
+        x = train_x.double().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W), in double: the statistics exactly
+        return cls(x.mean(1).float()[:, None, None], x.std(1, correction=0).float()[:, None, None], pln=how == "pln")
+
+    def channels(self, image_channels: int) -> int:
+        """The net's input channels for images of ``image_channels``."""
+        return image_channels + self.pln
+
+    def to(self, device) -> "Norm":
+        if self.mean.device == torch.device(device):
+            return self
+        return Norm(self.mean.to(device), None if self.std is None else self.std.to(device), self.pln)
+
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float, before augmentation."""
+        x = x.float().div_(255).sub_(self.mean)
+        return x if self.std is None else x.div_(self.std)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """After augmentation: per-location normalisation with its homogeneous coordinate, where asked."""
+        if not self.pln:
+            return x
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        return x * x.pow(2).mean(1, keepdim=True).rsqrt()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the net's input, unaugmented (evaluation)."""
+        return self.finish(self.pixels(x))
+
+
+def as_norm(mean: "torch.Tensor | Norm") -> Norm:
+    """A Norm, from a Norm or He et al.'s mean image (the form callers gave before the other normalisations)."""
+    return mean if isinstance(mean, Norm) else Norm(mean)
+
+
+def eval_batches(x: torch.Tensor, mean: "torch.Tensor | Norm", batch_size: int, device: torch.device,
+                 channels_last: bool = False):
+    """Yield normalized, un-augmented batches of ``x`` (already on ``device`` or moved per batch); ``mean``:
+    a Norm, or the per-pixel mean image."""
+    norm = as_norm(mean).to(device)
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True).float().div_(255).sub_(mean)
+        xb = norm(x[i : i + batch_size].to(device, non_blocking=True))
         yield xb.contiguous(memory_format=torch.channels_last) if channels_last else xb

@@ -41,8 +41,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def group_key(spec: RunSpec) -> tuple | None:
     """What members of one group share, or None for a run that trains alone (other families or shortcuts)."""
-    a = spec.arch
+    a, r = spec.arch, spec.recipe
     if not resnet.groupable(spec.model, spec.shortcut):
+        return None
+    # mixup's soft targets, PLN's extra input channel and undecayed 1-D parameters' own SGD groups are
+    # single-net paths (bench.steps, bench.data): such runs train alone
+    if r.mixup or r.normalize == "pln" or not r.decay_1d:
         return None
     return (a.family, a.depth, spec.width, spec.shortcut.upper(), spec.dataset, spec.recipe)
 

@@ -12,6 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import resnet
+from bench.data import TREES
+
+NORMALIZATIONS = ("pixel-mean", "standardize", "pln")  # Recipe.normalize (bench.data.Norm)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,14 @@ class Recipe:
     # ImageNet-style data only (bench.imagefolder); at these defaults, not part of a run's identity
     ten_crop: bool = False  # the final test error also by the paper's 10-crop test (final_test_err_10crop)
     lighting: bool = False  # Krizhevsky et al.'s colour augmentation (PCA lighting) on top of the paper's
+    # added for the methods' own recipes (at these defaults, He et al.'s, and not part of a run's identity):
+    # the input: "pixel-mean" (He et al.: /255, the training set's per-pixel mean image subtracted),
+    # "standardize" (per channel: minus its mean, over its standard deviation: unit variance, as Fixup's
+    # and most codebases' preprocessing), "pln" (standardize, then per-location normalisation with a
+    # homogeneous coordinate after augmentation, as dks recommends for TAT: one input channel more); bench.data.Norm
+    normalize: str = "pixel-mean"
+    mixup: float = 0.0  # Zhang et al. 2018's mixup: each batch mixed with a permutation of itself, Beta(a, a) weight; 0 off
+    decay_1d: bool = True  # weight decay also on 1-D parameters (biases, BN's affine, per-channel scales); False as DiracNet's v2 code
 
     def lr_at(self, it: int, depth: int) -> float:
         """Learning rate for step ``it`` (0-based) of a net of ``depth`` layers."""
@@ -52,6 +63,12 @@ class Recipe:
             (self.val_size >= 0, "val_size must be >= 0"),
             (self.train_size is None or self.train_size >= self.batch_size, "train_size must be at least batch_size"),
             (self.test_size is None or self.test_size >= 1, "test_size must be >= 1"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.warmup_iters >= 0, "warmup_iters must be >= 0"),
+            (self.warmup_lr > 0, "warmup_lr must be positive"),
+            (self.normalize in NORMALIZATIONS, f"normalize must be one of {', '.join(NORMALIZATIONS)}"),
+            (self.mixup >= 0, "mixup must be >= 0 (0: off)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -86,7 +103,7 @@ RECIPES = {
                          val_size=0, eval_every=73, ten_crop=True),
 }
 # recipe fields added after the first records: left out of a run's identity at their defaults
-LATE_RECIPE_DEFAULTS = {"ten_crop": False, "lighting": False}
+LATE_RECIPE_DEFAULTS = {"ten_crop": False, "lighting": False, "normalize": "pixel-mean", "mixup": 0.0, "decay_1d": True}
 
 
 def recipe(name: str, **overrides) -> Recipe:
@@ -109,11 +126,21 @@ class RunSpec:
     # images BatchNorm's batch statistics come from, where fewer than the whole batch: a data-parallel run
     # without --sync-bn normalises each process's share (bench.ddp). None: the whole batch
     bn_batch: int | None = None
+    # how its lr came about, like ``sweep`` recorded but not part of the identity (the same training is the
+    # same run however its lr was found): "" given, "grid" one lr of a tuned sweep's grid (bench.tuning),
+    # "chosen" trained at the grid's lr with the lowest validation error; ``lr_grid`` the grid
+    lr_tuning: str = ""
+    lr_grid: tuple[float, ...] = ()
 
     def __post_init__(self):
         resnet.parse(self.model)  # ValueError with the naming rules
         if self.bn_batch is not None and (self.bn_batch < 1 or self.recipe.batch_size % self.bn_batch):
             raise ValueError(f"bn_batch must divide the batch of {self.recipe.batch_size}, got {self.bn_batch}")
+        if self.dataset in TREES and (self.recipe.normalize != "pixel-mean" or self.recipe.mixup):
+            raise ValueError(f"{self.dataset}: ImageNet-style data takes the paper's per-pixel mean (normalize "
+                             f"pixel-mean) without mixup; --normalize and --mixup are for CIFAR-like data sets")
+        if self.lr_tuning not in LR_TUNING:
+            raise ValueError(f"lr_tuning must be one of {', '.join(map(repr, LR_TUNING))}, got {self.lr_tuning!r}")
 
     @property
     def arch(self) -> resnet.ModelName:
@@ -124,7 +151,8 @@ class RunSpec:
         name (its hyper-parameters, the parameter groups it trains at another lr, a plugin's package and
         version). He et al.'s kinds add nothing, so their run_ids are those of earlier versions."""
         d = asdict(self)
-        d.pop("sweep")
+        for key in NOT_IDENTITY:
+            d.pop(key)
         if d["bn_batch"] is None:  # the whole batch, as every run of earlier versions: their run_ids stay
             d.pop("bn_batch")
         for key, default in LATE_RECIPE_DEFAULTS.items():
@@ -151,7 +179,10 @@ class RunSpec:
                    lr_scales=json.dumps(info.get("lr_scales", [])),
                    plugin=f"{m.package}=={m.version}" if m and m.package else None,
                    depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
-                   dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch)
+                   dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch,
+                   method_recipe=method_recipe(self.model, self.recipe), lr_tuning=self.lr_tuning,
+                   lr_grid=",".join(f"{v:g}" for v in self.lr_grid),
+                   lr_chosen_by=CHOSEN_BY if self.lr_tuning == "chosen" else "")
         for f in fields(Recipe):
             v = getattr(self.recipe, f.name)
             row["recipe" if f.name == "name" else f.name] = ",".join(map(str, v)) if isinstance(v, tuple) else v
@@ -171,7 +202,21 @@ class RunSpec:
             d = json.loads(d)
         r = dict(d["recipe"])
         r["milestones"] = tuple(r["milestones"])
-        return cls(**{**d, "recipe": Recipe(**r)})
+        return cls(**{**d, "recipe": Recipe(**r), "lr_grid": tuple(d.get("lr_grid", ()))})
+
+
+NOT_IDENTITY = ("sweep", "lr_tuning", "lr_grid")  # RunSpec fields recorded in rows, not hashed into the run_id
+LR_TUNING = ("", "grid", "chosen")
+# how a tuned sweep chooses (bench.tuning.choose): the rule, in every "chosen" row
+CHOSEN_BY = "lowest final validation error of the lr grid's runs on the sweep's first seed (diverged runs excluded)"
+
+
+def method_recipe(model: str, r: Recipe) -> str:
+    """'paper' where ``r`` holds every setting the net's family lists as its paper's own (Family.paper_recipe:
+    Fixup's standardized input and mixup, ...), else 'matched' (the recipe every kind shares)."""
+    m = resnet.parse(model).method
+    own = m.paper_recipe if m else {}
+    return "paper" if own and all(getattr(r, k) == v for k, v in own.items()) else "matched"
 
 
 def method_info(model: str) -> dict:
@@ -244,6 +289,7 @@ class Execution:
         return ex
 
 
+METHOD_RECIPES = ("matched", "paper")  # SweepSpec.method_recipe
 PAD_INPUTS = (0, 4, 8)  # 0: off; else each member's input channels, zero-padded (bench.fuse, resnet.group)
 
 
@@ -276,6 +322,15 @@ PRESETS = {
 }
 
 
+# `--lr-grid preset`: each preset's grid of a tuned sweep (bench.tuning), factors of 2 around its recipe's lr and
+# reaching well below it (methods without BN or shortcuts train at far smaller lrs: TAT's best smoke lr is ~0.005)
+LR_GRIDS = {
+    "smoke": tuple(0.2 / 2 ** k for k in range(6, -1, -1)),  # 0.003125 .. 0.2: seven values, the recipe's 0.05 among them
+    "quick": tuple(0.4 / 2 ** k for k in range(6, -1, -1)),  # 0.00625 .. 0.4, the paper's 0.1 among them
+    "he2015": tuple(0.4 / 2 ** k for k in range(6, -1, -1)),
+}
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """A grid: model kinds x depths x seeds, all with one recipe."""
@@ -290,6 +345,11 @@ class SweepSpec:
     dataset: str = "cifar10"
     extra: dict = field(default_factory=dict)  # free-form notes written to sweep.toml
     bn_batch: int | None = None  # RunSpec.bn_batch of every run (data-parallel runs without --sync-bn)
+    lr_for: tuple[tuple[str, float], ...] = ()  # (kind, lr): those kinds train at their own lr, the rest at the recipe's
+    # a tuned sweep (bench.tuning): each (kind, depth) trains every lr of the grid on the first seed, then the lr
+    # with the lowest validation error on the other seeds. (): every run at its kind's lr
+    lr_grid: tuple[float, ...] = ()
+    method_recipe: str = "matched"  # "paper": each kind with its family's own recipe settings (Family.paper_recipe)
 
     def __post_init__(self):
         known = resnet.kinds()
@@ -301,6 +361,20 @@ class SweepSpec:
             raise ValueError(f"unknown model kind(s) {', '.join(bad)}; choose from {', '.join(known)}{plugins}")
         if not (self.models and self.depths and self.seeds):
             raise ValueError("a sweep needs at least one model kind, one depth and one seed")
+        unknown = [k for k, _ in self.lr_for if k not in known]
+        if unknown:
+            raise ValueError(f"--lr-for names unknown kind(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if any(lr <= 0 for _, lr in self.lr_for) or any(lr <= 0 for lr in self.lr_grid):
+            raise ValueError("every learning rate of --lr-for and --lr-grid must be positive")
+        if self.lr_grid and self.lr_for:
+            raise ValueError("--lr-grid tunes every kind's lr and --lr-for fixes some: give one of them")
+        if self.lr_grid and len(set(self.lr_grid)) < 2:
+            raise ValueError("--lr-grid needs at least two learning rates to choose from")
+        if self.lr_grid and not self.recipe.val_size:
+            raise ValueError("a tuned sweep (--lr-grid) chooses each lr on validation error, never on test error: "
+                             "--val-size 0 leaves no validation images")
+        if self.method_recipe not in METHOD_RECIPES:
+            raise ValueError(f"method_recipe must be one of {', '.join(METHOD_RECIPES)}, got {self.method_recipe!r}")
 
     def to_toml(self) -> str:
         """The spec as TOML (written by hand: the standard library only reads TOML)."""
@@ -313,8 +387,10 @@ class SweepSpec:
                 return "[" + ", ".join(val(x) for x in v) + "]"
             return json.dumps(str(v))
 
-        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra") and v is not None}
+        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra", "lr_for") and v is not None}
         lines = [f"{k} = {val(v)}" for k, v in top.items()]
+        if self.lr_for:
+            lines += ["", "[lr_for]"] + [f"{k} = {val(v)}" for k, v in self.lr_for]
         lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(self.recipe).items() if v is not None]
         if self.extra:
             lines += ["", "[extra]"] + [f"{k} = {val(v)}" for k, v in self.extra.items() if v is not None]
@@ -331,7 +407,9 @@ class SweepSpec:
         if "milestones" in rec:
             rec["milestones"] = tuple(rec["milestones"])
         extra = conf.pop("extra", {})
-        return cls(recipe=Recipe(**rec), extra=extra, **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
+        lr_for = tuple(conf.pop("lr_for", {}).items())
+        return cls(recipe=Recipe(**rec), extra=extra, lr_for=lr_for,
+                   **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
 
     AXES = ("models", "depths", "seeds")
 
@@ -350,10 +428,29 @@ class SweepSpec:
         grown = {k: tuple(dict.fromkeys(getattr(self, k) + getattr(other, k))) for k in self.AXES}
         return replace(self, extra={**self.extra, **other.extra}, **grown)
 
-    def runs(self) -> list[RunSpec]:
-        """Every run of the grid, shallow first (so partial sweeps show the whole depth range early)."""
-        return [
-            RunSpec(model=model_name(kind, depth), recipe=self.recipe, seed=seed, width=self.width,
-                    shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch)
-            for seed in self.seeds for depth in self.depths for kind in self.models
-        ]
+    def recipe_for(self, kind: str, lr: float | None = None) -> Recipe:
+        """The recipe ``kind`` trains with: the sweep's, with the family's own settings under --method-recipe
+        paper, at ``lr`` (else its --lr-for lr, else the recipe's)."""
+        r = self.recipe
+        m = resnet.method(kind)
+        if self.method_recipe == "paper" and m is not None and m.paper_recipe:
+            r = replace(r, **m.paper_recipe)
+        return replace(r, lr=lr if lr is not None else dict(self.lr_for).get(kind, r.lr))
+
+    def _run(self, kind: str, depth: int, seed: int, lr: float | None = None, tuning: str = "") -> RunSpec:
+        return RunSpec(model=model_name(kind, depth), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
+                       shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch,
+                       lr_tuning=tuning, lr_grid=self.lr_grid if tuning else ())
+
+    def runs(self, chosen: dict[tuple[str, int], float] | None = None) -> list[RunSpec]:
+        """Every run of the grid, shallow first (so partial sweeps show the whole depth range early).
+
+        A tuned sweep (``lr_grid``): each (kind, depth)'s grid runs on the first seed, then, for the cells
+        ``chosen`` holds ((kind, depth) -> lr, bench.tuning.chosen), that lr on the other seeds."""
+        if not self.lr_grid:
+            return [self._run(kind, depth, seed) for seed in self.seeds for depth in self.depths for kind in self.models]
+        grid = [self._run(kind, depth, self.seeds[0], lr, "grid")
+                for depth in self.depths for kind in self.models for lr in self.lr_grid]
+        return grid + [self._run(kind, depth, seed, (chosen or {})[(kind, depth)], "chosen")
+                       for seed in self.seeds[1:] for depth in self.depths for kind in self.models
+                       if (kind, depth) in (chosen or {})]

@@ -36,23 +36,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def param_groups(model: torch.nn.Module, lr_scales=()) -> list[dict]:
+def param_groups(model: torch.nn.Module, lr_scales=(), decay_1d: bool = True) -> list[dict]:
     """The model's parameters as SGD groups: the first at the recipe's lr, then one per (name regex, factor)
     of ``lr_scales`` (a method's parameters that train at another lr, e.g. Fixup's scalars at lr / 10),
-    each parameter in the first group whose pattern matches its name. ``lr_scale`` stays in the group."""
+    each parameter in the first group whose pattern matches its name. ``lr_scale`` stays in the group.
+    Without ``decay_1d``, each group's 1-D parameters (biases, BN's affine, per-channel scales) form a group
+    of their own with ``weight_decay`` 0 (DiracNet's v2 code), placed after the decayed groups."""
     import re
 
     groups = [dict(params=[], lr_scale=1.0)] + [dict(params=[], lr_scale=float(f)) for _, f in lr_scales]
+    undecayed = [dict(params=[], lr_scale=g["lr_scale"], weight_decay=0.0) for g in groups]
     for name, p in model.named_parameters():
         hit = next((i for i, (pattern, _) in enumerate(lr_scales, 1) if re.search(pattern, name)), 0)
-        groups[hit]["params"].append(p)
-    return [g for i, g in enumerate(groups) if g["params"] or i == 0]
+        (groups if decay_1d or p.dim() != 1 else undecayed)[hit]["params"].append(p)
+    return [g for i, g in enumerate(groups) if g["params"] or i == 0] + [g for g in undecayed if g["params"]]
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
-                   device: torch.device, lr_scales=()) -> torch.optim.SGD:
+                   device: torch.device, lr_scales=(), decay_1d: bool = True) -> torch.optim.SGD:
     """SGD; fused on CUDA with each group's learning rate in a device tensor (graph-capturable)."""
-    groups = param_groups(model, lr_scales)
+    groups = param_groups(model, lr_scales, decay_1d)
     if device.type == "cuda":
         for g in groups:
             g["lr"] = torch.tensor(lr * g["lr_scale"], device=device)
@@ -153,7 +156,7 @@ class TrainStep:
         self.members = members
         self.active = torch.ones(members, device=device)  # a tensor, not a flag: the graph reads it
         self.loss_sum = torch.zeros(members, device=device)
-        self.wrong_sum = torch.zeros(members, device=device, dtype=torch.long)
+        self.wrong_sum = torch.zeros(members, device=device)  # float: mixup's errors are fractional; counts stay exact
         self.seen = 0
         self.graph = None
 
@@ -164,8 +167,11 @@ class TrainStep:
         with autocast(self.amp, self.device, cache=self.execution != "cudagraph"):
             logits = self.forward(x)
             if logits.dim() == 2:  # one network: (B, classes)
-                losses = F.cross_entropy(logits, y)[None]
-                wrong = (logits.detach().argmax(1) != y).sum()[None]
+                losses = F.cross_entropy(logits, y)[None]  # y: labels (B,), or mixup's targets (B, classes)
+                pred = logits.detach().argmax(1)
+                # under mixup an image is lam right if the prediction is its own label, 1 - lam if its partner's
+                # (Fixup's cifar_train.py counts the same way): one minus the target's weight on the prediction
+                wrong = ((1 - y.gather(1, pred[:, None])).sum() if y.is_floating_point() else (pred != y).sum())[None]
             else:  # a grouped network: (B, K, classes) against (B, K)
                 losses = member_losses(logits, y)
                 wrong = (logits.detach().argmax(2) != y).sum(0)
@@ -173,7 +179,7 @@ class TrainStep:
         loss.backward()
         self.opt.step()
         self.loss_sum += losses.detach().float() * len(y)
-        self.wrong_sum += wrong
+        self.wrong_sum += wrong.float()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.execution == "cudagraph":
@@ -226,11 +232,11 @@ class TrainStep:
 
         n = self.seen
         if ddp.active():
-            counts = ddp.all_sum(torch.cat([self.loss_sum, self.wrong_sum.to(self.loss_sum.dtype),
+            counts = ddp.all_sum(torch.cat([self.loss_sum, self.wrong_sum,
                                             torch.tensor([float(n)], device=self.device)]))
             k = self.members
             self.loss_sum.copy_(counts[:k])
-            self.wrong_sum.copy_(counts[k:2 * k].round().long())
+            self.wrong_sum.copy_(counts[k:2 * k])
             n = int(counts[-1])
         loss, wrong = self.loss_sum.tolist(), self.wrong_sum.tolist()
         self.loss_sum.zero_()

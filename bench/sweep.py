@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench import claims, ddp, fuse as fusing, records
+from bench import claims, ddp, fuse as fusing, records, tuning
 from bench.specs import Execution, RunSpec, SweepSpec
 from bench.train import record_failure, record_unfinished, run_group
 
@@ -35,6 +35,44 @@ EXIT_SKIPPED = 3  # a worker's exit code when another trainer holds (or has fini
 def pending(runs: list[RunSpec], out: Path) -> list[RunSpec]:
     done = records.finished(out)
     return [r for r in runs if done.get(r.run_id) not in DONE]
+
+
+def expand(spec: SweepSpec, out: Path) -> list[RunSpec]:
+    """The runs the sweep asks for now (bench.tuning.expand: a tuned sweep's chosen runs once its grid is in)."""
+    return tuning.expand(spec, records.load(out)[0])
+
+
+def next_phase(spec: SweepSpec, out: Path, tried: set[str]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(every run the sweep asks for now, those still to train and not in ``tried``), adding the latter to
+    ``tried``: called until nothing is left, it trains a tuned sweep's grid, then its chosen runs, and never
+    the same run twice in one command (a run that failed waits for the next sweep)."""
+    runs = expand(spec, out)
+    todo = [r for r in pending(runs, out) if r.run_id not in tried]
+    tried |= {r.run_id for r in todo}
+    return runs, todo
+
+
+def cells_waiting(spec: SweepSpec, out: Path) -> int:
+    """A tuned sweep's (kind, depth) cells with no lr chosen yet (their grid runs not all recorded)."""
+    return len(spec.models) * len(spec.depths) - len(tuning.chosen(records.load(out)[0])) if spec.lr_grid else 0
+
+
+def describe_runs(spec: SweepSpec, runs: list[RunSpec]) -> str:
+    """'12 runs', or for a tuned sweep what they are: the grid on the first seed, the chosen lrs on the others."""
+    if not spec.lr_grid:
+        return f"{len(runs)} runs"
+    grid = sum(r.lr_tuning == "grid" for r in runs)
+    cells = len(spec.models) * len(spec.depths)
+    chosen = len({(r.arch.kind, r.arch.depth) for r in runs if r.lr_tuning == "chosen"})
+    rest = (f"; each cell's chosen lr on seeds {','.join(map(str, spec.seeds[1:]))} once its grid is recorded "
+            f"({chosen} of {cells} cells so far: {len(runs) - grid} runs)") if len(spec.seeds) > 1 else ""
+    return f"{len(runs)} runs (the lr grid, {len(spec.lr_grid)} lrs x {cells} cells, on seed {spec.seeds[0]}{rest})"
+
+
+def tuning_summary(out: Path) -> str:
+    """The tuned sweep's cells so far: chosen lr (on validation error), edge flags, diverged grid runs."""
+    table = tuning.cells(records.load(out)[0])
+    return "lr chosen per cell on validation error:\n" + table.to_string(index=False, na_rep="-")
 
 
 def check_writable(out: Path) -> None:
@@ -106,7 +144,8 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off
 def _line(i: int, n: int, row: dict, seconds: float) -> str:
     if row["status"] == "failed":
         return f"[{i}/{n}] {row['run_id']}: failed ({row['error']})"
-    return (f"[{i}/{n}] {row['model']:<12} seed {row['seed']}: {row['status']}, train err "
+    lr = f" lr {row['lr']:g}" if row.get("lr_tuning") in ("grid", "chosen") else ""
+    return (f"[{i}/{n}] {row['model']:<12} seed {row['seed']}{lr}: {row['status']}, train err "
             f"{row['final_train_err']:.3f}, test err {row['final_test_err']:.3f}, "
             f"{row['train_img_per_s']:.0f} img/s, {seconds:.0f} s")
 
@@ -237,7 +276,7 @@ def run_distributed(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=
 def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
     """The sweep's table: one line per run of the grid, with its status (missing ones included)."""
     recorded, _ = records.load(out)
-    ids = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed) for r in runs])
+    ids = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, lr=r.recipe.lr) for r in runs])
     cols = ["run_id", "status", "final_train_err", "final_val_err", "final_test_err", "train_img_per_s"]
     if len(recorded):
         table = ids.merge(recorded.reindex(columns=cols), on="run_id", how="left")
@@ -272,7 +311,8 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
         raise FileNotFoundError(f"{out} is not a results folder")
     spec = read_sweep_toml(out)
     runs, _ = records.load(out)
-    rows = {r.run_id: dict(run_id=r.run_id, model=r.model, seed=r.seed) for r in (spec.runs() if spec else [])}
+    rows = {r.run_id: dict(run_id=r.run_id, model=r.model, seed=r.seed)
+            for r in (tuning.expand(spec, runs) if spec else [])}
     for r in runs.to_dict("records"):
         rows.setdefault(r["run_id"], dict(run_id=r["run_id"], model=r["model"], seed=r["seed"]))
     recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}

@@ -180,18 +180,22 @@ class _Data:
 
     def __init__(self, arrays: data.Arrays, r, device: torch.device):
         parts = data.split(arrays, r.val_size, r.train_size)
-        self.arrays, self.train, self.mean = arrays, parts["train"], data.pixel_mean(parts["train"][0])
+        # the input's normalisation (the recipe's), its statistics from the training split
+        self.arrays, self.train, self.mean = arrays, parts["train"], data.Norm.of(r.normalize, parts["train"][0])
         # evaluation sets live on the device too: no host-to-device copies at evaluation points
         self.sets = dict(val=tuple(t.to(device) for t in parts["val"]),
                          test=tuple(t[: r.test_size].to(device) for t in parts["test"]))
         self.num_classes, self.image_shape = arrays.num_classes, arrays.image_shape
+        self.in_channels = self.mean.channels(self.image_shape[0])  # the net's: one more under PLN
         self.source, self.sha256, self.official = arrays.source, arrays.sha256, arrays.official
 
     def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
         # one copy of the training set on the device, shared by every member's loader (seeded by its run)
-        train_x, train_y, mean = (t.to(device) for t in (*self.train, self.mean))
-        return [data.DeviceLoader(train_x, train_y, mean, batch_size=s.recipe.batch_size, seed=s.seed, device=device,
-                                  channels_last=ex.channels_last, rank=place.rank, world=place.world) for s in specs]
+        train_x, train_y = (t.to(device) for t in self.train)
+        norm = self.mean.to(device)
+        return [data.DeviceLoader(train_x, train_y, norm, batch_size=s.recipe.batch_size, seed=s.seed, device=device,
+                                  channels_last=ex.channels_last, rank=place.rank, world=place.world,
+                                  mixup=s.recipe.mixup, num_classes=self.num_classes) for s in specs]
 
     @staticmethod
     def batch(loaders: list, it: int):
@@ -220,6 +224,7 @@ class _TreeData:
         self.train, self.sets = sets.pop("train"), sets
         self.mean = tree_mean(tree, self.train)
         self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
+        self.in_channels = 3
         self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree), None
         self.workers, self.decode_on = ex.loader_workers, ex.decode_on
 
@@ -394,16 +399,17 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     nets = []
     for s, ck in zip(specs, cks):
         torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
-        net = resnet.build(s.model, d.num_classes, width=s.width, shortcut=s.shortcut, in_channels=d.image_shape[0],
+        net = resnet.build(s.model, d.num_classes, width=s.width, shortcut=s.shortcut, in_channels=d.in_channels,
                            stem=data.stem(s.dataset, s.model))
         if ck is not None:
             net.load_state_dict(ck["model"])
         nets.append(net)
-    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], d.image_shape)
+    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], (d.in_channels, *d.image_shape[1:]))
     derived = json.dumps(getattr(nets[0], "derived", {}), sort_keys=True)  # what a method computed (TAT's slope)
     members = Members(nets, pad_input=ex.pad_input or None)
     model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
-    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device, lr_scales=resnet.lr_scales(specs[0].model))
+    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device, lr_scales=resnet.lr_scales(specs[0].model),
+                         decay_1d=r.decay_1d)
 
     start = cks[0]["iteration"] if cks[0] is not None else 0
     curves = [ck["curves"] if ck else [] for ck in cks]
@@ -449,7 +455,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             return row
         p = records.paths(out, specs[k].run_id)
         records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.num_classes,
-                                in_channels=d.image_shape[0]), p["weights"])
+                                in_channels=d.in_channels), p["weights"])
         records.write_parquet(pd.DataFrame(curves[k], columns=records.CURVE_COLUMNS), p["curves"])
         records.write_parquet(pd.DataFrame(layers[k], columns=records.LAYER_COLUMNS), p["layers"])
         records.write_parquet(pd.DataFrame(signals[k], columns=records.SIGNAL_COLUMNS), p["signals"])

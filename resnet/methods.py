@@ -292,11 +292,15 @@ def dirac_net(depth: int, *, num_classes: int = 10, width: float = 1.0, in_chann
 
 register(Family("highway", highway_net, residual=True, normalization="bn", params=dict(gate_bias=-1.0),
                 paper="Srivastava, Greff, Schmidhuber 2015, Training Very Deep Networks"))
+# their cifar_train.py: inputs standardized per channel, mixup with alpha 1 (its default)
 register(Family("fixup", fixup_net, residual=True, normalization="none", lr_scales=((r"bias|scale", 0.1),),
-                paper="Zhang, Dauphin, Ma 2019, Fixup Initialization (hongyi-zhang/Fixup)"))
+                paper="Zhang, Dauphin, Ma 2019, Fixup Initialization (hongyi-zhang/Fixup)",
+                paper_recipe=dict(normalize="standardize", mixup=1.0)))
 register(Family("skipinit", skipinit_net, residual=True, normalization="none",
                 paper="De and Smith 2020, Batch Normalization Biases Residual Blocks Towards the Identity Function"))
 register(Family("rezero", rezero_net, residual=True, normalization="bn",
                 paper="Bachlechner et al. 2020, ReZero is All You Need (tbachlechner/ReZero-examples)"))
+# their v2 train.py: weight decay on parameters of 2 or more dimensions only (not on a, b, BN's affine)
 register(Family("dirac", dirac_net, residual=False, normalization="bn",
-                paper="Zagoruyko and Komodakis 2017, DiracNets (szagoruyko/diracnets)"))
+                paper="Zagoruyko and Komodakis 2017, DiracNets (szagoruyko/diracnets)",
+                paper_recipe=dict(decay_1d=False)))

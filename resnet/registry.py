@@ -44,6 +44,9 @@ class Family:
     params: dict = field(default_factory=dict)  # hyper-parameters of the method, recorded and in the run_id
     lr_scales: tuple[tuple[str, float], ...] = ()  # (parameter-name regex, lr factor): another lr for those
     shortcuts: tuple[str, ...] = ("A",)  # shortcut options the family builds
+    # where the method's own paper or code trains with another recipe: those Recipe fields (bench.specs), applied
+    # by `resbench sweep --method-recipe paper` and recorded (method_recipe = "paper"); {}: the shared recipe
+    paper_recipe: dict = field(default_factory=dict)
     package: str | None = None  # a plugin's distribution name and version (recorded, in the run_id)
     version: str | None = None
 

@@ -113,5 +113,8 @@ def tat_net(depth: int, *, num_classes: int = 10, width: float = 1.0, in_channel
     return net
 
 
+# dks's README: inputs through per-location normalisation (its data_preprocessing), after the usual standardization.
+# The paper's lr was tuned per optimiser on ImageNet: no value carries over (tune it: --lr-grid, or --lr-for)
 register(Family("tat", tat_net, residual=False, normalization="none", params=dict(c_val_0_target=C_VAL_0_TARGET),
-                paper="Zhang, Botev, Martens 2022, Deep Learning without Shortcuts (TAT; DeepMind's dks)"))
+                paper="Zhang, Botev, Martens 2022, Deep Learning without Shortcuts (TAT; DeepMind's dks)",
+                paper_recipe=dict(normalize="pln")))

@@ -179,7 +179,7 @@ def float64(monkeypatch):
     """Train in float64: nets, batches and evaluation images (the optimizer follows the weights)."""
     build = resnet.build
     monkeypatch.setattr(resnet, "build", lambda *a, **k: build(*a, **k).double())
-    monkeypatch.setattr(data.DeviceLoader, "normalize", lambda self, x: x.double().div_(255).sub_(self.mean))
+    monkeypatch.setattr(data.Norm, "pixels", lambda self, x: x.double().div_(255).sub_(self.mean))
     batches = data.eval_batches
     monkeypatch.setattr(data, "eval_batches", lambda *a, **k: (b.double() for b in batches(*a, **k)))
 

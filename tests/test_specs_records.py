@@ -72,7 +72,8 @@ def test_run_identity_and_flat_columns():
         assert RunSpec(**{**dict(model="plain20", recipe=recipe("smoke"), seed=3, width=0.5, shortcut="B",
                                  dataset="synthetic"), **other}).run_id != spec.run_id, other
     assert RunSpec.from_dict(spec.to_dict()) == spec == RunSpec.from_dict(spec.to_json())
-    assert json.loads(spec.to_json()) == spec.to_dict() | {"recipe": {**spec.to_dict()["recipe"], "milestones": []}}
+    assert json.loads(spec.to_json()) == spec.to_dict() | {"recipe": {**spec.to_dict()["recipe"], "milestones": []},
+                                                           "lr_grid": []}
     with pytest.raises(ValueError, match="6n\\+2"):
         RunSpec("plain21", recipe("smoke"))
 

@@ -1,0 +1,50 @@
+"""What became of a run, as the report, the tuning and the sweep's summary say it: trained, or not.
+
+A run is recorded ``ok``, ``diverged`` (its loss turned non-finite) or ``failed`` (it raised). An ``ok``
+run whose final training error stays within ``UNTRAINED_MARGIN`` of chance (1 - 1 / classes: 90 % on a
+10-class set, so >= 88 %) "did not train": it finished, but learned next to nothing. Such runs are
+results too (TAT at the BN nets' lr), and the report shows them, apart and marked, never pooled silently
+with runs that trained.
+
+Reads records only (pandas).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from bench.data import SHAPES
+
+UNTRAINED_MARGIN = 0.02  # a final training error this close to chance (or above) is "did not train"
+
+
+def chance_error(dataset: str) -> float:
+    """The error of guessing: 1 - 1 / classes (10 classes where the data set is not one resbench knows)."""
+    return 1 - 1 / (SHAPES[dataset][1] if dataset in SHAPES else 10)
+
+
+def did_not_train(runs: pd.DataFrame) -> pd.Series:
+    """Per run: ok, and its final training error within UNTRAINED_MARGIN of chance."""
+    if not len(runs):
+        return pd.Series(dtype=bool)
+    chance = runs["dataset"].map(chance_error) if "dataset" in runs else 0.9
+    return (runs["status"] == "ok") & (runs["final_train_err"] >= chance - UNTRAINED_MARGIN)
+
+
+def label(runs: pd.DataFrame) -> pd.Series:
+    """Per run: "trained", "did not train", "diverged" or "failed"."""
+    out = runs["status"].where(runs["status"] != "ok", "trained")
+    return out.where(~did_not_train(runs), "did not train")
+
+
+def counts(runs: pd.DataFrame, expected: int | None = None) -> str:
+    """A cell's runs in words, '' when every expected run trained: "2 of 3; 1 diverged", "3; 1 did not train"."""
+    labels = label(runs)
+    n = int((labels == "trained").sum())
+    expected = len(runs) if expected is None else expected
+    others = [f"{int((labels == k).sum())} {k}" for k in ("did not train", "diverged", "failed") if (labels == k).any()]
+    missing = expected - len(runs)
+    if missing > 0:
+        others.append(f"{missing} missing")
+    if not others:
+        return ""
+    return f"{n} of {expected} trained; " + ", ".join(others)
