@@ -36,15 +36,27 @@ def label(runs: pd.DataFrame) -> pd.Series:
     return out.where(~did_not_train(runs), "did not train")
 
 
-def counts(runs: pd.DataFrame, expected: int | None = None) -> str:
-    """A cell's runs in words, '' when every expected run trained: "2 of 3; 1 diverged", "3; 1 did not train"."""
+def counts(runs: pd.DataFrame) -> str:
+    """A cell's runs in words, '' when every one trained: "2 of 3 trained; 1 diverged"."""
     labels = label(runs)
-    n = int((labels == "trained").sum())
-    expected = len(runs) if expected is None else expected
     others = [f"{int((labels == k).sum())} {k}" for k in ("did not train", "diverged", "failed") if (labels == k).any()]
-    missing = expected - len(runs)
-    if missing > 0:
-        others.append(f"{missing} missing")
-    if not others:
-        return ""
-    return f"{n} of {expected} trained; " + ", ".join(others)
+    return f"{int((labels == 'trained').sum())} of {len(runs)} trained; " + ", ".join(others) if others else ""
+
+
+def error_cell(at: pd.DataFrame) -> str:
+    """One net at one depth: 'train / test err %' mean ± sd over the runs that trained, (n); and where any run
+    did not train, diverged or failed, how many ("2 of 3 trained; 1 diverged"). When none trained, the numbers
+    of those that did not, said so."""
+    if not len(at):
+        return "-"
+    labels = label(at)
+    good, untrained = at[labels == "trained"], at[labels == "did not train"]
+    shown = good if len(good) else untrained
+    fmt = (lambda v: f"{v.mean():.1f} ± {v.std():.1f}") if len(shown) > 1 else (lambda v: f"{v.mean():.1f}")
+    numbers = (f"{fmt(100 * shown['final_train_err'])} / {fmt(100 * shown['final_test_err'])}" if len(shown) else "")
+    said = counts(at)
+    if not len(good) and len(shown):
+        numbers = f"did not train: {numbers}"
+    if not said:
+        return f"{numbers} ({len(good)})"
+    return f"{numbers} ({said})" if numbers else said

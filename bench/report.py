@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench import published, records  # noqa: E402
+from bench import outcome, published, records, tuning  # noqa: E402
 from bench.data import TREES  # noqa: E402
 from bench import report_why as why  # noqa: E402
 from bench.report_why import _model, net_labels, net_order  # noqa: E402
@@ -45,52 +45,123 @@ class Report:
 def _runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     runs["net"] = net_labels(runs)
+    runs["outcome"] = outcome.label(runs)  # trained | did not train | diverged | failed
     return runs
 
 
+def trained(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose numbers the lines and means are made of: finished and learned something (bench.outcome)."""
+    return runs[runs["outcome"] == "trained"]
+
+
 def _seeds_note(df: pd.DataFrame, by: list[str]) -> str:
+    """'n = 3 seeds', or the range over the groups ``by`` (and over the compared values, never pooled)."""
+    if not len(df):
+        return "n = 0 seeds"
+    by = by + ([COMPARE] if COMPARE in df and COMPARE not in by else [])
     n = df.groupby(by)["seed"].nunique()
     lo, hi = int(n.min()), int(n.max())
     return f"n = {lo} seed{'s' if lo > 1 else ''}" if lo == hi else f"n = {lo}..{hi} seeds"
 
 
+def _apart_note(runs: pd.DataFrame) -> str:
+    """What the figure leaves out of its lines: '; grey: 2 runs that did not train, 1 diverged' ('' if none)."""
+    counts = runs["outcome"].value_counts()
+    parts = [f"{int(counts[k])} {'run that ' if counts[k] == 1 else 'runs that '}{k}" if k == "did not train"
+             else f"{int(counts[k])} {k}" for k in ("did not train", "diverged") if k in counts]
+    return f"; grey, apart from the means: {', '.join(parts)}" if parts else ""
+
+
+def recipe_note(runs: pd.DataFrame) -> str:
+    """The recipe, budget and learning rates the runs show, for a figure's title: 'smoke: 400 steps of batch 64
+    on 5000 images; lr 0.05 for every net' (or tuned per net and depth, or per kind)."""
+    parts = []
+    for (name, steps, batch, size), _ in runs.groupby(["recipe", "iterations", "batch_size", "train_size"],
+                                                      dropna=False, sort=True):
+        images = "all training images" if pd.isna(size) else f"{int(size)} images"
+        parts.append(f"{name}: {int(steps)} steps of batch {int(batch)} on {images}")
+    if "lr_tuning" in runs and runs["lr_tuning"].isin(["grid", "chosen"]).any():
+        lr = "lr tuned per net and depth (the grid's best validation error; see the lr figure)"
+    elif runs["lr"].nunique() == 1:
+        lr = f"lr {runs['lr'].iloc[0]:g} for every net"
+    else:
+        per = runs.groupby("net")["lr"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
+        lr = "lr " + ", ".join(f"{net} {v}" for net, v in per.items())
+    if "method_recipe" in runs and (runs["method_recipe"] == "paper").any():
+        lr += "; methods with their papers' own settings (method_recipe = paper)"
+    return "; ".join(parts) + "; " + lr
+
+
+def _chance_lines(axes, runs: pd.DataFrame) -> None:
+    """A dotted line at chance error on each axis (what a net that did not train ends at)."""
+    chance = 100 * runs["dataset"].map(outcome.chance_error).max() if "dataset" in runs else 90.0
+    for ax in axes:
+        ax.axhline(chance, ls=":", lw=1, color="0.5", zorder=0)
+
+
 def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | None = None):
     """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; one panel per net (plain,
-    residual, each method; wrapped four a row), and one row of panels per value of the compared column."""
-    ok = runs[runs["status"] != "failed"]
-    keep = ["run_id", "net", "depth", "seed", "model"] + ([COMPARE] if compare else [])
-    df = curves.merge(ok[keep], on="run_id")
+    residual, each method; wrapped four a row), and one row of panels per value of the compared column.
+    Lines: mean +- sd over the runs that trained; runs that did not train or diverged are drawn apart, one
+    thin grey line each; dotted: chance."""
+    keep = ["run_id", "net", "depth", "seed", "model", "outcome"] + ([COMPARE] if compare else [])
+    shown = runs[runs["outcome"] != "failed"]
+    df = curves.merge(shown[keep], on="run_id")
     # ImageNet-style runs against epochs, as the paper's Figure 4; CIFAR ones against iterations (Figure 6)
-    x = "epoch" if "dataset" in ok and set(ok["dataset"]) <= set(TREES) else "iteration"
-    long = df.melt(id_vars=[x, "net", "depth", "seed"] + ([COMPARE] if compare else []),
+    x = "epoch" if "dataset" in shown and set(shown["dataset"]) <= set(TREES) else "iteration"
+    long = df.melt(id_vars=[x, "net", "depth", "seed", "run_id", "outcome"] + ([COMPARE] if compare else []),
                    value_vars=["train_err", "test_err"], var_name="split", value_name="error (%)")
     long["split"] = long["split"].str.replace("_err", "")
     long["error (%)"] *= 100
     nets = net_order(long["net"])
     layout = dict(row=COMPARE, row_order=sorted(long[COMPARE].unique())) if compare else dict(col_wrap=min(len(nets), 4))
-    g = sns.relplot(data=long, kind="line", x=x, y="error (%)", hue="depth", style="split",
-                    style_order=["train", "test"], dashes={"train": (4, 2), "test": ""}, col="net",
-                    col_order=nets, errorbar="sd", palette="viridis", height=3.6, aspect=1.15,
-                    facet_kws=dict(sharex=True, sharey=True), **layout)
+    good = long[long["outcome"] == "trained"]
+    lines = dict(kind="line", x=x, y="error (%)", style="split", style_order=["train", "test"],
+                 dashes={"train": (4, 2), "test": ""}, col="net", col_order=nets, height=3.6, aspect=1.15,
+                 facet_kws=dict(sharex=True, sharey=True), **layout)
+    if len(good):
+        g = sns.relplot(data=good, hue="depth", errorbar="sd", palette="viridis", **lines)
+    else:  # no run trained: every run is a grey line of its own, and nothing else is drawn
+        g = sns.relplot(data=long, units="run_id", estimator=None, color="0.6", lw=0.8, **lines)
+    for (run_id, split), line in long[long["outcome"] != "trained"].groupby(["run_id", "split"]) if len(good) else ():
+        key = (line[COMPARE].iloc[0], line["net"].iloc[0]) if compare else line["net"].iloc[0]
+        line.sort_values(x).plot(x=x, y="error (%)", ax=g.axes_dict[key], color="0.6", lw=0.8, legend=False,
+                                 ls="--" if split == "train" else "-")
+    _chance_lines(g.axes.flat, shown)
     g.set_titles("{row_name}: {col_name}" if compare else "{col_name}")
-    g.figure.suptitle(f"Training curves (dashed: training error, solid: test error); {_seeds_note(df, ['model'])}", y=1.03)
+    g.set_axis_labels(x, "error (%)")
+    g.figure.suptitle(f"Training curves (dashed: training error, solid: test error; dotted: chance); "
+                      f"{_seeds_note(trained(shown), ['model'])}{_apart_note(shown)}\n{recipe_note(shown)}", y=1.05)
     return g.figure
 
 
 def degradation(runs: pd.DataFrame, compare: str | None = None):
-    """Final training and test error against depth, plain and residual side by side (line style:
-    the value of the compared column)."""
-    ok = runs[runs["status"] == "ok"]
-    long = ok.melt(id_vars=["net", "depth", "seed"] + ([COMPARE] if compare else []),
-                   value_vars=["final_train_err", "final_test_err"],
-                   var_name="split", value_name="error (%)")
+    """Final training and test error against depth, each net a line (line style: the value of the compared
+    column): mean +- sd over the runs that trained; runs that did not train marked apart (grey x), and chance
+    dotted."""
+    done = runs[runs["status"] == "ok"]
+    long = done.melt(id_vars=["net", "depth", "seed", "outcome"] + ([COMPARE] if compare else []),
+                     value_vars=["final_train_err", "final_test_err"], var_name="split", value_name="error (%)")
     long["split"] = long["split"].map({"final_train_err": "final training error", "final_test_err": "final test error"})
     long["error (%)"] *= 100
-    g = sns.relplot(data=long, kind="line", x="depth", y="error (%)", hue="net", col="split", marker="o",
-                    hue_order=net_order(long["net"]), errorbar="sd", height=3.6, aspect=1.1,
-                    facet_kws=dict(sharey=False), **_style(long, compare))
+    good = long[long["outcome"] == "trained"]
+    panels = dict(x="depth", y="error (%)", col="split", col_order=["final training error", "final test error"],
+                  height=3.6, aspect=1.1, facet_kws=dict(sharey=False))
+    if len(good):
+        g = sns.relplot(data=good, kind="line", hue="net", marker="o", hue_order=net_order(long["net"]),
+                        errorbar="sd", **_style(good, compare), **panels)
+    else:  # no run trained: the grey marks are all there is
+        g = sns.relplot(data=long, kind="scatter", marker="x", color="0.45", **panels)
+    for split, pts in long[long["outcome"] != "trained"].groupby("split") if len(good) else ():
+        g.axes_dict[split].scatter(pts["depth"], pts["error (%)"], marker="x", color="0.45", zorder=3,
+                                   label="did not train")
+    _chance_lines(g.axes.flat, done)
+    depths = sorted(done["depth"].unique())
+    for ax in g.axes.flat:
+        ax.set_xticks(depths)
     g.set_titles("{col_name}")
-    g.figure.suptitle(f"The degradation problem: error against depth; {_seeds_note(ok, ['model'])}", y=1.03)
+    g.figure.suptitle(f"Final error against depth; {_seeds_note(trained(done), ['model'])}"
+                      f"{_apart_note(runs[runs['status'] != 'failed'])}\n{recipe_note(done)}", y=1.07)
     return g.figure
 
 
@@ -181,23 +252,13 @@ def imagenet_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def final_errors_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Final training and test error (%) per net (plain, residual, each method) and depth: mean ± sd over
-    seeds, n seeds; a depth a net failed at says so."""
+    """Final training and test error (%) per net (plain, residual, each method) and depth (outcome.error_cell)."""
     rows = []
     for net in net_order(runs["net"]):
         mine = runs[runs["net"] == net]
         row = {"net": net}
         for depth in sorted(runs["depth"].unique()):
-            at = mine[mine["depth"] == depth]
-            ok = at[at["status"] == "ok"]
-            if len(ok):
-                tr, te = 100 * ok["final_train_err"], 100 * ok["final_test_err"]
-                fmt = (lambda v: f"{v.mean():.1f} ± {v.std():.1f}") if len(ok) > 1 else (lambda v: f"{v.mean():.1f}")
-                row[f"depth {depth}: train / test err % (n)"] = f"{fmt(tr)} / {fmt(te)} ({len(ok)})"
-            elif len(at):
-                row[f"depth {depth}: train / test err % (n)"] = ", ".join(sorted(set(at["status"])))
-            else:
-                row[f"depth {depth}: train / test err % (n)"] = "-"
+            row[f"depth {depth}: train / test err % (n)"] = outcome.error_cell(mine[mine["depth"] == depth])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -264,18 +325,26 @@ def differing_columns(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def expected_runs(results_dir: Path) -> list | None:
-    """The runs the folder's sweep.toml asks for (None without a sweep.toml)."""
+def expected_runs(results_dir: Path, runs: pd.DataFrame | None = None) -> list | None:
+    """The runs the folder's sweep.toml asks for, given its records ``runs`` (a tuned sweep's chosen runs once
+    their grid is in: bench.tuning.expand); None without a sweep.toml."""
     from bench.specs import SweepSpec  # data classes only
 
     path = results_dir / "sweep.toml"
-    return SweepSpec.from_toml(path.read_text()).runs() if path.exists() else None
+    if not path.exists():
+        return None
+    return tuning.expand(SweepSpec.from_toml(path.read_text()), runs if runs is not None else pd.DataFrame())
 
 
 def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
     """Runs that are missing (in the sweep spec, no record), failed or diverged."""
-    bad = runs[runs["status"] != "ok"][["run_id", "model", "seed", "status", "error"]] if len(runs) else pd.DataFrame()
-    expected = expected_runs(results_dir) or []
+    if len(runs):  # a run that did not train is listed too: it finished, but its numbers are not a result
+        label = outcome.label(runs)
+        bad = runs[label != "trained"].assign(status=label[label != "trained"])[["run_id", "model", "seed", "status",
+                                                                                  "error"]]
+    else:
+        bad = pd.DataFrame()
+    expected = expected_runs(results_dir, runs) or []
     have = set(runs["run_id"]) if len(runs) else set()
     missing = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, status="missing", error="")
                             for r in expected if r.run_id not in have])
@@ -311,24 +380,39 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
     if len(runs):
         runs = _runs_frame(runs)
         compare = rep.compared = _compared(runs, dirs, compare_by, rep)
+        every = runs
+        # a tuned folder's results are its runs at each cell's chosen lr; the rest of its grid is the lr figure's
+        runs = tuning.at_chosen(runs)
+        if len(runs) < len(every):
+            from bench import report_tuning
+
+            rep.figures["lr_grid"] = report_tuning.lr_figure(every)
+            rep.tables["tuned"] = report_tuning.tuned_table(every, runs)
         done = runs[runs["status"] != "failed"]
         if len(curves) and len(done):
             rep.figures["training_curves"] = training_curves(runs, curves, compare)
         if (runs["status"] == "ok").any():
             rep.figures["degradation"] = degradation(runs, compare)
             rep.figures["throughput"] = throughput(runs, compare)
-            rep.tables["comparison"] = comparison_table(runs, compare)
+            rep.tables["comparison"] = comparison_table(trained(runs), compare)
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
-                rep.tables["imagenet"] = imagenet_table(runs)
+                rep.tables["imagenet"] = imagenet_table(trained(runs))
             rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
             if not compare:
                 published_rows = published_methods_table(runs)
                 if len(published_rows) and runs["kind"].nunique() > 2:
                     rep.tables["published_methods"] = published_rows
+            untrained = runs[runs["outcome"] == "did not train"]
+            if len(untrained):
+                rep.notes.append(f"{len(untrained)} run(s) did not train (final training error within "
+                                 f"{100 * outcome.UNTRAINED_MARGIN:g} points of chance): drawn apart in the curves, "
+                                 f"marked in the degradation figure, counted in the tables, and left out of Figure 7, "
+                                 f"the gradient, lesion and shattered-gradient figures and the summary of the "
+                                 f"measures: {', '.join(untrained['run_id'])}")
             if responses:
-                _responses(dirs, runs, rep, data_root, response_images, compare)
-            _diagnostics(dirs, runs, rep)
-        rep.tables["status"] = pd.concat([status_table(d, runs[runs["results_dir"] == str(d)]) for d in dirs],
+                _responses(dirs, trained(runs), rep, data_root, response_images, compare)
+            _diagnostics(dirs, trained(runs), rep)
+        rep.tables["status"] = pd.concat([status_table(d, every[every["results_dir"] == str(d)]) for d in dirs],
                                          ignore_index=True)
         rep.tables["environment"] = environment_table(runs)
     elif compare_by:
@@ -459,8 +543,14 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 CAPTIONS = {
-    "training_curves": "Training curves in the style of He et al. Fig. 6.",
-    "degradation": "Final error against depth: plain nets get worse with depth, residual ones do not.",
+    "lr_grid": "The lr grid of a tuned sweep: each net's final validation error at each lr of the grid, on the "
+               "grid's seed. The lr with the lowest validation error (large dot) is the one trained on the other "
+               "seeds; a chosen lr at an edge of the grid means the grid did not bracket the best lr.",
+    "training_curves": "Training curves in the style of He et al. Fig. 6: mean ± sd over the runs that trained; runs "
+                       "that did not train or diverged are grey lines of their own.",
+    "degradation": "Final training and test error against depth, mean ± sd over the runs that trained (He et al.'s "
+                   "degradation problem is a training error that rises with depth). Grey x: a run that did not "
+                   "train; dotted: chance.",
     "throughput": "Training throughput (median over timed windows; warm-up and evaluation excluded).",
     "layer_responses": "Std of layer responses in the style of He et al. Fig. 7.",
     "profile": "resbench profile: training img/s by configuration.",
@@ -488,7 +578,12 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                    + ((d / "sweep.toml").read_text() if (d / "sweep.toml").exists() else "(no sweep.toml)\n")
                    for d in dirs)
     title = " vs ".join(d.name for d in dirs)
-    sections = [("Comparison with He et al. 2015, Table 6", "comparison",
+    sections = [("Each net at its tuned lr", "tuned",
+                 "A tuned sweep: per net and depth, the lr of the grid with the lowest final validation error on "
+                 "the grid's seed, never the test error; 'edge': the chosen lr is the grid's smallest or largest, "
+                 "so a wider grid might find a better one. Train / test error at that lr over the seeds "
+                 "(the grid's run included), mean ± sd over the runs that trained."),
+                ("Comparison with He et al. 2015, Table 6", "comparison",
                  f"Final test error. Source of the published numbers: {published.CITATION}. "
                  "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
                  "set are not comparable, and are marked so."),
@@ -497,7 +592,9 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                  "the paper's plateau rule; other data sets (Imagenette) have no published number here."),
                 ("Final errors per net and depth", "final_errors",
                  "Mean ± sd over seeds (n seeds) of the final training and test error, from the last evaluation "
-                 "point. A net that failed or diverged at a depth says so."),
+                 "point, over the runs that trained; a cell with runs that did not train (final training error "
+                 "within 2 points of chance), diverged or failed says how many, and where no run trained shows "
+                 "the numbers of those that did not, marked so."),
                 ("Published numbers for the methods", "published_methods",
                  "Each with its source (bench/published.py); every one comes from another recipe or net, so they "
                  "locate a method rather than set a target."),
@@ -507,7 +604,7 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                  "the line; '-' where a net has no input gradient to correlate (a classifier that starts at zero, "
                  "as Fixup's, at initialisation). 'sd over sets': the spread of the error over random lesion sets within a seed, "
                  "averaged over seeds, apart from the spread over seeds."),
-                ("Missing, failed and diverged runs", "status", ""),
+                ("Missing, failed and diverged runs, and runs that did not train", "status", ""),
                 ("Hardware and software", "environment", ""),
                 ("Profile: best configuration per model, mode and batch size", "profile",
                  "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),

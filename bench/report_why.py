@@ -208,8 +208,9 @@ def why_table(parts: dict[str, pd.DataFrame], runs: pd.DataFrame) -> pd.DataFram
                 if len(rand):
                     half = sorted(rand["k"].unique())[len(rand["k"].unique()) // 2]
                     pick = rand[rand["k"] == half]
+                    sets = pick.groupby("seed")["error"].std().mean()  # NaN where a k has one set only
                     row["k random deleted (%)"] = (f"k={half}: " + _mean_sd(pick.groupby("seed")["error"].mean(), scale=100)
-                                                   + f" (sd over sets {100 * pick.groupby('seed')['error'].std().mean():.1f})")
+                                                   + ("" if pd.isna(sets) else f" (sd over sets {100 * sets:.1f})"))
         sha = parts.get("shattered")
         if sha is not None:
             mine = sha[(sha["model"] == net["model"]) & (sha["k"] == sha["k"].max())]

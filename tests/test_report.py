@@ -10,8 +10,14 @@ from bench import records
 from bench.cli import main
 from bench.report import ReportError, build_report, comparison_table
 
-TINY = ["--batch-size", "32", "--iterations", "12", "--eval-every", "6", "--train-size", "256", "--val-size", "128",
-        "--test-size", "128", "--width", "0.25", "--device", "cpu"]
+# long enough that every run trains (final training errors 74-81 % here, well below the 88 % of "did not train")
+TINY = ["--batch-size", "32", "--iterations", "40", "--eval-every", "20", "--lr", "0.1", "--train-size", "256",
+        "--val-size", "128", "--test-size", "128", "--width", "0.25", "--device", "cpu"]
+
+
+def _data_lines(ax):
+    """The lines an axis draws from data: not the dotted chance line (an axhline, in axis coordinates)."""
+    return [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1 and ln.get_linestyle() != ":"]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +35,15 @@ def test_report_draws_figure6_panels_lines_and_styles(results, cifar_root, tmp_p
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["plain", "residual"]
     runs, curves = records.load(results)
+    assert (runs["final_train_err"] < 0.88).all()  # every run trained: the lines are their means
     for ax in axes:
-        lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 1]
+        lines = _data_lines(ax)
         assert len(lines) == 4  # 2 depths x (train, test)
         assert {ln.get_linestyle() for ln in lines} == {"-", "--"}  # test solid, train dashed
-        assert sorted(set(map(float, lines[0].get_xdata()))) == [6.0, 12.0]
+        assert sorted(set(map(float, lines[0].get_xdata()))) == [20.0, 40.0]
         # the mean over 2 seeds is drawn (a band of their sd around it)
         assert any(len(c.get_paths()) for c in ax.collections)
-    ys = sorted(round(float(v), 6) for ln in axes[0].get_lines() if len(ln.get_xdata()) > 1 for v in ln.get_ydata())
+    ys = sorted(round(float(v), 6) for ln in _data_lines(axes[0]) for v in ln.get_ydata())
     plain = curves.merge(runs[["run_id", "kind", "depth"]], on="run_id").query("kind == 'plain'")
     expect = [100 * plain.groupby(["depth", "iteration"])[c].mean() for c in ("train_err", "test_err")]
     assert ys == sorted(round(float(v), 6) for e in expect for v in e)
@@ -47,7 +54,7 @@ def test_report_degradation_throughput_and_files(results, cifar_root, tmp_path):
     rep = build_report(results, tmp_path / "rep", "svg", data_root=cifar_root)
     deg = [ax for ax in rep.figures["degradation"].axes if ax.get_title()]
     assert [ax.get_title() for ax in deg] == ["final training error", "final test error"]
-    assert sorted(set(float(x) for ln in deg[0].get_lines() for x in ln.get_xdata())) == [8.0, 14.0]
+    assert sorted(set(float(x) for ln in _data_lines(deg[0]) for x in ln.get_xdata())) == [8.0, 14.0]
     assert "CPU" in rep.figures["throughput"]._suptitle.get_text()
     names = {p.name for p in rep.files}
     assert {"training_curves.svg", "degradation.svg", "throughput.svg", "layer_responses.svg", "report.md", "report.html"} <= names
@@ -133,10 +140,62 @@ def test_degradation_and_throughput_draw_the_recorded_numbers(results, tmp_path)
     deg = [ax for ax in rep.figures["degradation"].axes if ax.get_title()]
     assert [ax.get_title() for ax in deg] == ["final training error", "final test error"]
     for ax, col in zip(deg, ["final_train_err", "final_test_err"]):
-        drawn = sorted((float(x), round(float(y), 6)) for ln in ax.get_lines() if len(ln.get_xdata()) > 1
+        drawn = sorted((float(x), round(float(y), 6)) for ln in _data_lines(ax)
                        for x, y in zip(ln.get_xdata(), ln.get_ydata()))
         expect = sorted((float(d), round(100 * v, 6)) for (_, d), v in runs.groupby(["net", "depth"])[col].mean().items())
         assert drawn == expect, col
     ax = rep.figures["throughput"].axes[0]
     drawn = sorted(round(float(y), 3) for ln in ax.get_lines() if len(ln.get_xdata()) > 1 for y in ln.get_ydata())
     assert drawn == sorted(round(float(v), 3) for v in runs.groupby(["net", "depth"])["train_img_per_s"].mean())
+
+
+def test_a_run_that_did_not_train_is_marked_in_tables_figures_and_titles_never_pooled(results, tmp_path):
+    import shutil
+
+    folder = tmp_path / "one-untrained"
+    shutil.copytree(results, folder, ignore=shutil.ignore_patterns("report", "analysis"))
+    runs, _ = records.load(folder)
+    bad = runs[runs["model"] == "plain14"].iloc[0]
+    row = pd.read_parquet(folder / "runs" / f"{bad['run_id']}.parquet").assign(final_train_err=0.95)
+    records.write_parquet(row, folder / "runs" / f"{bad['run_id']}.parquet")  # planted: at chance after training
+    rep = build_report(folder, tmp_path / "rep", responses=False)
+    cell = rep.tables["final_errors"].set_index("net").loc["plain", "depth 14: train / test err % (n)"]
+    other = runs[(runs["model"] == "plain14") & (runs["run_id"] != bad["run_id"])].iloc[0]
+    # the mean is the run that trained, and the cell says what became of the other
+    assert cell == (f"{100 * other['final_train_err']:.1f} / {100 * other['final_test_err']:.1f} "
+                    f"(1 of 2 trained; 1 did not train)")
+    status = rep.tables["status"]
+    assert status.loc[status["run_id"] == bad["run_id"], "status"].tolist() == ["did not train"]
+    deg = rep.figures["degradation"]
+    title = deg._suptitle.get_text()
+    assert "n = 1..2 seeds" in title and "1 run that did not train" in title
+    train_ax = [ax for ax in deg.axes if ax.get_title() == "final training error"][0]
+    marks = [tuple(map(float, c.get_offsets()[0])) for c in train_ax.collections if len(c.get_offsets()) == 1]
+    assert (14.0, 95.0) in marks  # drawn apart, where it ended
+    drawn = {(float(x), round(float(y), 6)) for ln in _data_lines(train_ax) for x, y in zip(ln.get_xdata(), ln.get_ydata())}
+    assert (14.0, round(100 * other["final_train_err"], 6)) in drawn  # the plain line at 14 is the trained run alone
+    curves = rep.figures["training_curves"]
+    plain_ax = [ax for ax in curves.axes if ax.get_title() == "plain"][0]
+    from matplotlib.colors import to_hex
+
+    assert sum(to_hex(ln.get_color()) == to_hex("0.6") for ln in plain_ax.get_lines()) == 2  # its two curves, grey
+    assert "1 run that did not train" in curves._suptitle.get_text()
+    assert any(bad["run_id"] in n and "did not train" in n for n in rep.notes)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "did not train" in md and "Grey x: a run that did not train" in md
+
+
+def test_what_became_of_each_run_by_hand():
+    from bench import outcome
+
+    runs = pd.DataFrame(dict(status=["ok", "ok", "ok", "diverged", "failed", "ok"],
+                             final_train_err=[0.8799, 0.88, 0.96, float("nan"), float("nan"), 0.9699],
+                             final_test_err=[0.5, 0.9, 0.9, float("nan"), float("nan"), 0.9],
+                             dataset=["cifar10", "cifar10", "cifar10", "cifar10", "cifar10", "cifar100"]))
+    assert outcome.label(runs).tolist() == ["trained", "did not train", "did not train", "diverged", "failed", "trained"]
+    assert outcome.chance_error("cifar100") == pytest.approx(0.99) and outcome.chance_error("mine") == pytest.approx(0.9)
+    assert outcome.counts(runs.iloc[:1]) == ""
+    assert outcome.counts(runs.iloc[:5]) == "1 of 5 trained; 2 did not train, 1 diverged, 1 failed"
+    assert outcome.error_cell(runs.iloc[[0, 3]]) == "88.0 / 50.0 (1 of 2 trained; 1 diverged)"
+    assert outcome.error_cell(runs.iloc[[1, 2]]) == "did not train: 92.0 ± 5.7 / 90.0 ± 0.0 (0 of 2 trained; 2 did not train)"
+    assert outcome.error_cell(runs.iloc[[3]]) == "0 of 1 trained; 1 diverged" and outcome.error_cell(runs.iloc[0:0]) == "-"

@@ -169,3 +169,24 @@ def test_a_tuned_sweep_trains_the_grid_then_the_chosen_lr_and_resumes_without_re
     third = CliRunner().invoke(main, args)
     assert "8 already recorded, 0 to train" in third.output
     assert (tmp_path / "sweep.toml").read_text().count("lr_grid = [0.01, 0.05, 0.2]") == 1
+
+
+def test_the_report_of_a_tuned_sweep_shows_each_net_at_its_chosen_lr_and_the_grid_apart(tmp_path):
+    from bench.report import build_report
+
+    args = SWEEP + ["--models", "plain,resnet", "--seeds", "0,1", "--lr-grid", "0.01,0.1", "--out", str(tmp_path / "s")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    runs, _ = records.load(tmp_path / "s")
+    rep = build_report(tmp_path / "s", tmp_path / "rep", responses=False)
+    table = rep.tables["tuned"].set_index("net")
+    for kind, net in (("plain", "plain-8"), ("resnet", "residual-8")):
+        grid = runs[(runs["kind"] == kind) & (runs["lr_tuning"] == "grid")]
+        best = grid.sort_values(["final_val_err", "lr"]).iloc[0]
+        assert table.loc[net, "chosen lr"] == f"{best['lr']:g}"
+        assert table.loc[net, "edge"] in ("low edge", "high edge")  # a grid of two: any choice is an edge
+        at = runs[(runs["kind"] == kind) & (runs["lr"] == best["lr"])]
+        assert len(at) == 2 and table.loc[net, "train / test err % at chosen lr (n)"].endswith("(2)")
+    # the degradation figure and the tables hold each net at its chosen lr only: two seeds, not the grid's runs
+    assert "n = 2 seeds" in rep.figures["degradation"]._suptitle.get_text()
+    assert "lr tuned per net and depth" in rep.figures["degradation"]._suptitle.get_text()
+    assert "lr_grid" in rep.figures and rep.tables["final_errors"].iloc[0, 1].endswith("(2)")
