@@ -84,7 +84,7 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
 
             tree = arrays_by_set[spec.dataset]
             if spec.dataset not in tests_by_set:
-                tests_by_set[spec.dataset] = _centre_crops(list(tree.val)[:tree_images])
+                tests_by_set[spec.dataset] = _centre_crops(tree.val[:tree_images])
                 if notes is not None:
                     notes.append(f"{what}: {spec.dataset} (ImageNet-style data): the centre crops of the first "
                                  f"{len(tests_by_set[spec.dataset][1])} of {len(tree.val)} val/ images")

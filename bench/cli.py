@@ -124,10 +124,11 @@ def profile_defaults(key: str) -> str:
 
 
 RECIPE_OPTIONS = [  # (option, Recipe field, type, help): each overrides the preset's recipe when given
-    ("--iterations", "iterations", COUNT, "Total optimizer steps."),
+    ("--iterations", "iterations", COUNT, "Total optimizer steps (epochs where the preset's schedule counts epochs)."),
     ("--batch-size", "batch_size", COUNT, "Training batch size."),
     ("--lr", "lr", POSITIVE, "Base learning rate."),
-    ("--milestones", "milestones", str, "Steps at which lr is divided by 10, e.g. 32000,48000 ('' for none)."),
+    ("--milestones", "milestones", str, "Steps (or epochs) at which lr is divided by 10, e.g. 32000,48000 ('' for "
+                                        "none)."),
     ("--momentum", "momentum", click.FloatRange(0, 1, max_open=True), "SGD momentum."),
     ("--weight-decay", "weight_decay", click.FloatRange(min=0), "L2 weight decay (on every parameter unless "
                                                                  "--no-decay-1d)."),
@@ -143,7 +144,7 @@ RECIPE_OPTIONS = [  # (option, Recipe field, type, help): each overrides the pre
                                           "images less --val-size)."),
     ("--val-size", "val_size", click.IntRange(min=0), "Validation images held out of the training set (0: train on all)."),
     ("--test-size", "test_size", COUNT, "Evaluate on the first N test images."),
-    ("--eval-every", "eval_every", COUNT, "Steps between evaluation points (curve rows and checkpoints)."),
+    ("--eval-every", "eval_every", COUNT, "Steps (or epochs) between evaluation points (curve rows and checkpoints)."),
 ]
 
 
@@ -152,6 +153,9 @@ def recipe_options(fn):
     fn = click.option("--decay-1d/--no-decay-1d", default=None,
                       help="Weight decay also on 1-D parameters (biases, BN's affine, per-channel scales); "
                            "--no-decay-1d as DiracNet's code  [default: on]")(fn)
+    fn = click.option("--lighting/--no-lighting", default=None,
+                      help="ImageNet-style data: Krizhevsky et al.'s colour augmentation (PCA lighting), the "
+                           f"paper's 'standard color augmentation'  [default: {preset_defaults('lighting')}]")(fn)
     for name, field, typ, text in reversed(RECIPE_OPTIONS):
         fn = click.option(name, field, type=typ, default=None,
                           help=f"{text}  [default: {preset_defaults(field)}]")(fn)
@@ -191,7 +195,7 @@ def exec_options(fn):
 def _recipe(preset: str, o: dict):
     from bench.specs import PRESETS, recipe
 
-    given = {field: o[field] for _, field, _, _ in RECIPE_OPTIONS} | dict(decay_1d=o["decay_1d"])
+    given = {field: o[field] for _, field, _, _ in RECIPE_OPTIONS} | dict(decay_1d=o["decay_1d"], lighting=o["lighting"])
     if given["milestones"] is not None:
         given["milestones"] = csv_list(int)(None, None, given["milestones"]) or ()
     return recipe(PRESETS[preset]["recipe"], **given)
@@ -771,7 +775,7 @@ def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s,
               help="GPUs of each data-parallel run (the profile's rate per GPU at the batch each GPU gets)")
 @click.option("--decode", "decode_path", type=click.Path(path_type=Path), default=None, metavar="DECODE_PROFILE",
               help="A `resbench profile --decode` parquet or folder: add the CPU cores that would feed each GPU, and "
-                   "whether decoding on the GPU keeps up")
+                   "the rate training would reach decoding on the GPU (both on its stream)")
 @friendly_errors
 def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_path):
     """Estimate a sweep's GPU-hours from a saved profile (training steps only, a low estimate).
@@ -787,15 +791,23 @@ def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_p
     from bench.profile import DECODE_KEYS, read_reference
 
     decode = read_reference(decode_path, "--decode", columns=DECODE_KEYS) if decode_path else None
-    df = cost.estimate(read_reference(profile_path, "PROFILE"), preset, models=models, depths=depths, seeds=seeds,
-                       gpus_per_run=gpus_per_run, decode=decode)
+    profile = read_reference(profile_path, "PROFILE")
+    df = cost.estimate(profile, preset, models=models, depths=depths, seeds=seeds, gpus_per_run=gpus_per_run,
+                       decode=decode)
     shown = df.assign(img_per_s_per_gpu=df["img_per_s_per_gpu"].round().astype("Int64"))
     click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     known = df.dropna(subset=["gpu_hours"])
-    click.echo(f"total: {known['gpu_hours'].sum():.3g} GPU-hours for {int(known['runs'].sum())} runs "
-               f"({len(known)} of {len(df)} nets profiled); training steps only, at the profiled rates, "
-               f"linear over a run's GPUs: a low estimate")
+    device = cost.profiled_device(profile)
+    unit = "GPU-hours" if device.startswith("GPU") else "device-hours"
+    click.echo(f"total: {known['gpu_hours'].sum():.3g} {unit} for {int(known['runs'].sum())} runs "
+               f"({len(known)} of {len(df)} nets profiled) on the profile's {device}; training steps only, at the "
+               f"profiled rates, linear over a run's devices: a low estimate")
     missing = df.loc[df["gpu_hours"].isna(), "net"].tolist()
     if missing:
         click.echo(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per GPU: {', '.join(missing)} "
-                   f"(resbench profile --models {','.join(missing)} ...)", err=True)
+                   f"(resbench profile --models {','.join(missing)} ...)")
+    decode_batch = df.attrs.get("decode_batch")
+    if decode_batch is not None and decode_batch != df["batch_per_gpu"].iloc[0]:
+        click.echo(f"note: the decode profile was timed at batch {decode_batch}; each GPU of this run decodes "
+                   f"{df['batch_per_gpu'].iloc[0]} at a time (resbench profile --decode TREE --batch-sizes "
+                   f"{df['batch_per_gpu'].iloc[0]} times that)")

@@ -1,6 +1,7 @@
 """What a sweep would cost, estimated from a saved profile (`resbench estimate`).
 
-A run of a recipe trains ``iterations x batch_size`` images. At the training rate the profile
+A run of a recipe trains ``iterations x batch_size`` images (an epoch-based recipe's iterations for the
+data set's published size, bench.data.TRAIN_IMAGES). At the training rate the profile
 measured for its net (per GPU, at the batch each GPU gets: the recipe's batch over the run's GPUs),
 that takes ``images / (img/s x GPUs)`` hours of wall time and as many GPU-hours times the GPUs. It
 is an estimate, and a low one: it counts the training steps only (no evaluation, checkpoints,
@@ -12,23 +13,39 @@ profile has for that net and batch, and the table says which.
 Given a decode profile (`resbench profile --decode`, best made on the GPU node itself: the rate per
 core is the CPU's), it also says what would feed each GPU of an ImageNet-style run: the CPU cores
 the input pipeline needs at the net's rate (decoding in worker processes, at the per-core rate
-measured with the most workers), and, where the profile timed decoding on the GPU, whether that
-rate keeps up with the training step.
+measured with the most workers), and, where the profile timed decoding on the GPU, the rate training
+would reach decoding there: decoding and augmentation then share the GPU's stream with the training step,
+so an image costs both times, 1 / (1 / train + 1 / decode), not the smaller of the two rates.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from bench.data import SHAPES, TREES
+from bench.data import SHAPES, TRAIN_IMAGES, TREES
 from bench.specs import PRESETS, RECIPES, model_name
 
 COLUMNS = ["net", "runs", "gpus_per_run", "batch_per_gpu", "execution", "precision", "memory_format", "img_per_s_per_gpu",
            "images_per_run", "hours_per_run", "gpu_hours_per_run", "gpu_hours"]
 
 
+def images_per_run(r, dataset: str) -> int:
+    """The images a run of recipe ``r`` trains on ``dataset`` (an epoch-based schedule at its published size)."""
+    train = r.train_size or TRAIN_IMAGES[dataset] - r.val_size
+    return r.in_steps(train // r.batch_size).iterations * r.batch_size
+
+
+def profiled_device(profile: pd.DataFrame) -> str:
+    """What the profile timed, in words: 'GPU (NVIDIA H200)', or 'CPU (AMD EPYC, not a GPU)'."""
+    gpus = profile["gpu_name"].dropna().unique().tolist() if "gpu_name" in profile else []
+    if gpus:
+        return f"GPU ({', '.join(map(str, gpus))})"
+    cpu = profile["cpu"].dropna().unique().tolist() if "cpu" in profile else []
+    return f"CPU ({', '.join(map(str, cpu)) or 'unnamed'}, not a GPU)"
+
+
 def decode_rates(decode: pd.DataFrame) -> dict:
-    """From a decode profile: images per second per CPU core (the setting with the most workers) and,
-    if timed, the rate decoding on the device (None if not)."""
+    """From a decode profile: images per second per CPU core (the setting with the most workers), if timed
+    the rate decoding on the device (None if not), and the batch it was timed at."""
     rows = decode[(decode["mode"] == "decode") & (decode["status"] == "ok")]
     if "git_sha" in rows and rows["git_sha"].nunique() > 1:  # e.g. a folder of a before and an after
         raise ValueError(f"the decode profile holds measurements of {rows['git_sha'].nunique()} commits "
@@ -39,14 +56,15 @@ def decode_rates(decode: pd.DataFrame) -> dict:
         raise ValueError("the decode profile has no rows of decoding by CPU workers (resbench profile --decode TREE)")
     most = cpu[cpu["workers"] == cpu["workers"].max()]
     return dict(per_core=float(most["img_per_s_per_core"].median()),
-                on_device=float(gpu["img_per_s"].median()) if len(gpu) else None)
+                on_device=float(gpu["img_per_s"].median()) if len(gpu) else None,
+                batch_size=int(rows["batch_size"].iloc[0]) if "batch_size" in rows else None)
 
 
 def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, seeds=None, gpus_per_run: int = 1,
              decode: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per net of ``preset``'s grid (``models`` kinds x ``depths``, ``seeds`` runs each): the profile
     row used and the hours; nets the profile lacks get NaN hours and ``execution`` "not profiled". With
-    ``decode`` (a decode profile), also the CPU cores per GPU and whether GPU decoding keeps up."""
+    ``decode`` (a decode profile), also the CPU cores per GPU and the rate training decoding on the GPU gives."""
     p, r = PRESETS[preset], RECIPES[PRESETS[preset]["recipe"]]
     if p["width"] != 1.0:
         raise ValueError(f"the {preset} preset trains width-{p['width']:g} nets; a profile times width-1 nets, so it "
@@ -68,7 +86,8 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
     rows = []
     for net in nets:
         mine = train[train["model"] == net]
-        row = dict(net=net, runs=runs, gpus_per_run=gpus_per_run, batch_per_gpu=batch, images_per_run=r.iterations * r.batch_size)
+        row = dict(net=net, runs=runs, gpus_per_run=gpus_per_run, batch_per_gpu=batch,
+                   images_per_run=images_per_run(r, dataset))
         if mine.empty:
             rows.append(row | dict(execution="not profiled"))
             continue
@@ -84,6 +103,8 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
     if decode is not None:
         rates = decode_rates(decode)
         df["cpu_cores_per_gpu"] = df["img_per_s_per_gpu"] / rates["per_core"]
-        df["gpu_decode_keeps_up"] = (None if rates["on_device"] is None else
-                                     df["img_per_s_per_gpu"].map(lambda v: None if pd.isna(v) else bool(rates["on_device"] >= v)))
+        # decoding on the GPU shares its stream with training: each image costs both
+        df["img_per_s_decoding_on_gpu"] = (float("nan") if rates["on_device"] is None else
+                                           1 / (1 / df["img_per_s_per_gpu"] + 1 / rates["on_device"]))
+        df.attrs["decode_batch"] = rates["batch_size"]
     return df

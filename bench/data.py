@@ -43,6 +43,10 @@ DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic") + TREES
 # (image shape (C, H, W), classes) of each data set, known before it is loaded (memory planning)
 SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion-mnist": ((1, 28, 28), 10),
           "synthetic": ((3, 32, 32), 10), "imagenet": ((3, 224, 224), 1000), "imagenette": ((3, 224, 224), 10)}
+# training images of each data set as published (before a validation split): an epoch-based schedule's steps
+# are known from these before the data is loaded (bench.cost; the trainer counts the images it finds)
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 10_000,
+                "imagenet": 1_281_167, "imagenette": 9_469}
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 # The md5 sums the publishers give for their files (torchvision's download checks the same ones).
 PUBLISHED_MD5 = {

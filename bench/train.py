@@ -222,10 +222,11 @@ class _TreeData:
         self.imf, self.tree = imf, tree
         sets = tree_sets(tree, r)
         self.train, self.sets = sets.pop("train"), sets
-        self.mean = tree_mean(tree, self.train)
+        self.mean = tree_mean(tree, self.train, workers=ex.loader_workers)
         self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
         self.in_channels = 3
-        self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree), None
+        # rank 0 writes the records: the others need no fingerprint (a stat per file)
+        self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree) if ddp.place().main else None, None
         self.workers, self.decode_on = ex.loader_workers, ex.decode_on
 
     def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
@@ -273,44 +274,49 @@ class _TreeData:
         return dict(final_test_err_10crop=self._error(model, self.sets["test"], ex, device, ten=True))
 
 
-def tree_sets(tree, r) -> dict[str, list]:
-    """An ImageNet-style tree's train, val and test items under recipe ``r``: the val images held out of
-    train/ by a fixed permutation, the test images the first of val/ (what a run trains and is tested on)."""
-    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).tolist()
+def tree_sets(tree, r) -> dict:
+    """An ImageNet-style tree's train, val and test items (bench.imagefolder.Items) under recipe ``r``: the val
+    images held out of train/ by a fixed permutation, the test images the first of val/ (what a run trains and
+    is tested on)."""
+    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).numpy()
     held, kept = perm[: r.val_size], perm[r.val_size:]
-    return dict(train=[tree.train[i] for i in kept][: r.train_size], val=[tree.train[i] for i in held],
-                test=list(tree.val)[: r.test_size])
+    return dict(train=tree.train.take(kept)[: r.train_size], val=tree.train.take(held), test=tree.val[: r.test_size])
 
 
-def tree_mean(tree, items) -> torch.Tensor:
-    """The training set's per-pixel mean image (bench.imagefolder.mean_image), cached by the tree's list of files."""
+def tree_mean(tree, items, workers: int = 4) -> torch.Tensor:
+    """The training set's per-pixel mean image (bench.imagefolder.mean_image, decoded by ``workers`` processes),
+    cached by the tree's list of files. In a data-parallel run rank 0 computes it; the others read its file."""
     from bench import imagefolder as imf
 
-    key = hashlib.sha1("\n".join(i.path for i in items).encode()).hexdigest()[:16]
+    key = hashlib.sha1(b"\n".join([tree.root.encode(), *items.rel.tolist()])).hexdigest()[:16]
     path = data.cache_dir() / f"mean-{key}-{imf.MEAN_IMAGES}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    mean = imf.mean_image(items)
-    records.save_torch(mean, path)
-    return mean
+    if ddp.place().main and not path.exists():
+        records.save_torch(imf.mean_image(items, workers=workers), path)
+    ddp.from_main(None)  # the others wait for rank 0's file
+    return torch.load(path, weights_only=True)
 
 
 def _tree_fingerprint(tree) -> str:
     """sha256 of a tree's file names (relative to its root) and sizes: its bytes would take hours to hash
-    at ImageNet's size. An archive counts with its own size."""
-    sha = hashlib.sha256()
+    at ImageNet's size. An archive counts with its own size. One stat per file (1.33M at ImageNet's size):
+    computed by rank 0 only, the process that writes the records."""
     archive = Path(tree.root).is_file()
+    sha = hashlib.sha256()
     sha.update(f"{Path(tree.root).name}|{os.path.getsize(tree.root) if archive else ''}\n".encode())
-    for item in tree.train + tree.val:
-        name = item.path.split("::", 1)[1] if archive else os.path.relpath(item.path, tree.root)
-        sha.update(f"{name}|{'' if archive else os.path.getsize(item.path)}\n".encode())
+    for rel in (tree.train + tree.val).rel.tolist():
+        name = rel.decode()
+        sha.update(f"{name}|{'' if archive else os.path.getsize(os.path.join(tree.root, name))}\n".encode())
     return sha.hexdigest()
 
 
 def _load_data(specs: list[RunSpec], ex: Execution, device: torch.device, data_root, download: bool):
     r = specs[0].recipe
     if specs[0].dataset in data.TREES:
-        return _TreeData(data.load_tree(specs[0].dataset, data_root, download), r, device, ex)
+        # rank 0 scans the tree (and caches the scan); the others then read its cache instead of listing it again
+        main = ddp.place().main
+        tree = data.load_tree(specs[0].dataset, data_root, download) if main else None
+        ddp.from_main(None)
+        return _TreeData(tree or data.load_tree(specs[0].dataset, data_root, download), r, device, ex)
     return _Data(data.load(specs[0].dataset, data_root, download), r, device)
 
 
@@ -393,9 +399,10 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     device = torch.device(ex.device)
     gid = fuse.group_id(specs)  # the runs that really trained together
     memory_tracked = reset_peak_memory(device)
-    r, arch = specs[0].recipe, specs[0].arch
+    arch = specs[0].arch
     place = ddp.place()  # a data-parallel run: this process trains its share of each batch; rank 0 records
     loaders = d.loaders(specs, ex, device, place)
+    r = specs[0].recipe.in_steps(loaders[0].steps_per_epoch)  # an epoch-based schedule, for the data found
     nets = []
     for s, ck in zip(specs, cks):
         torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone

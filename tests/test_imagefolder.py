@@ -214,8 +214,8 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     env = os.environ | {"PYTHONPATH": str(root)}
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(imagenette),
-            "--models", "plain,resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "4",
-            "--eval-every", "2", "--loader-workers", "0", "--device", "cpu", "--out", str(out)]
+            "--models", "plain,resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "2",
+            "--eval-every", "1", "--loader-workers", "0", "--device", "cpu", "--out", str(out)]  # epochs
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     runs, curves = records.load(out)
@@ -223,7 +223,9 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     assert runs["final_test_err_10crop"].between(0, 1).all() and (runs["ten_crop"]).all()
     assert (runs["shortcut"] == "A").all()  # the paper's Table 2 ResNets: option A
     assert (runs["decode_on"] == "workers").all() and (runs["train_path"] == "stream-loader+eager").all()
-    assert curves["epoch"].tolist()[:2] == [0.4, 0.8]  # 40 training images, 8 a step: 5 steps an epoch
+    # the preset's schedule counts epochs of the data found: 40 training images, 8 a step, 5 steps an epoch
+    assert curves["epoch"].tolist()[:2] == [1.0, 2.0] and curves["iteration"].tolist()[:2] == [5, 10]
+    assert (runs["iterations"] == 2).all() and (runs["schedule_in"] == "epochs").all()
     saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
     assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs
     import pandas as pd
@@ -277,11 +279,17 @@ def test_the_imagenet_recipe_fields_leave_earlier_run_ids_alone():
     # the id this spec had before ten_crop and lighting existed (results/reference-methods-cpu)
     spec = RunSpec("resnet8", recipe("smoke"), seed=0, width=0.5, sweep="smoke")
     assert spec.run_id == "resnet8-cifar10-smoke-s0-930bab7b93"
-    for change in (dict(ten_crop=True), dict(lighting=True)):
-        assert RunSpec("resnet8", recipe("smoke", **change), seed=0, width=0.5).run_id != spec.run_id, change
+    for change in (dict(ten_crop=False), dict(lighting=True)):  # off their defaults, they enter the id
+        base = RunSpec("resnet18", recipe("imagenette"), dataset="imagenette").run_id
+        assert RunSpec("resnet18", recipe("imagenette", **change), dataset="imagenette").run_id != base, change
     r = recipe("he2015-imagenet")
     assert (r.batch_size, r.lr, r.momentum, r.weight_decay, r.ten_crop, r.val_size) == (256, 0.1, 0.9, 1e-4, True, 0)
-    assert (r.iterations, r.milestones, r.eval_every) == (450_450, (150_150, 300_300), 5_005)  # 90 epochs, /10 at 30, 60
+    assert (r.iterations, r.milestones, r.eval_every, r.schedule_in) == (90, (30, 60), 1, "epochs")  # /10 at 30, 60
+    assert r.lighting  # "the standard color augmentation in [21]"
+    # in steps for the data found: ImageNet's 1,281,167 images give 5,004 steps of 256 an epoch
+    steps = r.in_steps(1_281_167 // 256)
+    assert (steps.iterations, steps.milestones, steps.eval_every) == (450_360, (150_120, 300_240), 5_004)
+    assert steps.lr_at(150_119, 18) == 0.1 and steps.lr_at(150_120, 18) == pytest.approx(0.01)
 
 
 def test_a_tree_is_fingerprinted_by_its_file_names_and_sizes(tree, tmp_path):
@@ -342,3 +350,52 @@ def test_profile_decode_of_a_folder_without_a_tree_is_a_one_line_error(tmp_path)
     res = CliRunner().invoke(main, ["profile", "--decode", str(tmp_path), "--out", str(tmp_path / "out")])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.startswith("Error: no train/<class>/ folders under") and not (tmp_path / "out" / "profile").exists()
+
+
+def test_an_epochs_order_is_drawn_once_per_epoch_not_per_batch(tree, monkeypatch):
+    t = imf.scan(tree)
+    loader = imf.StreamLoader(t.train, torch.zeros(3, imf.CROP, imf.CROP), batch_size=4, seed=3,
+                              device=torch.device("cpu"), workers=0, rank=1, world=2)
+    drawn, real = [], imf.epoch_order
+    monkeypatch.setattr(imf, "epoch_order", lambda n, seed, epoch: drawn.append(epoch) or real(n, seed, epoch))
+    keys = list(__import__("itertools").islice(loader._keys(3), 2 * 5))  # batches 3..7 (4 an epoch): epochs 0 and 1
+    assert drawn == [0, 1] and len(keys) == 10  # batch 3 of epoch 0, then four of epoch 1: 2 draws
+    # and they are the keys of the per-batch rule: rank 1's half of each batch of epoch e's order
+    want = [(e, int(i)) for b in range(3, 8) for e, j in [divmod(b, 4)]
+            for i in real(18, 3, e)[j * 4 + 2: j * 4 + 4]]
+    assert keys == want
+
+
+def test_a_split_is_two_arrays_and_a_scan_is_listed_once_until_a_folder_changes(tree, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    first = imf.scan(copy)
+    assert isinstance(first.train.rel, np.ndarray) and first.train.labels.dtype == np.int32
+    assert first.train[0] == imf.Item(str(copy / "train" / "n0100" / "n0100_0.JPEG"), 0)
+    assert [i.label for i in first.train[::6]] == [0, 1, 2] and len(first.train.take([5, 0])) == 2
+    monkeypatch.setattr(imf, "_scan_folder", lambda base: pytest.fail("listed again"))
+    again = imf.scan(copy)  # from the cache
+    assert again.classes == first.classes and [i.path for i in again.val] == [i.path for i in first.val]
+    monkeypatch.undo()
+    (copy / "train" / "n0200" / "n0200_0.JPEG").unlink()  # its class folder changes: listed again
+    assert len(imf.scan(copy).train) == len(first.train) - 1
+
+
+def test_the_papers_colour_augmentation_is_a_recorded_option_of_imagenet_style_runs_only(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+    from bench.specs import RunSpec, recipe
+
+    assert recipe("he2015-imagenet").lighting and not recipe("imagenette").lighting
+    lit = RunSpec("resnet18", recipe("imagenette", lighting=True), dataset="imagenette")
+    assert lit.run_id != RunSpec("resnet18", recipe("imagenette"), dataset="imagenette").run_id
+    assert lit.flat()["lighting"] is True
+    with pytest.raises(ValueError, match="lighting and ten_crop are for ImageNet-style data"):
+        RunSpec("resnet20", recipe("smoke", lighting=True))
+    (tmp_path / "c.toml").write_text("lighting = false\n")
+    res = CliRunner().invoke(main, ["sweep", "--config", str(tmp_path / "c.toml"), "--preset", "he2015-imagenet",
+                                    "--data-root", str(tmp_path / "none")])
+    assert "unknown key" not in res.output and "imagenet not found" in res.output or "no train/" in res.output
