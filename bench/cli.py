@@ -536,8 +536,35 @@ def status(results_dir):
     click.echo(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
                          ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
     if len(table):
-        shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state") if table[c].isna().all()])
+        shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state", "error") if table[c].isna().all()])
         click.echo(shown.to_string(index=False, na_rep="-"))
+
+
+@main.command("check-data")
+@click.argument("folder", type=click.Path(exists=True, path_type=Path))
+@click.option("--workers", type=click.IntRange(min=0), default=4, help="Decoding processes.")
+@friendly_errors
+def check_data(folder, workers):
+    """Decode every image of an ImageNet-style tree once and list those that cannot be read.
+
+    FOLDER: a folder (or .tar) with train/<class>/ and val/<class>/, as --data-root takes it. Exit code 1
+    if any file is bad: a run would stop at the first one (in whichever process of a data-parallel run
+    reads it), so check a new copy of ImageNet before a long sweep.
+
+    \b
+    Example:
+      resbench check-data /data/imagenet --workers 16
+    """
+    from bench import imagefolder
+
+    tree = imagefolder.scan(folder)
+    bad = imagefolder.check_files(tree, workers=workers, progress=sys.stderr.isatty())
+    for path, why in bad:
+        click.echo(f"{path}: {why}")
+    n = len(tree.train) + len(tree.val)
+    if bad:
+        raise click.ClickException(f"{len(bad)} of {n} images cannot be decoded (listed above): remove or replace them")
+    click.echo(f"all {n} images of {tree.root} decode ({len(tree.train)} train/, {len(tree.val)} val/)")
 
 
 @main.command(hidden=True)

@@ -465,6 +465,37 @@ class _Keys(torch.utils.data.Sampler):
         return 2 ** 62
 
 
+class _CheckSet(torch.utils.data.Dataset):
+    """Each file of a split decoded once: (index, '' or why it cannot be decoded)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        try:
+            decode(self.items.path(i))
+            return i, ""
+        except (ImageFolderError, OSError) as e:
+            return i, str(e)
+
+
+def check_files(tree: Tree, workers: int = 4, progress: bool = False) -> list[tuple[str, str]]:
+    """(path, why) of every image of ``tree`` (train/ and val/) that cannot be read and decoded, each file
+    decoded once by ``workers`` processes: what a run would stop at, found before it starts."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for items in (tree.train, tree.val):
+        loader = torch.utils.data.DataLoader(_CheckSet(items), batch_size=64, num_workers=workers,
+                                             collate_fn=lambda rows: rows)
+        for rows in tqdm(loader, desc="check", unit="batch", disable=None if progress else True, leave=False):
+            bad += [(items.path(i), why) for i, why in rows if why]
+    return bad
+
+
 def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tensor:
     """The per-pixel mean (3, 224, 224), in [0, 1] units, of the first ``images`` training images (an evenly
     spaced sample of the tree), each at the evaluation's scale and centre crop."""

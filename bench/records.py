@@ -110,6 +110,7 @@ def paths(out: Path, run_id: str) -> dict[str, Path]:
         "layers": out / "layers" / f"{run_id}.parquet",
         "signals": out / "signals" / f"{run_id}.parquet",
         "ckpt": out / "ckpt" / f"{run_id}.pt",
+        "errors": out / "errors",  # <run_id>.rank<r>.err: each process's traceback when the run raised there
     }
 
 

@@ -33,7 +33,7 @@ class SlurmRun:
         """Train the group; each member's status ("ok", "diverged", "failed", or "skipped" where another
         trainer holds or finished it). A single spec dict (jobs of earlier versions) is a group of one."""
         from bench.claims import Skip
-        from bench.train import record_unfinished, run_group
+        from bench.train import run_recorded
 
         import os
 
@@ -53,12 +53,12 @@ class SlurmRun:
         if not runs:
             return []
         ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
-        try:
-            results = run_group(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
-        except Exception as e:
-            if not place.main:
-                raise
-            return [record_unfinished(r, Path(self.out), ex, e)["status"] for r in runs]
+        results = run_recorded(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
+        if results is None:  # a rank other than 0 raised: its task fails (rank 0 recorded the run)
+            raise RuntimeError(f"this process (rank {place.rank}) failed; its traceback is in "
+                               f"{records.paths(self.out, runs[0].run_id)['errors']}")
+        if any(not isinstance(r, Skip) and r["status"] == "failed" for r in results):
+            return [r["status"] for r in results]
         ddp.leave()
         return ["skipped" if isinstance(res, Skip) else res["status"] for res in results]
 

@@ -26,7 +26,7 @@ import pandas as pd
 
 from bench import claims, ddp, fuse as fusing, records, tuning
 from bench.specs import Execution, RunSpec, SweepSpec
-from bench.train import record_failure, record_unfinished, run_group
+from bench.train import first_rank_error, record_failure, run_recorded
 
 DONE = records.DONE
 EXIT_SKIPPED = 3  # a worker's exit code when another trainer holds (or has finished) its run
@@ -127,12 +127,8 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off
     n, i = len(runs), 0
     for group in groups if groups is not None else plan_groups(runs, fuse, ex):
         t = time.perf_counter()
-        try:
-            results = run_group(group, out, ex, data_root=data_root, download=download, progress=progress)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one group's failure never stops the sweep
-            results = [record_unfinished(spec, out, ex, e) for spec in group]
+        # one group's failure never stops the sweep (it is recorded); Ctrl-C does
+        results = run_recorded(group, out, ex, data_root=data_root, download=download, progress=progress)
         for spec, res in zip(group, results):
             i += 1
             if isinstance(res, claims.Skip):  # another sweep trains it (or has done so)
@@ -224,12 +220,8 @@ def worker(spec_file: Path, out: Path) -> int:
     job = json.loads(Path(spec_file).read_text())
     specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
     place = ddp.init(ex.device.startswith("cuda"))  # one process of a data-parallel run, or alone
-    try:
-        results = run_group(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
-    except Exception as e:
-        if place.main:
-            for spec in specs:
-                record_unfinished(spec, out, ex, e)
+    results = run_recorded(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
+    if results is None or any(not isinstance(r, claims.Skip) and r["status"] == "failed" for r in results):
         return 1
     ddp.leave()
     if not place.main:  # rank 0 tells what happened
@@ -263,9 +255,10 @@ def run_distributed(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=
                 log(f"[{i}/{len(runs)}] {spec.run_id}: skipped (another trainer holds or finished it)")
                 continue
             row = records.recorded(out, spec.run_id)
-            if row is None or (code and row["status"] not in DONE):
+            if row is None or (code and row["status"] not in DONE):  # the launcher stopped rank 0 before it recorded
+                why = first_rank_error(out, spec.run_id, ex.world_size)
                 row = row if row is not None and code == 1 else record_failure(
-                    spec, out, ex, RuntimeError(f"a process of the data-parallel run exited with code {code}"))
+                    spec, out, ex, RuntimeError(why or f"a process of the data-parallel run exited with code {code}"))
             log(_line(i, len(runs), row, time.perf_counter() - t))
     finally:
         for f in spec_dir.iterdir():
@@ -297,7 +290,8 @@ def _fs_time(out: Path) -> float:
 
 def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     """One row per run of the folder (its sweep.toml's grid plus anything recorded): model, seed,
-    state (ok / diverged / failed / running / pending / interrupted), who holds it, Slurm job id.
+    state (ok / diverged / failed / running / pending / interrupted), who holds it, Slurm job id, and the
+    error a failed or diverged run recorded.
 
     A run without a record is "running" while a live claim holds it (bench.claims; ``held_by``
     names the holder) or its Slurm job is running; a stale claim makes it "interrupted" (rerun the
@@ -316,6 +310,7 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     for r in runs.to_dict("records"):
         rows.setdefault(r["run_id"], dict(run_id=r["run_id"], model=r["model"], seed=r["seed"]))
     recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
+    errors = dict(zip(runs["run_id"], runs["error"])) if len(runs) and "error" in runs else {}
     jobs = slurm.read_jobs(out)
     holders = claims.held(out)
     for rid in holders:  # a run claimed by a sweep of another grid: model and seed from its run_id
@@ -343,6 +338,7 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
         else:
             state = "pending"
         row.update(status=state, held_by=claims.describe(claim, now) if claim and rid not in recorded else None,
-                   slurm_job=jobs.get(rid), slurm_state=job_state)
+                   slurm_job=jobs.get(rid), slurm_state=job_state,
+                   error=errors.get(rid) if state in ("failed", "diverged") else None)
     return pd.DataFrame(list(rows.values()),
-                        columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state"])
+                        columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state", "error"])

@@ -642,6 +642,50 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
+def run_recorded(specs: list[RunSpec], out: Path, ex: Execution, **kw) -> list[dict | claims.Skip] | None:
+    """``run_group`` as every executor runs it: a group (or one data-parallel run) whose training raises is
+    recorded, never lost. Each process that raised writes its traceback to errors/<run_id>.rank<r>.err (a
+    data-parallel run's other ranks see only a peer that went away); rank 0 then records each member left
+    without a record as failed, with the error of the rank that failed first. Returns the members' rows
+    (or Skips); None on a rank other than 0 whose run raised."""
+    try:
+        return run_group(specs, out, ex, **kw)
+    except Exception as e:
+        failure = _rank_failure(specs, out, e)
+        if not ddp.place().main:
+            return None
+        return [record_unfinished(spec, out, ex, failure) for spec in specs]
+
+
+def _rank_failure(specs: list[RunSpec], out: Path, exc: BaseException) -> BaseException:
+    """Write this process's traceback for each of ``specs``; on rank 0, the exception to record: its own, or,
+    in a data-parallel run, the one of the rank whose error file came first (a broken peer's, not the
+    'connection closed' it left behind), naming the rank."""
+    place = ddp.place()
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    folder = records.paths(out, specs[0].run_id)["errors"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        records.atomic_write(folder / f"{spec.run_id}.rank{place.rank}.err", lambda tmp: tmp.write_text(text))
+    if place.world == 1 or not place.main:
+        return exc
+    # a peer that raised wrote its file before its process ended, which is what ended ours
+    first = first_rank_error(out, specs[0].run_id, place.world)
+    return exc if first is None or first.startswith(f"rank {place.rank} ") else RuntimeError(first)
+
+
+def first_rank_error(out: Path, run_id: str, world: int) -> str | None:
+    """The error of the process of a data-parallel run whose traceback file (errors/<run_id>.rank<r>.err) came
+    first, as 'rank R of W failed first: <its exception>', or None where no process left one."""
+    folder = records.paths(out, run_id)["errors"]
+    files = sorted(folder.glob(f"{run_id}.rank*.err"), key=lambda f: f.stat().st_mtime_ns) if folder.is_dir() else []
+    if not files:
+        return None
+    rank = files[0].name.rsplit(".rank", 1)[1].removesuffix(".err")
+    last = [ln for ln in files[0].read_text().splitlines() if ln.strip()][-1].strip()
+    return f"rank {rank} of {world} failed first: {last} (each process's traceback: {folder}/{run_id}.rank*.err)"
+
+
 def record_unfinished(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
     """The row of a group member after its group raised: its own record if it had finished (diverged
     members are written as they diverge), else a failed row (record_failure). The executors' one rule."""

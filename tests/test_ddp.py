@@ -219,3 +219,46 @@ def test_each_process_of_a_data_parallel_run_gets_its_share_of_the_batch():
         assert all(len(p[1]) == 2 for p in parts)
     with pytest.raises(ValueError, match="^the batch of 8 images does not split over 3 processes$"):
         data.DeviceLoader(x, y, mean, batch_size=8, seed=2, device=cpu, world=3)
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_a_bad_file_only_rank_1_reads_is_named_in_the_record_and_in_status(tmp_path):
+    """Rank 1's first image is a truncated JPEG; rank 0 only sees its peer go away. The run's record and
+    `resbench status` must name the file (the error of the rank that failed first), and every rank that
+    raised leaves its traceback in errors/."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from bench import imagefolder as imf
+    from bench import train
+
+    root, rng = tmp_path / "tree", np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 1)):
+        for c in range(10):
+            folder = root / split / f"n0{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                (folder / f"{c}_{i}.JPEG").write_bytes(buf.getvalue())
+    tree = imf.scan(root)
+    items = train.tree_sets(tree, recipe("imagenette"))["train"]
+    train.tree_mean(tree, items)  # the mean image made before the damage (rank 0 would meet the file there)
+    order = imf.epoch_order(len(items), 0, 0)  # seed 0, epoch 0: batch 0 of 8 is order[:8], rank 1's half order[4:8]
+    bad = Path(items.path(int(order[4])))
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "out"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RESBENCH_DDP_TIMEOUT": "60"}
+    args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(root), "--models",
+            "resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "1", "--loader-workers",
+            "0", "--procs-per-run", "2", "--device", "cpu", "--out", str(out)]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, res.stdout + res.stderr
+    row = records.load(out)[0].iloc[0]
+    assert row["status"] == "failed" and "rank 1 of 2 failed first" in row["error"] and str(bad) in row["error"], row["error"]
+    status = subprocess.run([sys.executable, "-m", "bench", "status", str(out)], env=env, capture_output=True, text=True)
+    assert "failed: 1" in status.stdout and str(bad) in status.stdout
+    errors = sorted(p.name for p in (out / "errors").iterdir())
+    assert f"{row['run_id']}.rank1.err" in errors and "cannot decode" in (out / "errors" / errors[-1]).read_text()

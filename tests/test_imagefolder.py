@@ -399,3 +399,38 @@ def test_the_papers_colour_augmentation_is_a_recorded_option_of_imagenet_style_r
     res = CliRunner().invoke(main, ["sweep", "--config", str(tmp_path / "c.toml"), "--preset", "he2015-imagenet",
                                     "--data-root", str(tmp_path / "none")])
     assert "unknown key" not in res.output and "imagenet not found" in res.output or "no train/" in res.output
+
+
+def test_check_data_decodes_every_file_once_and_lists_the_bad_ones(tree, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    copy = tmp_path / "t"
+    shutil.copytree(tree, copy)
+    good = CliRunner().invoke(main, ["check-data", str(copy), "--workers", "0"])
+    assert good.exit_code == 0 and "all 24 images" in good.output
+    cut = copy / "val" / "n0200" / "n0200_1.JPEG"
+    cut.write_bytes(cut.read_bytes()[:200])
+    (copy / "train" / "n0300" / "junk.png").write_bytes(b"not a png")
+    res = CliRunner().invoke(main, ["check-data", str(copy), "--workers", "2"])
+    assert res.exit_code == 1 and "2 of 25 images cannot be decoded" in res.output
+    assert f"{cut}: cannot decode {cut}" in res.output and "junk.png: cannot decode" in res.output
+
+
+def test_the_first_failing_rank_is_the_one_whose_traceback_file_came_first(tmp_path):
+    import os
+
+    from bench import train
+
+    folder = tmp_path / "errors"
+    folder.mkdir()
+    for rank, mtime, text in ((0, 200, "Traceback\nRuntimeError: Connection closed by peer"),
+                              (1, 100, "Traceback\nImageFolderError: cannot decode x.JPEG")):
+        f = folder / f"r.rank{rank}.err"
+        f.write_text(text)
+        os.utime(f, ns=(mtime * 10**9, mtime * 10**9))
+    assert train.first_rank_error(tmp_path, "r", 2).startswith("rank 1 of 2 failed first: ImageFolderError: cannot decode")
+    assert train.first_rank_error(tmp_path, "other", 2) is None

@@ -138,7 +138,7 @@ def test_a_tuned_sweep_trains_the_grid_then_the_chosen_lr_and_resumes_without_re
     from bench import sweep as sw
 
     args = SWEEP + ["--models", "plain,fixup", "--seeds", "0,1", "--lr-grid", "0.01,0.05,0.2", "--out", str(tmp_path)]
-    real, calls = sw.run_group, []
+    real, calls = sw.run_recorded, []
 
     def interrupted_at_the_fourth(group, *a, **k):  # Ctrl-C in the middle of the grid
         calls.append(group[0].run_id)
@@ -146,12 +146,12 @@ def test_a_tuned_sweep_trains_the_grid_then_the_chosen_lr_and_resumes_without_re
             raise KeyboardInterrupt
         return real(group, *a, **k)
 
-    monkeypatch.setattr(sw, "run_group", interrupted_at_the_fourth)
+    monkeypatch.setattr(sw, "run_recorded", interrupted_at_the_fourth)
     first = CliRunner().invoke(main, args)
     assert first.exit_code != 0 and "Aborted" in first.output
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
     assert len(stamps) == 3
-    monkeypatch.setattr(sw, "run_group", real)
+    monkeypatch.setattr(sw, "run_recorded", real)
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
     # the rest of the grid, and the chosen lr of the cell whose grid was complete; then the other chosen lr
