@@ -359,8 +359,15 @@ def _fuse_option(ctx, param, value):
 @click.option("--slurm-opt", multiple=True, metavar="KEY=VALUE",
               help="Slurm: passed through to sbatch, e.g. account=abc, qos=high, constraint=h100 (repeatable).")
 @click.option("--wait/--no-wait", default=True, help="Slurm: follow the jobs until done, or return after submitting.")
+@click.option("--cpus-per-task", type=COUNT, default=None,
+              help="Slurm: cores per task  [default: 1 + --loader-workers for ImageNet-style data, else 1]")
+@click.option("--mem-gb", type=COUNT, default=None,
+              help="Slurm: memory per task, GB  [default: 8, plus 2 per loader worker for ImageNet-style data]")
+@click.option("--dry-run", is_flag=True,
+              help="Slurm: print the job array (resources per task, one line per task) and submit nothing.")
 def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_recipe, executor, jobs, runs_per_gpu, fuse,
-          partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait, **o):
+          partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait,
+          cpus_per_task, mem_gb, dry_run, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
 
     Finished runs are skipped, an interrupted run continues from its checkpoint.
@@ -389,8 +396,8 @@ def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_reci
         ex = replace(ex, world_size=world, sync_bn=sync_bn) if ex is not None else None
         if ex is not None and ex.execution == "cudagraph":
             ex = replace(ex, execution="eager")  # DDP's gradient hooks stay outside a captured graph
-    slurm_opts = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
-                      extra=_key_values(slurm_opt), wait=wait, world=world, nodes=nodes, sync_bn=sync_bn)
+    if dry_run and executor != "slurm":
+        raise click.UsageError("--dry-run shows a Slurm job array: use it with --executor slurm")
     if lr_grid == ("preset",):
         from bench.specs import LR_GRIDS
 
@@ -405,10 +412,20 @@ def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_reci
                      lr_for=lr_for or (), lr_grid=lr_grid or (), method_recipe=method_recipe)
     runs = spec.runs()  # validates every model name before anything is written
     out = out or Path("results") / spec.name
+    if executor == "slurm":
+        from bench.slurm import resources
+
+        auto = resources(spec.dataset, o["loader_workers"] if o["loader_workers"] is not None else 4, world)
+        plan = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
+                    cpus_per_task=cpus_per_task or auto["cpus_per_task"], mem_gb=mem_gb or auto["mem_gb"],
+                    extra=_key_values(slurm_opt), fuse=fuse, world=world, nodes=nodes)
+        if dry_run:  # what would go to Slurm: no data, folder or sbatch needed
+            return _dry_run(runs, o["device"], plan)
+        _require_data(o)
+        sw.check_writable(out)
+        return _submit_slurm(spec, out, o, plan, wait=wait, sync_bn=sync_bn)
     _require_data(o)
     sw.check_writable(out)
-    if executor == "slurm":
-        return _submit_slurm(spec, out, o, slurm_opts | dict(fuse=fuse))
     sw.write_sweep_toml(spec, out)
     slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
     tried: set[str] = set()
@@ -482,7 +499,24 @@ def _key_values(pairs) -> dict:
     return out
 
 
-def _submit_slurm(spec, out, o, so) -> None:
+def _dry_run(runs, device: str, plan: dict) -> None:
+    from bench import slurm
+
+    params, groups = slurm.array_plan(runs, device=device, **plan)
+    gpus = params.get("gpus_per_node")
+    per_task = params["tasks_per_node"]
+    click.echo(f"dry run: {len(runs)} runs as an array of {len(groups)} tasks ({params['name']}), nothing submitted")
+    click.echo(f"each array task: {params['nodes']} node(s), {per_task} task(s) per node (a process each), "
+               f"{gpus or 0} GPU(s) per node, {params.get('cpus_per_task', 1)} CPUs per task, "
+               f"{params['mem_gb'] / per_task:g} GB per task ({params['mem_gb']:g} GB per node), "
+               f"{params['timeout_min']} minutes, at most {params['slurm_array_parallelism']} at once"
+               + (f", partition {params['slurm_partition']}" if "slurm_partition" in params else "")
+               + "".join(f", {k}={v}" for k, v in params["slurm_additional_parameters"].items()))
+    for i, group in enumerate(groups):
+        click.echo(f"  task {i}: {', '.join(r.run_id for r in group)}")
+
+
+def _submit_slurm(spec, out, o, plan: dict, *, wait: bool, sync_bn: bool) -> None:
     import shutil
 
     from bench import slurm
@@ -491,23 +525,21 @@ def _submit_slurm(spec, out, o, so) -> None:
     if shutil.which("sbatch") is None:
         raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
     sw.write_sweep_toml(spec, out)
-    overrides = _exec_overrides(o) | (dict(world_size=so["world"], sync_bn=so["sync_bn"]) if so["world"] > 1 else {})
+    world = plan["world"]
+    overrides = _exec_overrides(o) | (dict(world_size=world, sync_bn=sync_bn) if world > 1 else {})
     tried: set[str] = set()
     while True:
         runs, todo = sw.next_phase(spec, out, tried)
         if not todo and tried:
             break
-        submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"],
-                                 partition=so["partition"], gpus_per_run=so["gpus_per_run"], time_min=so["time_min"],
-                                 max_parallel=so["max_parallel"], extra=so["extra"], fuse=so["fuse"],
-                                 world=so["world"], nodes=so["nodes"])
+        submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"], **plan)
         busy = len(todo) - len(submitted)
         jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
         click.echo(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {len(runs) - len(todo)} recorded, {busy} "
                    f"already queued, {len(submitted)} submitted to Slurm (job {jobs}) -> {out}")
         if not todo:
             break
-        if not so["wait"]:
+        if not wait:
             if sw.cells_waiting(spec, out):
                 click.echo("a tuned sweep: each cell's chosen lr trains on the other seeds once its grid runs are "
                            "recorded; submit the same command again then (it submits only what is missing)")
@@ -722,6 +754,9 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
                    "of --batch-sizes (64 if not given)")
 @click.option("--decode-s", type=POSITIVE, default=10.0, show_default=True,
               help="With --decode: seconds each setting (one core, then the workers) decodes")
+@click.option("--decode-images", type=COUNT, default=5000, show_default=True,
+              help="With --decode: training images of the tree, drawn at random, to time on (the rate depends on "
+                   "the images' sizes: time your own)")
 @click.option("--image-size", type=COUNT, default=32,
               help="Square input size; at 64 and more the ImageNet-style family gets its 7x7 stem (224: ImageNet)")
 @click.option("--device", default="auto", help="auto, cpu or cuda[:N].")
@@ -740,7 +775,7 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
               help="A saved profile (.parquet, or a folder such as results/reference-profile-h200): "
                    "write this machine / reference for every configuration both measured.")
 @friendly_errors
-def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size,
+def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, warmup, block_s, baseline, baseline_model, baseline_batch_size,
             data_root, out, name, against, **given):
     """Training and inference img/s, MFU and memory over a grid of configurations.
 
@@ -767,7 +802,7 @@ def profile(device, decode_tree, decode_s, image_size, repeats, warmup, block_s,
         on_gpu = ex.device.startswith("cuda")
         df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),), seconds=decode_s,
                                  device=ex.device if on_gpu else None, batch_size=(given.get("batch_sizes") or [64])[0],
-                                 log=click.echo)
+                                 sample=decode_images, log=click.echo)
         click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name(ex.device).removeprefix("profile-"))))
         return
     reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing

@@ -260,6 +260,11 @@ def decode_many(datas, paths, device: torch.device) -> list[torch.Tensor]:
     refuses is decoded image by image, each one it still refuses (nvJPEG lacks some JPEG variants, e.g.
     CMYK) on the CPU, so only a file no decoder reads stops the run, named."""
     jpegs = [i for i, d in enumerate(datas) if d[:3] == JPEG_MAGIC]
+    if device.type == "cuda" and jpegs:
+        # torchvision's CUDA decoder allocates its outputs on the caller's stream but decodes on a stream of its
+        # own that does not wait for the caller's (pytorch/vision#9606): memory that queued kernels still read
+        # (a training step launched without a host sync) could be written under them. Let them finish first.
+        torch.cuda.current_stream(device).synchronize()
     try:
         on_device = _decode_jpeg([_frombytes(datas[i]) for i in jpegs], device) if jpegs else []
     except RuntimeError:  # one image it refuses fails the whole call

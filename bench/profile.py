@@ -376,28 +376,41 @@ def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
 
 
 def decode_profile(root, workers=(0,), seconds: float = 10.0, device: str | None = None, batch_size: int = 64,
-                   log=print) -> pd.DataFrame:
+                   sample: int | None = 5000, log=print) -> pd.DataFrame:
     """img/s of the ImageNet-style training pipeline (read, decode, scale-augment, crop, flip: bench.imagefolder)
     on an ImageFolder tree, in this process on one core (0 workers) and with each number of worker processes;
-    with ``device``, also decoded and augmented there, the most workers reading."""
+    with ``device``, also decoded and augmented there, the most workers reading. The rate depends on the CPU
+    and on the images (their size in bytes and pixels): on ``sample`` training images of the user's own tree
+    drawn at random (seed 0; None: all), whose mean file size and pixels the rows record."""
+    import numpy as np
+
     from bench import imagefolder as imf
 
     tree = imf.scan(root)
-    batch_size = min(batch_size, len(tree.train))
+    items = tree.train
+    if sample is not None and sample < len(items):
+        items = items.take(np.sort(np.random.default_rng(0).choice(len(items), sample, replace=False)))
+    batch_size = min(batch_size, len(items))
+    probe = items.take(np.arange(0, len(items), max(1, len(items) // 200)))  # ~200 images: their size, in the rows
+    kb = float(np.mean([len(imf.read_bytes(probe.path(i))) for i in range(len(probe))])) / 1024
+    mpix = float(np.mean([imf.decode(probe.path(i)).shape[1:].numel() for i in range(len(probe))])) / 1e6
     settings = [("workers", w) for w in workers] + ([("device", max(workers))] if device else [])
     rows = []
     for decode_on, w in settings:
-        r = imf.decode_rate(tree.train, seconds=seconds, workers=w, batch_size=batch_size, decode_on=decode_on,
+        r = imf.decode_rate(items, seconds=seconds, workers=w, batch_size=batch_size, decode_on=decode_on,
                             device=device or "cpu")
         # per core: the workers' (or this process's) decoding; on the device, the cores only read
         per_core = r["img_per_s"] / (w or 1) if decode_on == "workers" else float("nan")
         rows.append(dict(mode="decode", status="ok", workers=w, decode_on=decode_on, decode_device=r["decode_device"],
                          img_per_s=r["img_per_s"], img_per_s_per_core=per_core, images=r["images"],
                          seconds=r["seconds"], batch_size=r["batch_size"], data=str(tree.root),
-                         train_images=len(tree.train)))
+                         train_images=len(tree.train), sampled_images=len(items), mean_file_kb=kb,
+                         mean_megapixels=mpix))
         where = f"on {r['decode_device']}, {w} worker(s) reading" if decode_on == "device" else f"{w} worker(s)"
         log(f"decode  {where}: {r['img_per_s']:.0f} img/s"
             + (f" ({per_core:.0f} per core)" if decode_on == "workers" else ""))
+    log(f"on {len(items)} of the tree's {len(tree.train)} training images: {kb:.0f} KB and {mpix:.2f} megapixels "
+        f"a file on average")
     env = records.environment(device or "cpu")
     return pd.DataFrame([r | env for r in rows])
 

@@ -96,38 +96,63 @@ def alive(out: Path) -> dict[str, str]:
     return {rid: jid for rid, jid in jobs.items() if states.get(jid) in ALIVE}
 
 
-def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: dict | None = None, data_root=None,
-           partition: str | None = None, gpus_per_run: int = 0, time_min: int = 60, max_parallel: int = 16,
-           cpus_per_task: int | None = None, extra: dict | None = None, fuse: str = "off", world: int = 1,
-           nodes: int = 1) -> dict[str, str]:
-    """Submit ``runs`` (already filtered to the pending ones) as one array, one task per group
-    (``fuse``, bench.fuse.plan; "auto" groups when tasks get a GPU); returns run_id -> job id. A
-    data-parallel run (``world`` > 1) is one array element of ``world`` tasks over ``nodes`` nodes
-    (one GPU each where ``gpus_per_run``), which submitit's distributed environment numbers."""
-    import submitit
+def resources(dataset: str, loader_workers: int, world: int = 1) -> dict:
+    """What one task asks Slurm for besides GPUs when not told: a core for the training process plus one per
+    decoding worker of ImageNet-style data (those run in the task too), and memory for the process (CUDA's
+    context, the CIFAR set held decoded) plus its workers' decoding. Per task: a data-parallel run has one
+    task per process."""
+    from bench.data import TREES
 
+    workers = loader_workers if dataset in TREES else 0
+    return dict(cpus_per_task=1 + workers, mem_gb=MEM_GB_TASK + MEM_GB_WORKER * workers)
+
+
+MEM_GB_TASK = 8  # the training process: CUDA's host-side context and libraries, the data set or its index
+MEM_GB_WORKER = 2  # a decoding worker: its copy of the modules, prefetched batches of 480-px images
+
+
+def array_plan(runs: list[RunSpec], *, device: str = "auto", partition: str | None = None, gpus_per_run: int = 0,
+               time_min: int = 60, max_parallel: int = 16, cpus_per_task: int | None = None,
+               mem_gb: int | None = None, extra: dict | None = None, fuse: str = "off", world: int = 1,
+               nodes: int = 1) -> tuple[dict, list[list[RunSpec]]]:
+    """(the array's submitit parameters, its groups: one array task each) for ``runs``; nothing is submitted."""
     from bench.fuse import plan
 
-    out = Path(out).resolve()
-    busy = alive(out)
-    todo = [r for r in runs if r.run_id not in busy]
-    if not todo:
-        return {}
-    executor = submitit.AutoExecutor(folder=out / "slurm" / "logs", cluster="slurm")
-    per_node = world // nodes
     if world % nodes:
         raise ValueError(f"{world} processes per run do not split over {nodes} nodes")
+    per_node = world // nodes
     params = dict(timeout_min=time_min, slurm_array_parallelism=max_parallel, tasks_per_node=per_node, nodes=nodes,
-                  name=f"resbench-{todo[0].sweep or 'sweep'}", slurm_additional_parameters=dict(extra or {}))
+                  name=f"resbench-{runs[0].sweep or 'sweep'}", slurm_additional_parameters=dict(extra or {}))
     if partition:
         params["slurm_partition"] = partition
     if gpus_per_run:
         params["gpus_per_node"] = gpus_per_run if world == 1 else per_node
     if cpus_per_task:
         params["cpus_per_task"] = cpus_per_task
+    if mem_gb:
+        params["mem_gb"] = mem_gb * per_node  # Slurm's --mem is per node: each of its tasks' share
+    groups = plan(runs, fuse, "cuda" if gpus_per_run or str(device).startswith("cuda") else "cpu")
+    return params, groups
+
+
+def submit(runs: list[RunSpec], out: Path, *, device: str = "auto", overrides: dict | None = None, data_root=None,
+           **plan_kw) -> dict[str, str]:
+    """Submit ``runs`` (already filtered to the pending ones) as one array, one task per group
+    (``fuse``, bench.fuse.plan; "auto" groups when tasks get a GPU); returns run_id -> job id. A
+    data-parallel run (``world`` > 1) is one array element of ``world`` tasks over ``nodes`` nodes
+    (one GPU each where ``gpus_per_run``), which submitit's distributed environment numbers.
+    ``plan_kw``: array_plan's (partition, GPUs, time, cores and memory per task, ...)."""
+    import submitit
+
+    out = Path(out).resolve()
+    busy = alive(out)
+    todo = [r for r in runs if r.run_id not in busy]
+    if not todo:
+        return {}
+    params, groups = array_plan(todo, device=device, **plan_kw)
+    executor = submitit.AutoExecutor(folder=out / "slurm" / "logs", cluster="slurm")
     executor.update_parameters(**params)
     task = SlurmRun(str(out), device, dict(overrides or {}), str(data_root) if data_root else None)
-    groups = plan(todo, fuse, "cuda" if gpus_per_run or str(device).startswith("cuda") else "cpu")
     jobs = executor.map_array(task, [[r.to_dict() for r in g] for g in groups])
     submitted = {r.run_id: j.job_id for g, j in zip(groups, jobs) for r in g}
     all_jobs = read_jobs(out) | submitted

@@ -7,6 +7,7 @@ synchronize), so evaluation is excluded from the throughput figures.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -482,12 +483,15 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     t0 = time.perf_counter()
     model.train()
     lr = None
+    recent = collections.deque(maxlen=SIGNAL_BATCHES)
     try:
         for it in range(start, r.iterations):
             if r.lr_at(it, arch.depth) != lr:
                 lr = r.lr_at(it, arch.depth)
                 set_lr(opt, lr)
-            step(*d.batch(loaders, it))
+            batch = d.batch(loaders, it)
+            step(*batch)
+            recent.append(batch)  # the backward signals are measured on the last batches trained (every rank its own)
             bar.step()
             if (it + 1) % r.eval_every and it + 1 != r.iterations:
                 continue
@@ -512,9 +516,9 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
             ids = {k: specs[k].run_id for k in active} if place.main else {}
             for k, rows in members.layer_rows(opt, ids, it + 1).items():
                 layers[k] += rows
-            # the backward signal, on the batches the last steps trained on (a pure function of (seed, step))
-            probe = [d.batch(loaders, j) for j in range(max(start, it + 1 - SIGNAL_BATCHES), it + 1)] if place.main else []
-            for k, rows in members.signal_rows(probe, ex.amp, ids, it + 1).items():
+            # the backward signal, on the batches the last steps trained on: on every rank of a data-parallel run,
+            # whose BN may be synchronised (a train-mode forward is then a collective); rank 0 records its own
+            for k, rows in members.signal_rows(list(recent), ex.amp, ids, it + 1).items():
                 signals[k] += rows
             ddp.sync_buffers(model)
             val_err = d.evaluate(model, "val", ex, device, members)

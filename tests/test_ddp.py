@@ -262,3 +262,52 @@ def test_a_bad_file_only_rank_1_reads_is_named_in_the_record_and_in_status(tmp_p
     assert "failed: 1" in status.stdout and str(bad) in status.stdout
     errors = sorted(p.name for p in (out / "errors").iterdir())
     assert f"{row['run_id']}.rank1.err" in errors and "cannot decode" in (out / "errors" / errors[-1]).read_text()
+
+
+_COLLECTIVE_BN = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from bench import ddp
+from bench.specs import Execution, RunSpec, recipe
+from bench.train import run_group
+
+
+class CollectiveBN(nn.BatchNorm2d):
+    # a training forward that is a collective, as SyncBatchNorm's (which runs on GPUs only)
+    def forward(self, x):
+        if self.training and dist.is_initialized():
+            dist.all_reduce(torch.ones(1))
+        return super().forward(x)
+
+
+def convert(module, process_group=None):
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = CollectiveBN(child.num_features)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            convert(child)
+    return module
+
+
+torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(convert)
+place = ddp.init(cuda=False)
+r = recipe("smoke", batch_size=16, iterations=4, eval_every=2, train_size=64, val_size=32, test_size=32)
+ex = Execution(device="cpu", world_size=2, sync_bn=True)  # --sync-bn itself refuses the CPU
+rows = run_group([RunSpec("resnet8", r, width=0.25, dataset="synthetic")], sys.argv[1], ex, progress=False)
+assert not place.main or rows[0]["status"] == "ok", rows
+ddp.leave()
+"""
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_with_synchronised_bn_every_rank_takes_part_in_the_signal_probe(tmp_path, monkeypatch):
+    """At an evaluation point the backward-signal probe runs train-mode forwards; with SyncBatchNorm each is a
+    collective, so every rank must run it (rank 0 alone would wait for partners that never come)."""
+    monkeypatch.setenv("RESBENCH_DDP_TIMEOUT", "30")
+    _ranks(_COLLECTIVE_BN, [str(tmp_path / "out")], timeout=120)
+    signals = records.load_signals(tmp_path / "out")
+    assert sorted(signals["iteration"].unique()) == [2, 4] and (signals["batches"] == 2).all()

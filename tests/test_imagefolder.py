@@ -318,6 +318,13 @@ def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_gri
     assert both[["decode_on", "workers", "decode_device"]].values.tolist() == [
         ["workers", 0, "cpu"], ["workers", 1, "cpu"], ["device", 1, "cpu"]]
     assert (both["batch_size"] == 4).all() and both["img_per_s_per_core"].isna().tolist() == [False, False, True]
+    # timed on a random sample of the tree, whose images' sizes the rows say (the rate depends on them)
+    files = [p for p in (tree / "train").rglob("*.JPEG")]
+    assert (row["sampled_images"], row["mean_file_kb"]) == (18, pytest.approx(sum(p.stat().st_size for p in files)
+                                                                               / len(files) / 1024))
+    assert row["mean_megapixels"] == pytest.approx(sum((40 + 8 * i) * (60 - 4 * i) for i in range(6)) / 6 / 1e6)
+    few = prof.decode_profile(tree, workers=(0,), seconds=0.1, batch_size=2, sample=5, log=lambda *_: None)
+    assert (few["sampled_images"].iloc[0], few["train_images"].iloc[0]) == (5, 18)
 
 
 def test_table_2_sets_the_runs_10_crop_error_beside_the_papers():
@@ -434,3 +441,26 @@ def test_the_first_failing_rank_is_the_one_whose_traceback_file_came_first(tmp_p
         os.utime(f, ns=(mtime * 10**9, mtime * 10**9))
     assert train.first_rank_error(tmp_path, "r", 2).startswith("rank 1 of 2 failed first: ImageFolderError: cannot decode")
     assert train.first_rank_error(tmp_path, "other", 2) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_decoding_waits_for_the_kernels_still_queued_on_the_stream(tree):
+    """Tensors of the decoded images' sizes are read by kernels queued behind a long GPU sleep, then freed: the
+    caching allocator may hand their memory to the decoder's outputs at once (same stream). If the decoder wrote
+    before those kernels ran, their sums would change."""
+    t = imf.scan(tree)
+    paths = [i.path for i in t.train][:8]
+    datas = [imf.read_bytes(p) for p in paths]
+    cuda = torch.device("cuda")
+    sizes = [imf.decode_data(d, p).numel() for d, p in zip(datas, paths)]
+    for _ in range(3):
+        blocks = [torch.full((n,), 7, dtype=torch.uint8, device=cuda) for n in sizes]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # the stream busy for a while (GPU cycles)
+        sums = [b.sum() for b in blocks]  # queued behind the sleep, reading the blocks
+        del blocks  # their memory goes back to the stream's pool while the sums wait
+        imgs = imf.decode_many(datas, paths, cuda)
+        torch.cuda.synchronize()
+        assert [int(s) for s in sums] == [7 * n for n in sizes]
+        assert all(img.is_cuda for img in imgs)

@@ -158,3 +158,25 @@ def test_a_two_task_data_parallel_run_through_slurm(slurm, tmp_path):
     assert len(runs) == 1 and runs.loc[0, "status"] == "ok", runs.get("error")
     assert (runs.loc[0, "world_size"], runs.loc[0, "bn_mode"], runs.loc[0, "bn_batch"]) == (2, "per process", 16)
     assert len(read_jobs(tmp_path)) == 1
+
+
+def test_a_dry_run_shows_the_cores_and_memory_each_task_asks_for_and_submits_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    base = ["sweep", "--executor", "slurm", "--preset", "he2015-imagenet", "--data-root", str(tmp_path / "no-data"),
+            "--partition", "gpu", "--gpus-per-run", "8", "--time", "2880", "--out", str(tmp_path / "o"), "--dry-run"]
+    res = CliRunner().invoke(main, base + ["--loader-workers", "10"])
+    assert res.exit_code == 0, res.output
+    # a process per GPU, each with its 10 decoding workers: 11 cores and 8 + 2 x 10 GB per task
+    assert "8 task(s) per node (a process each), 8 GPU(s) per node, 11 CPUs per task, 28 GB per task" in res.output
+    assert "224 GB per node" in res.output and "2880 minutes" in res.output and "partition gpu" in res.output
+    assert res.output.count("  task ") == 4 and not (tmp_path / "o").exists()
+    given = CliRunner().invoke(main, base + ["--cpus-per-task", "6", "--mem-gb", "40", "--slurm-opt", "account=me"])
+    assert "6 CPUs per task, 40 GB per task" in given.output and "account=me" in given.output
+    cifar = CliRunner().invoke(main, ["sweep", "--executor", "slurm", "--preset", "he2015", "--gpus-per-run", "1",
+                                      "--depths", "20", "--out", str(tmp_path / "c"), "--dry-run"])
+    assert "1 GPU(s) per node, 1 CPUs per task, 8 GB per task" in cifar.output  # the data sits on the GPU
+    local = CliRunner().invoke(main, ["sweep", "--dry-run", "--out", str(tmp_path / "l")])
+    assert local.exit_code == 2 and "--dry-run shows a Slurm job array" in local.output
