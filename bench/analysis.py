@@ -281,7 +281,7 @@ def shattered(net, x: torch.Tensor, mean: "torch.Tensor | data.Norm", *, images:
 
 def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: bool = True, shattered_: bool = True,
              max_images: int | None = None, draws: int = LESION_DRAWS, images: int = 8, progress: bool = True,
-             notes: list | None = None, ex: Execution | None = None) -> dict[str, pd.DataFrame]:
+             notes: list | None = None, ex: Execution | None = None, log=None) -> dict[str, pd.DataFrame]:
     """Write analysis/lesion.parquet and analysis/shattered.parquet for the folder's ok runs; return them.
 
     ``max_images``: test images for the lesions (None: the whole test set). ``ex``: how evaluation runs
@@ -300,6 +300,18 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
                        amp=ex.amp, channels_last=ex.channels_last)
     les, sha, done = [], [], []
     n = int((runs["status"] == "ok").sum()) if "status" in runs else len(runs)
+    import sys
+    import time
+
+    lines = progress and log is not None and not sys.stderr.isatty()  # a line per run where no bar is drawn
+    if log is not None:
+        log(f"diagnose {n} runs; what takes the time, per run: " + "; ".join(filter(None, [
+            f"the lesion study evaluates the {'first ' + str(max_images) if max_images else 'whole'} test set "
+            f"(--max-images) once intact, once per deletable block and {draws} times per number of blocks deleted "
+            f"(--draws)" if lesion else "",
+            f"shattered gradients take {images} images (--shattered-images) x {2 * LINE_STEPS + 1} input "
+            f"gradients, at initialisation and trained, whatever --max-images" if shattered_ else ""])))
+    t0 = time.perf_counter()
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
     for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose",
                                                            tree_images=max_images or TREE_IMAGES):
@@ -339,6 +351,12 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
         les += mine["lesion"]
         sha += mine["shattered"]
         bar.update()
+        if lines:
+            from bench.progress import duration
+
+            k, elapsed = len(done), time.perf_counter() - t0
+            log(f"[{k}/{n}] {run['run_id']} diagnosed; {duration(elapsed)} so far, about "
+                f"{duration(elapsed / k * (n - k))} left")
     bar.close()
     out = {}
     for name, rows in (("lesion", les), ("shattered", sha)):

@@ -40,6 +40,45 @@ def main(plugins) -> None:
                                                                           else p for p in plugins]))
 
 
+class Sectioned(click.Command):
+    """A command whose --help lists its options under headings (``sections``: heading -> parameter names, in the
+    order shown); options not named come last, under "Other options"."""
+
+    sections: dict[str, list[str]] = {}
+
+    def format_options(self, ctx, formatter):
+        params = {p.name: p for p in self.get_params(ctx)}
+        placed = set()
+        for heading, names in [*self.sections.items(), ("Other options", [n for n in params if n not in
+                                                                             {x for v in self.sections.values() for x in v}])]:
+            rows = [r for n in names if n in params and n not in placed and (r := params[n].get_help_record(ctx))]
+            placed |= set(names)
+            if rows:
+                with formatter.section(heading):
+                    formatter.write_dl(rows)
+
+
+class Renamed(click.Option):
+    """An option whose earlier name still works for a release (README, "Renamed options"), not shown in --help
+    (nor accepted twice: it is the same option)."""
+
+    def __init__(self, *args, old: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old = old
+
+    def get_help_record(self, ctx):
+        opts, self.opts = self.opts, [o for o in self.opts if o != self.old]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+def renamed(new: str, old: str, name: str, **kwargs):
+    """click.option(new, old, name, ...) with ``old`` hidden (Renamed)."""
+    return click.option(new, old, name, cls=Renamed, old=old, **kwargs)
+
+
 def friendly_errors(fn):
     """Turn the library's expected errors into a one-line message and exit code 1, no traceback."""
 
@@ -88,6 +127,8 @@ def load_config(ctx: click.Context, _param, path: str | None):
     # lists become the comma-separated text the options parse, tables KEY=VALUE pairs (lr-for = {fixup = 0.1})
     conf = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else
             ",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v for k, v in conf.items()}
+    olds = {p.old.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if isinstance(p, Renamed)}
+    conf = {olds.get(k, k): v for k, v in conf.items()}  # an earlier option name still works as a key
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(conf) - known)
     if unknown:
@@ -174,9 +215,6 @@ def exec_options(fn):
         click.option("--execution", type=click.Choice(["eager", "compile", "cudagraph"]), default=None,
                      help="eager, torch.compile, or one CUDA graph per training step  [default: cudagraph on CUDA, "
                           "eager on the CPU]"),
-        click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
-                     help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
-                          "(0: off)  [default: 0]"),
         click.option("--dataset", type=click.Choice(DATASETS), default=None,
                      help="[default: the preset's: cifar10, imagenet for he2015-imagenet, imagenette for imagenette]"),
         click.option("--loader-workers", type=click.IntRange(min=0), default=None,
@@ -210,7 +248,7 @@ def _execution(o: dict):
 def _exec_overrides(o: dict) -> dict:
     """The execution options given (None: the device's default), as Execution fields."""
     return dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"],
-                pad_input=None if o["pad_input"] is None else int(o["pad_input"]), loader_workers=o["loader_workers"],
+                pad_input=None if o.get("pad_input") is None else int(o["pad_input"]), loader_workers=o["loader_workers"],
                 decode_on=o["decode_on"])
 
 
@@ -224,7 +262,7 @@ PRESET = click.option("--preset", type=click.Choice(_presets()), default="smoke"
                       help="Recipe and grid defaults (see README).")
 
 
-@main.command()
+@main.command(cls=Sectioned)
 @click.argument("model")
 @PRESET
 @click.option("--seed", type=click.IntRange(min=0), default=0)
@@ -250,8 +288,7 @@ def run(model, preset, seed, out, **o):
     ex = _execution(o)
     _require_data(o)
     check_writable(out)
-    run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=sys.stderr.isatty(),
-              log=click.echo)
+    run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=True, log=click.echo)
     _fail_if_failed([spec], out)
 
 
@@ -312,15 +349,16 @@ def _fuse_option(ctx, param, value):
     return value
 
 
-@main.command()
+@main.command(cls=Sectioned)
 @click.option("--config", type=click.Path(dir_okay=False), callback=load_config, is_eager=True, expose_value=False,
               help="TOML file of option values (keys as option names); explicit options win.")
 @PRESET
-@click.option("--models", callback=csv_list(str), default=None,
-              help=f"Kinds: {', '.join(resnet.kinds())} (and plugins': `resbench models` lists them)  "
-                   f"[default: {preset_defaults('models')}]")
+@renamed("--kinds", "--models", "kinds", callback=csv_list(str), default=None,
+         help=f"Network kinds: {', '.join(resnet.kinds())} (and plugins': `resbench models` lists them)  "
+              f"[default: {preset_defaults('models')}]")
 @click.option("--depths", callback=csv_list(int), default=None,
-              help=f"CIFAR depths (6n+2)  [default: {preset_defaults('depths')}]")
+              help=f"Depths: 6n+2 for the CIFAR nets (8, 20, 32, ...), 18/34/50/101/152 for the ImageNet-style "
+                   f"family  [default: {preset_defaults('depths')}]")
 @click.option("--seeds", callback=csv_list(int, minimum=0), default=None,
               help=f"Seeds, one run of each net per seed  [default: {preset_defaults('seeds')}]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
@@ -338,6 +376,9 @@ def _fuse_option(ctx, param, value):
 @click.option("--jobs", type=COUNT, default=None,
               help="CPU: runs at a time, each in its own process  [default: 1, in this process]")
 @click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
+@click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
+              help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
+                   "(0: off)  [default: 0]")
 @click.option("--fuse", default="auto", show_default=True, callback=_fuse_option, metavar="auto|off|K",
               help="Train runs of one shape as one grouped network (fused training). " + FUSE_HELP + ".")
 @recipe_options
@@ -365,7 +406,7 @@ def _fuse_option(ctx, param, value):
               help="Slurm: memory per task, GB  [default: 8, plus 2 per loader worker for ImageNet-style data]")
 @click.option("--dry-run", is_flag=True,
               help="Slurm: print the job array (resources per task, one line per task) and submit nothing.")
-def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_recipe, executor, jobs, runs_per_gpu, fuse,
+def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recipe, executor, jobs, runs_per_gpu, fuse,
           partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait,
           cpus_per_task, mem_gb, dry_run, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
@@ -378,7 +419,7 @@ def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_reci
       resbench sweep --preset he2015 --depths 20,56,110 --seeds 0,1,2 --device cuda
       resbench sweep --preset he2015 --seeds 0,1,2,3,4 --fuse 10   # 5 seeds x twins: one group per depth
       resbench sweep --config my-sweep.toml --seeds 3
-      resbench sweep --preset smoke --models plain,resnet,fixup,tat --seeds 0,1,2 --lr-grid preset
+      resbench sweep --preset smoke --kinds plain,resnet,fixup,tat --seeds 0,1,2 --lr-grid preset
     """
     from bench import sweep as sw
     from bench.specs import PRESETS, SweepSpec
@@ -405,7 +446,7 @@ def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_reci
             raise click.BadParameter(f"preset {preset} has no lr grid; give the lrs, e.g. 0.025,0.05,0.1,0.2",
                                      param_hint="--lr-grid")
         lr_grid = LR_GRIDS[preset]
-    spec = SweepSpec(name=name or preset, recipe=recipe, models=models or p["models"],
+    spec = SweepSpec(name=name or preset, recipe=recipe, models=kinds or p["models"],
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
                      width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
                      dataset=o["dataset"], bn_batch=None if world == 1 or sync_bn else recipe.batch_size // world,
@@ -449,11 +490,31 @@ def sweep(preset, models, depths, seeds, out, name, lr_for, lr_grid, method_reci
         elif len(slots) > 1:
             sw.run_parallel(todo, out, ex, slots, **kw)
         else:
-            sw.run_local(todo, out, ex, progress=sys.stderr.isatty(), groups=groups, **kw)
+            sw.run_local(todo, out, ex, progress=True, groups=groups, **kw)  # a bar, or lines without a terminal
         if spec.lr_grid:
             click.echo(sw.tuning_summary(out))
     click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     _fail_if_failed(runs, out)
+
+
+RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "momentum", "weight_decay", "warmup_iters",
+                  "warmup_lr", "warmup_min_depth", "normalize", "mixup", "decay_1d", "lighting", "train_size", "val_size",
+                  "test_size", "eval_every"]
+DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on"]
+EXECUTION_SECTION = ["device", "amp", "channels_last", "execution"]
+sweep.sections = {
+    "What to train": ["config", "preset", "kinds", "depths", "seeds", "width", "shortcut", "out", "name"],
+    "Methods compared": ["lr_for", "lr_grid", "method_recipe"],
+    "Recipe (overrides the preset's)": RECIPE_SECTION,
+    "Data": DATA_SECTION,
+    "Execution": EXECUTION_SECTION,
+    "Parallelism (runs side by side, or one run over several processes)": [
+        "jobs", "runs_per_gpu", "fuse", "pad_input", "gpus_per_run", "procs_per_run", "nodes", "sync_bn"],
+    "Slurm (--executor slurm)": ["executor", "partition", "time_min", "max_parallel", "cpus_per_task", "mem_gb",
+                                 "slurm_opt", "wait", "dry_run"],
+}
+run.sections = {"What to train": ["preset", "seed", "width", "shortcut", "out"], "Recipe (overrides the preset's)":
+                RECIPE_SECTION, "Data": DATA_SECTION, "Execution": EXECUTION_SECTION}
 
 
 def _world_size(ex, executor: str, gpus: int, procs: int, nodes: int, sync_bn: bool, batch: int) -> int:
@@ -574,7 +635,7 @@ def status(results_dir):
 
 @main.command("check-data")
 @click.argument("folder", type=click.Path(exists=True, path_type=Path))
-@click.option("--workers", type=click.IntRange(min=0), default=4, help="Decoding processes.")
+@renamed("--loader-workers", "--workers", "workers", type=click.IntRange(min=0), default=4, help="Decoding processes.")
 @friendly_errors
 def check_data(folder, workers):
     """Decode every image of an ImageNet-style tree once and list those that cannot be read.
@@ -585,7 +646,7 @@ def check_data(folder, workers):
 
     \b
     Example:
-      resbench check-data /data/imagenet --workers 16
+      resbench check-data /data/imagenet --loader-workers 16
     """
     from bench import imagefolder
 
@@ -700,8 +761,11 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
 @click.option("--max-images", type=COUNT, default=None, help="Test images for the lesion study  [default: all; 1000 of an ImageNet-style val/]")
 @click.option("--draws", type=COUNT, default=LESION_DRAWS,
               help="Random sets of k deleted blocks per k (seeded by the run's seed and k).")
+@click.option("--shattered-images", type=COUNT, default=8, show_default=True,
+              help="Test images whose input gradients the shattered-gradient measure follows (its time grows with "
+                   "them, not with --max-images).")
 @friendly_errors
-def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
+def diagnose(results_dir, data_root, lesion, shattered, max_images, draws, shattered_images):
     """Why plain nets degrade: lesion study and shattered gradients from the saved weights.
 
     Writes RESULTS_DIR/analysis/lesion.parquet and shattered.parquet; `resbench report` draws them.
@@ -722,7 +786,8 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
     runs, _ = records.load(results_dir)
     notes: list = []
     out = run_diagnose(results_dir, runs, data_root=data_root, lesion=lesion, shattered_=shattered,
-                       max_images=max_images, draws=draws, progress=sys.stderr.isatty(), notes=notes)
+                       max_images=max_images, draws=draws, images=shattered_images, progress=True, notes=notes,
+                       log=lambda line: click.echo(line, err=True))
     for note in notes:
         click.echo(f"note: {note}", err=True)
     if not out:
@@ -731,8 +796,9 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
         click.echo(f"{Path(results_dir) / 'analysis' / (name + '.parquet')}: {len(df)} rows")
 
 
-@main.command()
-@click.option("--models", callback=csv_list(str), default=None, help=f"Networks  [default: {profile_defaults('models')}]")
+@main.command(cls=Sectioned)
+@renamed("--nets", "--models", "models", callback=csv_list(str), default=None,
+         help=f"Networks, by name (resnet20, plain56, ...)  [default: {profile_defaults('models')}]")
 @click.option("--batch-sizes", callback=csv_list(int, minimum=1), default=None,
               help=f"[default: {profile_defaults('batch_sizes')}]")
 @click.option("--precisions", callback=csv_list(str), default=None,
@@ -745,12 +811,12 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 @click.option("--group-sizes", callback=csv_list(int, minimum=1), default=None,
               help="Run groups of K nets trained as one grouped network (fused training; img/s is the group's "
                    f"aggregate)  [default: {profile_defaults('group_sizes')}]")
-@click.option("--pad-inputs", callback=csv_list(int), default=None,
+@renamed("--pad-input", "--pad-inputs", "pad_inputs", callback=csv_list(int), default=None,
               help="Run groups: each member's input zero-padded to this many channels, 0 for none (e.g. 0,4,8)  "
                    f"[default: {profile_defaults('pad_inputs')}]")
 @click.option("--decode", "decode_tree", type=click.Path(exists=True, path_type=Path), default=None, metavar="TREE",
               help="Instead of the grid: time the ImageNet-style input pipeline on an ImageFolder tree, on one core "
-                   "and with --workers processes, and on a CUDA --device decoding there (nvJPEG); batch: the first "
+                   "and with --loader-workers processes, and on a CUDA --device decoding there (nvJPEG); batch: the first "
                    "of --batch-sizes (64 if not given)")
 @click.option("--decode-s", type=POSITIVE, default=10.0, show_default=True,
               help="With --decode: seconds each setting (one core, then the workers) decodes")
@@ -766,7 +832,7 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws):
 @click.option("--baseline/--no-baseline", default=True, help="Also time the common DataLoader pipeline against ours.")
 @click.option("--baseline-model", default="resnet20")
 @click.option("--baseline-batch-size", type=COUNT, default=128)
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@renamed("--loader-workers", "--workers", "workers", type=click.IntRange(min=0), default=None,
               help=f"DataLoader workers of the baseline  [default: {profile_defaults('workers')}]")
 @click.option("--data-root", type=click.Path(path_type=Path), default=None, help="CIFAR-10 for the baseline  [default: $RESBENCH_DATA; synthetic if absent]")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("results/profile"))
@@ -782,10 +848,10 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
     \b
     Examples:
       resbench profile
-      resbench profile --models resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
-      resbench profile --models resnet20 --batch-sizes 128 --against results/reference-profile-h200
-      resbench profile --models resnet20,resnet56 --batch-sizes 128 --group-sizes 1,2,5,10,20 --executions cudagraph
-      resbench profile --models resnet18,resnet34,plain34 --image-size 224 --batch-sizes 64,256
+      resbench profile --nets resnet20,plain56 --batch-sizes 128,512 --executions eager,compile,cudagraph
+      resbench profile --nets resnet20 --batch-sizes 128 --against results/reference-profile-h200
+      resbench profile --nets resnet20,resnet56 --batch-sizes 128 --group-sizes 1,2,5,10,20 --executions cudagraph
+      resbench profile --nets resnet18,resnet34,plain34 --image-size 224 --batch-sizes 64,256
     """
     import pandas as pd
 
@@ -827,10 +893,21 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
             click.echo(str(path))
 
 
+profile.sections = {
+    "What to time": ["models", "batch_sizes", "precisions", "formats", "executions", "modes", "group_sizes",
+                     "pad_inputs", "image_size", "device"],
+    "How": ["repeats", "warmup", "block_s"],
+    "The common pipeline against ours": ["baseline", "baseline_model", "baseline_batch_size", "workers", "data_root"],
+    "The ImageNet-style input pipeline instead (--decode)": ["decode_tree", "decode_s", "decode_images"],
+    "Output": ["out", "name", "against"],
+}
+
+
 @main.command()
 @click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
 @PRESET
-@click.option("--models", callback=csv_list(str), default=None, help="Kinds  [default: the preset's]")
+@renamed("--kinds", "--models", "kinds", callback=csv_list(str), default=None,
+         help="Network kinds  [default: the preset's]")
 @click.option("--depths", callback=csv_list(int), default=None, help="[default: the preset's]")
 @click.option("--seeds", callback=csv_list(int), default=None, help="Runs per net  [default: the preset's]")
 @click.option("--gpus-per-run", type=COUNT, default=1, show_default=True,
@@ -839,7 +916,7 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
               help="A `resbench profile --decode` parquet or folder: add the CPU cores that would feed each GPU, and "
                    "the rate training would reach decoding on the GPU (both on its stream)")
 @friendly_errors
-def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_path):
+def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_path):
     """Estimate a sweep's GPU-hours from a saved profile (training steps only, a low estimate).
 
     PROFILE: a parquet that `resbench profile` wrote, or a folder holding profile/*.parquet.
@@ -854,7 +931,7 @@ def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_p
 
     decode = read_reference(decode_path, "--decode", columns=DECODE_KEYS) if decode_path else None
     profile = read_reference(profile_path, "PROFILE")
-    df = cost.estimate(profile, preset, models=models, depths=depths, seeds=seeds, gpus_per_run=gpus_per_run,
+    df = cost.estimate(profile, preset, models=kinds, depths=depths, seeds=seeds, gpus_per_run=gpus_per_run,
                        decode=decode)
     shown = df.assign(img_per_s_per_gpu=df["img_per_s_per_gpu"].round().astype("Int64"))
     click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -867,7 +944,7 @@ def estimate(profile_path, preset, models, depths, seeds, gpus_per_run, decode_p
     missing = df.loc[df["gpu_hours"].isna(), "net"].tolist()
     if missing:
         click.echo(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per GPU: {', '.join(missing)} "
-                   f"(resbench profile --models {','.join(missing)} ...)")
+                   f"(resbench profile --nets {','.join(missing)} ...)")
     decode_batch = df.attrs.get("decode_batch")
     if decode_batch is not None and decode_batch != df["batch_per_gpu"].iloc[0]:
         click.echo(f"note: the decode profile was timed at batch {decode_batch}; each GPU of this run decodes "

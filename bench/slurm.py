@@ -53,7 +53,7 @@ class SlurmRun:
         if not runs:
             return []
         ex = Execution.for_device(self.device, **self.overrides)  # resolved on the compute node
-        results = run_recorded(runs, Path(self.out), ex, data_root=self.data_root, progress=False)
+        results = run_recorded(runs, Path(self.out), ex, data_root=self.data_root, progress=True)  # lines in the log
         if results is None:  # a rank other than 0 raised: its task fails (rank 0 recorded the run)
             raise RuntimeError(f"this process (rank {place.rank}) failed; its traceback is in "
                                f"{records.paths(self.out, runs[0].run_id)['errors']}")

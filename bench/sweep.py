@@ -124,7 +124,7 @@ def describe_groups(groups: list[list[RunSpec]]) -> str:
 def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off", data_root=None, download=False,
               progress=True, log=print, groups: list[list[RunSpec]] | None = None) -> None:
     """One group after another in this process (``groups``: plan_groups(runs, fuse, ex) unless given)."""
-    n, i = len(runs), 0
+    n, i, t0 = len(runs), 0, time.perf_counter()
     for group in groups if groups is not None else plan_groups(runs, fuse, ex):
         t = time.perf_counter()
         # one group's failure never stops the sweep (it is recorded); Ctrl-C does
@@ -134,7 +134,14 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off
             if isinstance(res, claims.Skip):  # another sweep trains it (or has done so)
                 log(f"[{i}/{n}] {spec.run_id}: skipped ({res})")
             else:
-                log(_line(i, n, res, time.perf_counter() - t))
+                log(_line(i, n, res, time.perf_counter() - t) + _eta(i, n, time.perf_counter() - t0))
+
+
+def _eta(done: int, n: int, elapsed: float) -> str:
+    """'; the sweep: about 12 min left' (from the time per run so far), '' when it is done."""
+    from bench.progress import duration
+
+    return f"; the sweep: about {duration(elapsed / done * (n - done))} left" if done < n else ""
 
 
 def _line(i: int, n: int, row: dict, seconds: float) -> str:
@@ -142,7 +149,7 @@ def _line(i: int, n: int, row: dict, seconds: float) -> str:
         return f"[{i}/{n}] {row['run_id']}: failed ({row['error']})"
     lr = f" lr {row['lr']:g}" if row.get("lr_tuning") in ("grid", "chosen") else ""
     return (f"[{i}/{n}] {row['model']:<12} seed {row['seed']}{lr}: {row['status']}, train err "
-            f"{row['final_train_err']:.3f}, test err {row['final_test_err']:.3f}, "
+            f"{100 * row['final_train_err']:.1f} %, test err {100 * row['final_test_err']:.1f} %, "
             f"{row['train_img_per_s']:.0f} img/s, {seconds:.0f} s")
 
 
@@ -172,7 +179,7 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
     """Each group in its own subprocess (`python -m bench worker`), len(slots) at a time."""
     queue = plan_groups(runs, fuse, ex, in_process=False)
     active: dict[int, tuple[subprocess.Popen, list[RunSpec], Path, float]] = {}
-    n, done = len(runs), 0
+    n, done, t0 = len(runs), 0, time.perf_counter()
     spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
     # a pinned worker sees its GPU as cuda:0
     wex = replace(ex, device="cuda" if ex.device.startswith("cuda") else ex.device)
@@ -200,7 +207,7 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
                     row = records.recorded(out, spec.run_id)
                     if row is None:  # the worker died without recording it (killed, segfault, OOM kill)
                         row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
-                    log(_line(done, n, row, time.perf_counter() - t))
+                    log(_line(done, n, row, time.perf_counter() - t) + _eta(done, n, time.perf_counter() - t0))
             time.sleep(poll_s)
     finally:
         for proc, _, _, _ in active.values():
@@ -220,7 +227,7 @@ def worker(spec_file: Path, out: Path) -> int:
     job = json.loads(Path(spec_file).read_text())
     specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
     place = ddp.init(ex.device.startswith("cuda"))  # one process of a data-parallel run, or alone
-    results = run_recorded(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=False)
+    results = run_recorded(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=True)
     if results is None or any(not isinstance(r, claims.Skip) and r["status"] == "failed" for r in results):
         return 1
     ddp.leave()

@@ -24,30 +24,11 @@ import torch
 import resnet
 from bench import claims, data, ddp, fuse, records
 from bench.fuse import Members
+from bench.progress import Progress
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
 
 SIGNAL_BATCHES = 2  # training batches each evaluation point's backward signals are averaged over
-
-
-class Progress:
-    """A tqdm bar on a terminal; silent otherwise (tqdm disables itself when stdout is no TTY)."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False,
-                        disable=None if enabled else True, dynamic_ncols=True)
-
-    def step(self, n: int = 1) -> None:
-        self.bar.update(n)
-
-    def show(self, **values) -> None:
-        self.bar.set_postfix(values, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
 
 
 @torch.no_grad()
@@ -435,7 +416,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
     step = TrainStep(_data_parallel(model, ex, device), opt, execution=ex.execution, amp=ex.amp, device=device,
                      members=len(specs))
 
-    desc = specs[0].model if len(specs) == 1 else f"{len(specs)} x {arch.depth} layers"
+    desc = f"{specs[0].model} seed {specs[0].seed}" if len(specs) == 1 else f"{len(specs)} x {arch.depth} layers"
     bar = Progress(r.iterations, start, desc, progress and place.main)
     active, results = list(range(len(specs))), [None] * len(specs)
     t_wall = t_beat = time.perf_counter()
@@ -527,7 +508,7 @@ def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | N
                 curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
                                       val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
             k0 = active[0]
-            bar.show(loss=f"{losses[k0]:.3f}", err=f"{errs[k0]:.3f}", val=f"{val_err[k0]:.3f}",
+            bar.show(loss=f"{losses[k0]:.3f}", train_err=f"{100 * errs[k0]:.1f} %", val_err=f"{100 * val_err[k0]:.1f} %",
                      img_s=f"{seen * len(active) / window:.0f}")
             lost = {}
             for k in list(active) if place.main else []:

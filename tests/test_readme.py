@@ -188,3 +188,73 @@ def test_the_report_reads_the_test_images_from_the_runs_recorded_data_source(tmp
     with pytest.raises(data.DataError):
         next(analysis._saved_nets(tmp_path, runs, tmp_path / "given", None, "test"))
     assert asked == [str(source), tmp_path / "given"]
+
+
+def test_sweep_help_groups_its_options_under_headings_and_every_option_has_one():
+    from bench.cli import sweep
+
+    text = CliRunner().invoke(main, ["sweep", "--help"], terminal_width=200).output
+    headings = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings[:2] == ["What to train", "Methods compared"] and "Other options" in headings
+    placed = {n for names in sweep.sections.values() for n in names}
+    assert {p.name for p in sweep.params if p.name != "help"} <= placed  # a new option must be given a heading
+    parallel = text[text.index("Parallelism"):text.index("Slurm (--executor slurm)")]
+    for option in ("--jobs", "--runs-per-gpu", "--fuse", "--gpus-per-run", "--procs-per-run", "--nodes"):
+        assert option in parallel, option
+    assert "Other options:\n  -h, --help" in text.replace("\r", "")
+
+
+def test_one_name_per_concept_across_commands_and_the_old_names_still_work(tmp_path):
+    """Kinds are --kinds (sweep, estimate, models), networks by name --nets (profile), decoding processes
+    --loader-workers, the padded input --pad-input; the earlier names work, hidden, for a release."""
+    assert "--kinds" in _help("sweep") and "--kinds" in _help("estimate") and "--kinds" in _help("models")
+    assert "--nets" in _help("profile") and "--pad-input" in _help("profile") and "--loader-workers" in _help("profile")
+    assert "--loader-workers" in _help("check-data")
+    for command in ("sweep", "estimate", "profile", "check-data"):
+        shown = _help(command)
+        assert "--models" not in shown and "--pad-inputs" not in shown and "--workers " not in shown, command
+    assert "--pad-input" not in _help("run")  # a lone run is never padded
+    base = ["sweep", "--dataset", "synthetic", "--depths", "8", "--width", "0.25", "--iterations", "2", "--eval-every",
+            "1", "--train-size", "64", "--val-size", "32", "--test-size", "32", "--batch-size", "32"]
+    old = CliRunner().invoke(main, base + ["--models", "plain", "--out", str(tmp_path / "a")])
+    assert old.exit_code == 0 and "1 runs" in old.output, old.output
+    (tmp_path / "c.toml").write_text('models = ["resnet"]\n')  # an earlier config file's key
+    conf = CliRunner().invoke(main, base + ["--config", str(tmp_path / "c.toml"), "--out", str(tmp_path / "b")])
+    assert conf.exit_code == 0 and "resnet8" in conf.output, conf.output
+
+
+def test_without_a_terminal_a_run_says_where_it_is_at_each_evaluation_point_and_the_sweep_how_long_is_left(tmp_path):
+    res = CliRunner().invoke(main, ["sweep", "--dataset", "synthetic", "--kinds", "plain,resnet", "--depths", "8",
+                                    "--width", "0.25", "--iterations", "4", "--eval-every", "2", "--train-size", "64",
+                                    "--val-size", "32", "--test-size", "32", "--batch-size", "32", "--out",
+                                    str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    steps = [ln for ln in lines if ln.startswith("plain8 seed 0: step ")]
+    assert [ln.split(",")[0] for ln in steps] == ["plain8 seed 0: step 2/4", "plain8 seed 0: step 4/4"]
+    assert re.search(r"train_err \d+\.\d %, val_err \d+\.\d %, img_s \d+, \d+ s so far, about \d+ s left", steps[0])
+    first = next(ln for ln in lines if ln.startswith("[1/2] plain8"))
+    assert re.search(r"train err \d+\.\d %, test err \d+\.\d %", first) and "the sweep: about" in first
+    assert "the sweep" not in next(ln for ln in lines if ln.startswith("[2/2]"))
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_the_main_command_as_typed_writes_only_into_the_clone_and_the_users_cache(tmp_path, cifar_archive):
+    """A new user's first command, with their own archive given the way the README says (RESBENCH_DATA) and an
+    empty home: nothing is created beside the clone; only the clone and ~/.cache/resbench are written."""
+    main_block = next(b for b in BLOCKS if b["file"] == "README.md" and "--preset smoke --download" in b["text"])
+    assert "RESBENCH_DATA" not in main_block["text"] and "shared" not in main_block["text"]
+    clone, home = tmp_path / "clone", tmp_path / "home"
+    clone.mkdir()
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RESBENCH_CACHE", "RESBENCH_DATA")}
+    env |= {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(home),
+            "RESBENCH_DATA": str(cifar_archive), "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(["bash", "-e", "-c", _shell(main_block)], cwd=clone, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone", "home"]  # nothing beside the clone
+    written = [p.relative_to(home) for p in home.rglob("*") if p.is_file()]
+    assert any(p.parts[:2] == (".cache", "resbench") for p in written)  # the decoded data set
+    assert all(p.parts[0] == ".cache" for p in written), written  # the user's cache (matplotlib's fonts there too)
+    assert (clone / "results" / "smoke" / "report" / "report.html").exists()

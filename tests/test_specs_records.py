@@ -189,7 +189,8 @@ def test_paths_and_readers(tmp_path):
     p = records.paths(tmp_path, "r1")
     assert p == {"run": tmp_path / "runs" / "r1.parquet", "curves": tmp_path / "curves" / "r1.parquet",
                  "weights": tmp_path / "weights" / "r1.pt", "layers": tmp_path / "layers" / "r1.parquet",
-                 "signals": tmp_path / "signals" / "r1.parquet", "ckpt": tmp_path / "ckpt" / "r1.pt"}
+                 "signals": tmp_path / "signals" / "r1.parquet", "ckpt": tmp_path / "ckpt" / "r1.pt",
+                 "errors": tmp_path / "errors"}
     runs, curves = records.load(tmp_path)
     assert runs.empty and curves.empty and records.finished(tmp_path) == {} and records.recorded(tmp_path, "r1") is None
     records.write_parquet(pd.DataFrame([dict(run_id="r1", status="ok")]), p["run"])

@@ -664,13 +664,13 @@ def bars(monkeypatch):
 
 
 def test_the_progress_bar_follows_its_run_and_shows_each_evaluation_point(tmp_path, tiny, interrupt, bars):
-    shown = lambda c, k=1: [dict(loss=f"{p.train_loss:.3f}", err=f"{p.train_err:.3f}", val=f"{p.val_err:.3f}",  # noqa: E731
-                                 img_s=f"{k * p.img_per_s:.0f}") for p in c.itertuples()]
+    shown = lambda c, k=1: [dict(loss=f"{p.train_loss:.3f}", train_err=f"{100 * p.train_err:.1f} %",  # noqa: E731
+                                 val_err=f"{100 * p.val_err:.1f} %", img_s=f"{k * p.img_per_s:.0f}") for p in c.itertuples()]
     spec = RunSpec("plain8", tiny, width=0.25, dataset="synthetic")  # 16 steps, an evaluation every 8
     interrupt(spec, tmp_path / "one", CPU)
     run_one(spec, tmp_path / "one", CPU, progress=False)
     first, resumed = bars
-    assert first.made == (16, 0, "plain8") and resumed.made == (16, 8, "plain8")  # it resumes where it stood
+    assert first.made == (16, 0, "plain8 seed 0") and resumed.made == (16, 8, "plain8 seed 0")  # resumes where it stood
     assert (resumed.steps, resumed.closed) == (8, True)
     c = records.load(tmp_path / "one")[1]
     assert first.shown + resumed.shown == shown(c)
