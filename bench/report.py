@@ -173,16 +173,36 @@ def _device_title(runs: pd.DataFrame) -> str:
     return f"{' / '.join(devs)}; batch {batch}; torch {runs['torch_version'].iloc[0]}"
 
 
-def throughput(runs: pd.DataFrame, compare: str | None = None):
-    """Training img/s against depth and against multiply-adds (line style: the compared value)."""
+def window_ranges(runs: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Per run: the slowest and fastest of its timed windows (the img/s of each stretch between evaluation
+    points, less the first, which holds the warm-up: the windows a run's median is taken over)."""
+    if not len(curves) or "img_per_s" not in curves:
+        return pd.DataFrame(columns=["run_id", "window_min", "window_max"])
+    timed = curves.sort_values(["run_id", "iteration"]).groupby("run_id").apply(
+        lambda c: c.iloc[1:] if len(c) > 1 else c, include_groups=False).reset_index(level=0)
+    return timed.groupby("run_id")["img_per_s"].agg(window_min="min", window_max="max").reset_index()
+
+
+def throughput(runs: pd.DataFrame, compare: str | None = None, curves: pd.DataFrame | None = None):
+    """Training img/s against depth and against multiply-adds (line style: the compared value): each net's mean
+    over its runs (their median windows), and a vertical bar from the slowest to the fastest timed window of
+    any of its runs, so a run timed on a loaded machine shows."""
     ok = runs[runs["status"] == "ok"].copy()
     ok["MACs (M)"] = ok["macs"] / 1e6
+    ranges = window_ranges(ok, curves if curves is not None else pd.DataFrame())
+    ok = ok.merge(ranges, on="run_id", how="left")
+    order = net_order(ok["net"])
+    colours = dict(zip(order, sns.color_palette(n_colors=len(order))))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, x in zip(axes, ["depth", "MACs (M)"]):
-        sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=net_order(ok["net"]), marker="o",
+        sns.lineplot(data=ok, x=x, y="train_img_per_s", hue="net", hue_order=order, palette=colours, marker="o",
                      errorbar="sd", ax=ax, **_style(ok, compare))
+        spans = ok.groupby(["net", x], as_index=False).agg(lo=("window_min", "min"), hi=("window_max", "max")).dropna()
+        for r in spans.itertuples():
+            ax.vlines(r[2], r.lo, r.hi, color=colours[r.net], lw=1, alpha=0.6)  # r[2]: the x value
         ax.set_ylabel("training img/s")
-    fig.suptitle(f"Training throughput: {_device_title(ok)}")
+    axes[0].set_xticks(sorted(ok["depth"].unique()))
+    fig.suptitle(f"Training throughput: {_device_title(ok)}; bars: slowest to fastest timed window")
     fig.tight_layout()
     return fig
 
@@ -229,8 +249,9 @@ def comparison_table(runs: pd.DataFrame, compare: str | None = None) -> pd.DataF
             "best %": round(err.min(), 2),
             "He et al. %": ("figure only" if kind == "plain" else (f"{paper:.2f}" if paper is not None else "-"))
             + (" (best of 5; mean 6.61 ± 0.16)" if kind == "resnet" and depth == 110 else ""),
-            "difference": (f"{mean - paper:+.2f}" if paper is not None else "-")
-            + ("" if comparable or paper is None else " (other recipe)"),
+            # another recipe, width or data set compares with nothing the paper measured
+            "difference": (f"{mean - paper:+.2f}" if paper is not None and comparable else
+                           "-" if paper is None else "- (other recipe)"),
         })
     return pd.DataFrame(rows)
 
@@ -393,7 +414,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
             rep.figures["training_curves"] = training_curves(runs, curves, compare)
         if (runs["status"] == "ok").any():
             rep.figures["degradation"] = degradation(runs, compare)
-            rep.figures["throughput"] = throughput(runs, compare)
+            rep.figures["throughput"] = throughput(runs, compare, curves)
             rep.tables["comparison"] = comparison_table(trained(runs), compare)
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))
@@ -538,7 +559,8 @@ def _md_table(df: pd.DataFrame) -> str:
         return "_none_\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(v).replace("|", "/").replace("\n", " ") for v in row) + " |" for row in df.itertuples(index=False)]
+    cell = lambda v: "-" if isinstance(v, float) and v != v else str(v).replace("|", "/").replace("\n", " ")  # noqa: E731
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -571,6 +593,9 @@ CAPTIONS = {
                  "decorrelate (shatter). Initial nets' BN statistics are calibrated on training images first. "
                  "Balduzzi et al. argue plain nets' gradients shatter with depth and residual nets' far less.",
 }
+
+
+RESULTS_FIRST = ("tuned", "final_errors", "comparison", "imagenet")  # the report's tables shown before its figures
 
 
 def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare: str | None) -> list[Path]:
@@ -618,6 +643,16 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
         md.append(f"Compared by `{compare}`; folders: {', '.join(str(d) for d in dirs)}.\n")
         body.append(f"<p>Compared by <code>{html.escape(compare)}</code>; folders: "
                     f"{html.escape(', '.join(str(d) for d in dirs))}.</p>")
+    def tables(keys):
+        for title, key, text in sections:
+            if key not in keys or key not in rep.tables:
+                continue
+            df = rep.tables[key]
+            md.append(f"## {title}\n\n{text}\n\n{_md_table(df)}")
+            body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
+                        + (df.to_html(index=False, border=0, na_rep="-") if len(df) else "<p><em>none</em></p>"))
+
+    tables(RESULTS_FIRST)  # the numbers first, then the figures, then what explains and qualifies them
     for name, fig_path in ((n, out / f"{n}.{fmt}") for n in rep.figures):
         md.append(f"![{name}]({fig_path.name})\n\n{CAPTIONS.get(name, '')}\n")
         mime = {"png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf"}[fmt]
@@ -625,13 +660,7 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
         tag = (f'<img alt="{name}" src="data:{mime};base64,{b64}" style="max-width:100%">' if fmt != "pdf"
                else f'<embed type="{mime}" src="data:{mime};base64,{b64}" width="100%" height="420">')
         body.append(f"<figure>{tag}<figcaption>{html.escape(CAPTIONS.get(name, ''))}</figcaption></figure>")
-    for title, key, text in sections:
-        if key not in rep.tables:
-            continue
-        df = rep.tables[key]
-        md.append(f"## {title}\n\n{text}\n\n{_md_table(df)}")
-        body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
-                    + (df.to_html(index=False, border=0) if len(df) else "<p><em>none</em></p>"))
+    tables([key for _, key, _ in sections if key not in RESULTS_FIRST])
     if rep.notes:
         md.append("## Notes\n\n" + "\n".join(f"- {n}" for n in rep.notes) + "\n")
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul>")

@@ -81,7 +81,7 @@ def test_comparison_against_table6_values():
     t = comparison_table(rows).iloc[0]
     assert t["He et al. %"] == "8.75" and t["difference"] == "-0.25" and t["n"] == 2
     rows["recipe"] = "quick"
-    assert comparison_table(rows).iloc[0]["difference"] == "-0.25 (other recipe)"
+    assert comparison_table(rows).iloc[0]["difference"] == "- (other recipe)"  # compares with nothing published
 
 
 def test_figure7_responses_from_saved_weights(results, cifar_root, tmp_path):
@@ -199,3 +199,28 @@ def test_what_became_of_each_run_by_hand():
     assert outcome.error_cell(runs.iloc[[0, 3]]) == "88.0 / 50.0 (1 of 2 trained; 1 diverged)"
     assert outcome.error_cell(runs.iloc[[1, 2]]) == "did not train: 92.0 ± 5.7 / 90.0 ± 0.0 (0 of 2 trained; 2 did not train)"
     assert outcome.error_cell(runs.iloc[[3]]) == "0 of 1 trained; 1 diverged" and outcome.error_cell(runs.iloc[0:0]) == "-"
+
+
+def test_throughput_shows_the_timed_windows_spread_ticks_the_depths_run_and_the_document_reads_numbers_first(
+        results, tmp_path):
+    from matplotlib.collections import LineCollection
+
+    from bench.report import COMPARE, _seeds_note
+
+    rep = build_report(results, tmp_path / "rep", responses=False)
+    runs, curves = records.load(results)
+    ax = rep.figures["throughput"].axes[0]
+    assert [float(t) for t in ax.get_xticks()] == [8.0, 14.0]  # the depths run, not 10/20/30
+    bars = sorted((float(x0), round(float(lo), 3), round(float(hi), 3)) for c in ax.collections
+                  if isinstance(c, LineCollection) for (x0, lo), (_, hi) in c.get_segments())
+    # by hand: per net and depth, the slowest and fastest window of its runs, each run's first window left out
+    later = curves.merge(runs[["run_id", "depth", "residual"]], on="run_id").query("iteration > 20")
+    want = sorted((float(d), round(float(g["img_per_s"].min()), 3), round(float(g["img_per_s"].max()), 3))
+                  for (_, d), g in later.groupby(["residual", "depth"]))
+    assert bars == want
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "nan" not in md.lower().replace("nanoseconds", "")
+    assert md.index("## Final errors per net and depth") < md.index("![")  # tables of results before the figures
+    # a compared value with fewer seeds is never hidden in another's count
+    df = pd.DataFrame(dict(model=["a"] * 4, seed=[0, 1, 2, 0], **{COMPARE: ["0.5", "0.5", "0.5", "0.25"]}))
+    assert _seeds_note(df, ["model"]) == "n = 1..3 seeds"
