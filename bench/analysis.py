@@ -1,6 +1,6 @@
-"""Analyses of trained nets from their saved final weights (no retraining).
+"""Analyses of trained nets from their saved final weights (no retraining): `resbench diagnose`.
 
-``layer_response_std``: He et al. 2015 Fig. 7, the standard deviation of each 3x3 conv layer's
+``response_rows``: He et al. 2015 Fig. 7, the standard deviation of each 3x3 conv layer's
 response (after BN, before the addition and the ReLU) on the test set, per layer index.
 
 ``lesion_errors``: Veit, Wilber and Belongie 2016: test error with blocks deleted at test time.
@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+import time
 from itertools import combinations
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from torch import nn
 
 import resnet
 from bench import data, records
+from bench.progress import duration
 from bench.specs import Execution, RunSpec
 
 CALIBRATION_IMAGES = 512  # training images whose batch statistics an initial net's BN layers get
@@ -80,7 +83,7 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
             load = data.load_tree if spec.dataset in data.TREES else data.load
             arrays_by_set[spec.dataset] = load(spec.dataset, source)
         if spec.dataset in data.TREES:
-            from bench.train import tree_mean, tree_sets
+            from bench.imagefolder import tree_mean, tree_sets
 
             tree = arrays_by_set[spec.dataset]
             if spec.dataset not in tests_by_set:
@@ -121,24 +124,15 @@ def _ids(run, spec) -> dict:
                 depth=spec.arch.depth, seed=spec.seed, residual=spec.arch.residual)
 
 
-def layer_response_std(results_dir: Path, runs: pd.DataFrame, *, data_root=None, max_images: int = 10_000,
-                       batch_size: int = 500, notes: list | None = None) -> pd.DataFrame:
-    """One row per (run, layer): run_id, model, kind, depth, seed, layer, layer_name, std.
-
-    Uses the test images the run was evaluated on (its recipe's test_size, at most ``max_images``),
-    normalised as in training. Runs whose weights are missing are left out; so are runs whose
-    weights file cannot be read safely, with a line in ``notes`` saying why.
-    """
-    rows = []
-    for run, spec, net, x, _, mean, _ in _saved_nets(results_dir, runs, data_root, notes, "Figure 7"):
-        if spec.arch.preact:
-            continue  # pre-activation blocks have no "after BN, before addition" response
-        x = x[: min(max_images, spec.recipe.test_size or len(x))]
-        batches = data.eval_batches(x, mean, batch_size, torch.device("cpu"))
-        for i, (name, std) in enumerate(resnet.layer_responses(net, batches), 1):
-            rows.append(dict(run_id=run["run_id"], model=spec.model, kind=spec.arch.kind, depth=spec.arch.depth,
-                             seed=spec.seed, layer=i, layer_name=name, std=std))
-    return pd.DataFrame(rows, columns=["run_id", "model", "kind", "depth", "seed", "layer", "layer_name", "std"])
+def response_rows(run, spec: RunSpec, net, x: torch.Tensor, mean, batch_size: int = 500) -> list[dict]:
+    """He et al. Fig. 7's rows of one run: per 3x3 conv layer, the std of its response (after BN, before the
+    addition and the ReLU) on the test images the run was evaluated on (its recipe's test_size of ``x``),
+    normalised as in training. None for pre-activation nets, which have no such response."""
+    if spec.arch.preact:
+        return []
+    batches = data.eval_batches(x[: spec.recipe.test_size or len(x)], mean, batch_size, torch.device("cpu"))
+    return [dict(run_id=run["run_id"], model=spec.model, kind=spec.arch.kind, depth=spec.arch.depth, seed=spec.seed,
+                 layer=i, layer_name=name, std=std) for i, (name, std) in enumerate(resnet.layer_responses(net, batches), 1)]
 
 
 # -- BN at initialisation ------------------------------------------------------------------------------
@@ -279,87 +273,54 @@ def shattered(net, x: torch.Tensor, mean: "torch.Tensor | data.Norm", *, images:
 
 # -- the command ----------------------------------------------------------------------------------------
 
-def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: bool = True, shattered_: bool = True,
-             max_images: int | None = None, draws: int = LESION_DRAWS, images: int = 8, progress: bool = True,
-             notes: list | None = None, ex: Execution | None = None, log=None) -> dict[str, pd.DataFrame]:
-    """Write analysis/lesion.parquet and analysis/shattered.parquet for the folder's ok runs; return them.
+def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, responses: bool = True, lesion: bool = True,
+             shattered_: bool = True, max_images: int | None = None, draws: int = LESION_DRAWS, images: int = 8,
+             progress: bool = True, notes: list | None = None, ex: Execution | None = None,
+             log=None) -> dict[str, pd.DataFrame]:
+    """Write analysis/responses.parquet, lesion.parquet and shattered.parquet for the folder's ok runs; return them.
 
-    ``max_images``: test images for the lesions (None: the whole test set). ``ex``: how evaluation runs
-    (on the CPU; bf16 and channels_last where the CPU has native bf16, as training does).
+    ``max_images``: test images for the lesions (None: the whole test set); ``images``: for the shattered
+    gradients. ``ex``: how evaluation runs (on the CPU; bf16 and channels_last where the CPU has native bf16,
+    as training does). ``log``: where to say what bounds the time, and, without a terminal, each run's progress.
 
     Resumable: each run's rows go to analysis/parts/ as soon as they are computed, under a key of the
     options that made them; a diagnose interrupted and started again with the same options takes the
-    runs it finished from there. The two files are written (atomically) once every run is done, and
+    runs it finished from there. The files are written (atomically) once every run is done, and
     the parts are then removed: until then, files of an earlier diagnose stay as they were."""
     from tqdm.auto import tqdm
 
     ex = ex or Execution.for_device("cpu")
     results_dir = Path(results_dir)
     parts = results_dir / "analysis" / "parts"
-    key = _options_key(lesion=lesion, shattered=shattered_, max_images=max_images, draws=draws, images=images,
-                       amp=ex.amp, channels_last=ex.channels_last)
-    les, sha, done = [], [], []
+    options = dict(responses=responses, lesion=lesion, shattered_=shattered_, max_images=max_images, draws=draws,
+                   images=images)
+    key = _options_key(**options, amp=ex.amp, channels_last=ex.channels_last)
+    found: dict[str, list] = dict(responses=[], lesion=[], shattered=[])
+    done = []
     n = int((runs["status"] == "ok").sum()) if "status" in runs else len(runs)
-    import sys
-    import time
-
     lines = progress and log is not None and not sys.stderr.isatty()  # a line per run where no bar is drawn
     if log is not None:
-        log(f"diagnose {n} runs; what takes the time, per run: " + "; ".join(filter(None, [
-            f"the lesion study evaluates the {'first ' + str(max_images) if max_images else 'whole'} test set "
-            f"(--max-images) once intact, once per deletable block and {draws} times per number of blocks deleted "
-            f"(--draws)" if lesion else "",
-            f"shattered gradients take {images} images (--shattered-images) x {2 * LINE_STEPS + 1} input "
-            f"gradients, at initialisation and trained, whatever --max-images" if shattered_ else ""])))
+        log(_cost_line(n, **options))
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc="diagnose", unit="run", disable=None if progress else True)
     for run, spec, net, x, y, mean, train_x in _saved_nets(results_dir, runs, data_root, notes, "diagnose",
                                                            tree_images=max_images or TREE_IMAGES):
         part = parts / f"{run['run_id']}-{key}.json"
-        if part.exists():
-            try:
-                rows = json.loads(part.read_text())
-                les += rows["lesion"]
-                sha += rows["shattered"]
-                done.append(part)
-                bar.update()
-                continue
-            except (ValueError, KeyError, TypeError):  # a damaged part: compute the run again
-                pass
-        mine = dict(lesion=[], shattered=[])
-        x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
-        if lesion:
-            try:
-                batch = max(1, 1000 * 32 * 32 // (x.shape[-2] * x.shape[-1]))  # 1000 CIFAR images' pixels
-                mine["lesion"] = [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
-                                  for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex,
-                                                         batch_size=batch)]
-            except ValueError as e:  # a block that cannot be deleted as such (pre-activation with projections)
-                if notes is not None:
-                    notes.append(f"lesion: {run['run_id']} left out: {e}")
-        if shattered_:
-            torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
-            init = build_net(spec, net.fc.out_features, data.as_norm(mean).channels(x.shape[1]))
-            calibrate_bn(init, calibration_batches(train_x, mean))
-            bn = {"init": f"calibrated on {min(CALIBRATION_IMAGES, len(train_x))} training images",
-                  "trained": "running averages of training"}
-            for state, model in (("init", init), ("trained", net)):
-                for r in shattered(model, x, mean, images=images):
-                    mine["shattered"].append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
-        records.atomic_write(part, lambda tmp: tmp.write_text(json.dumps(mine)))
+        mine = _read_part(part)
+        if mine is None:
+            mine = _diagnose_one(run, spec, net, x, y, mean, train_x, ex=ex, notes=notes, **options)
+            records.atomic_write(part, lambda tmp: tmp.write_text(json.dumps(mine)))
         done.append(part)
-        les += mine["lesion"]
-        sha += mine["shattered"]
+        for name in found:
+            found[name] += mine[name]
         bar.update()
         if lines:
-            from bench.progress import duration
-
             k, elapsed = len(done), time.perf_counter() - t0
             log(f"[{k}/{n}] {run['run_id']} diagnosed; {duration(elapsed)} so far, about "
                 f"{duration(elapsed / k * (n - k))} left")
     bar.close()
     out = {}
-    for name, rows in (("lesion", les), ("shattered", sha)):
+    for name, rows in found.items():
         if rows:
             out[name] = pd.DataFrame(rows)
             records.write_parquet(out[name], results_dir / "analysis" / f"{name}.parquet")
@@ -368,6 +329,57 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, lesion: b
     if parts.is_dir() and not any(parts.iterdir()):
         parts.rmdir()
     return out
+
+
+def _cost_line(n: int, *, responses, lesion, shattered_, max_images, draws, images) -> str:
+    """What a diagnose's time grows with, per run, and which option bounds each part."""
+    return f"diagnose {n} runs; what takes the time, per run: " + "; ".join(filter(None, [
+        "the layer responses (Fig. 7) pass the run's test images once" if responses else "",
+        f"the lesion study evaluates the {'first ' + str(max_images) if max_images else 'whole'} test set "
+        f"(--max-images) once intact, once per deletable block and {draws} times per number of blocks deleted "
+        f"(--draws)" if lesion else "",
+        f"shattered gradients take {images} images (--shattered-images) x {2 * LINE_STEPS + 1} input "
+        f"gradients, at initialisation and trained, whatever --max-images" if shattered_ else ""]))
+
+
+def _read_part(part: Path) -> dict | None:
+    """A run's rows from an interrupted diagnose with the same options, or None (none, or damaged: redo it)."""
+    if not part.exists():
+        return None
+    try:
+        rows = json.loads(part.read_text())
+        return {name: rows[name] for name in ("responses", "lesion", "shattered")}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _diagnose_one(run, spec: RunSpec, net, x, y, mean, train_x, *, responses: bool, lesion: bool, shattered_: bool,
+                  max_images: int | None, draws: int, images: int, ex: Execution, notes: list | None) -> dict:
+    """One run's rows: layer responses on its test images, lesions on ``max_images`` of them, shattered
+    gradients at initialisation (BN calibrated on training images) and trained."""
+    mine = dict(responses=[], lesion=[], shattered=[])
+    if responses:
+        mine["responses"] = response_rows(run, spec, net, x, mean)
+    x, y = (x, y) if max_images is None else (x[:max_images], y[:max_images])
+    if lesion:
+        try:
+            batch = max(1, 1000 * 32 * 32 // (x.shape[-2] * x.shape[-1]))  # 1000 CIFAR images' pixels
+            mine["lesion"] = [_ids(run, spec) | dict(images=len(x), amp=ex.amp) | r
+                              for r in lesion_errors(net, x, y, mean, seed=spec.seed, draws=draws, ex=ex,
+                                                     batch_size=batch)]
+        except ValueError as e:  # a block that cannot be deleted as such (pre-activation with projections)
+            if notes is not None:
+                notes.append(f"lesion: {run['run_id']} left out: {e}")
+    if shattered_:
+        torch.manual_seed(spec.seed)  # the trainer's initialisation, from the run's seed
+        init = build_net(spec, net.fc.out_features, data.as_norm(mean).channels(x.shape[1]))
+        calibrate_bn(init, calibration_batches(train_x, mean))
+        bn = {"init": f"calibrated on {min(CALIBRATION_IMAGES, len(train_x))} training images",
+              "trained": "running averages of training"}
+        for state, model in (("init", init), ("trained", net)):
+            for r in shattered(model, x, mean, images=images):
+                mine["shattered"].append(_ids(run, spec) | dict(state=state, bn_statistics=bn[state]) | r)
+    return mine
 
 
 def _options_key(**options) -> str:

@@ -718,13 +718,14 @@ def models(depths, kinds, width, imagenet):
               help="Run column whose values the figures tell apart, e.g. gpu_name, shortcut, amp, recipe, width  "
                    "[default with several folders: sweep]")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default="png")
-@click.option("--data-root", type=click.Path(path_type=Path), default=None,
-              help="Data set for Figure 7 (layer responses)  [default: the runs' recorded data_source, else "
-                   "$RESBENCH_DATA]")
-@click.option("--responses/--no-responses", default=True, help="Draw Figure 7 (needs the test images).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Not needed any more (Figure 7 comes from `resbench diagnose`); accepted for a release.")
+@click.option("--responses/--no-responses", default=True,
+              help="Draw Figure 7 (from the layer responses `resbench diagnose` measured).")
 @friendly_errors
 def report(results_dirs, out, compare_by, fmt, data_root, responses):
-    """Figures, the Table 6 comparison, report.md and report.html from one or more results folders.
+    """Figures, the Table 6 comparison, report.md and report.html from one or more results folders
+    (their records only: no data set, no weights; Figure 7 and the diagnostics come from `resbench diagnose`).
 
     With several folders (or --compare-by), their runs go into one report: each figure draws one
     facet or line style per value of the compared column, the Table 6 comparison one column per
@@ -740,8 +741,7 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
     if len(results_dirs) > 1 and out is None:
         raise click.UsageError("several results folders need --out (where the joint report goes)")
     try:
-        rep = build_report(list(results_dirs), out, fmt, data_root=data_root, responses=responses,
-                           compare_by=compare_by)
+        rep = build_report(list(results_dirs), out, fmt, responses=responses, compare_by=compare_by)
     except ReportError as e:
         raise click.ClickException(str(e)) from None
     for note in rep.warnings + rep.notes:
@@ -754,6 +754,8 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.option("--data-root", type=click.Path(path_type=Path), default=None,
               help="Data set  [default: the runs' recorded data_source, else $RESBENCH_DATA]")
+@click.option("--responses/--no-responses", default=True,
+              help="The std of each 3x3 conv's response on the test set (He et al. Fig. 7).")
 @click.option("--lesion/--no-lesion", default=True, help="Test error with blocks deleted (Veit et al. 2016).")
 @click.option("--shattered/--no-shattered", default=True,
               help="Correlation of input gradients against distance along a line through test images, at "
@@ -765,10 +767,11 @@ def report(results_dirs, out, compare_by, fmt, data_root, responses):
               help="Test images whose input gradients the shattered-gradient measure follows (its time grows with "
                    "them, not with --max-images).")
 @friendly_errors
-def diagnose(results_dir, data_root, lesion, shattered, max_images, draws, shattered_images):
-    """Why plain nets degrade: lesion study and shattered gradients from the saved weights.
+def diagnose(results_dir, data_root, responses, lesion, shattered, max_images, draws, shattered_images):
+    """What the saved weights show: layer responses (Fig. 7), lesions and shattered gradients.
 
-    Writes RESULTS_DIR/analysis/lesion.parquet and shattered.parquet; `resbench report` draws them.
+    Writes RESULTS_DIR/analysis/responses.parquet, lesion.parquet and shattered.parquet; `resbench report`
+    draws them.
     Needs the runs' weights (RESULTS_DIR/weights/, written by the sweep; the committed references
     keep none). Runs on the CPU, in bf16 where the CPU has native bf16. Interrupted, the same
     command resumes from the runs it finished (kept in RESULTS_DIR/analysis/parts/ until the end).
@@ -785,7 +788,7 @@ def diagnose(results_dir, data_root, lesion, shattered, max_images, draws, shatt
                                    f"`resbench sweep --out` wrote")
     runs, _ = records.load(results_dir)
     notes: list = []
-    out = run_diagnose(results_dir, runs, data_root=data_root, lesion=lesion, shattered_=shattered,
+    out = run_diagnose(results_dir, runs, data_root=data_root, responses=responses, lesion=lesion, shattered_=shattered,
                        max_images=max_images, draws=draws, images=shattered_images, progress=True, notes=notes,
                        log=lambda line: click.echo(line, err=True))
     for note in notes:
@@ -927,7 +930,7 @@ def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_pa
       resbench estimate results/profile-imagenet --preset he2015-imagenet --gpus-per-run 8 --decode results/decode
     """
     from bench import cost
-    from bench.profile import DECODE_KEYS, read_reference
+    from bench.profile_tables import DECODE_KEYS, read_reference
 
     decode = read_reference(decode_path, "--decode", columns=DECODE_KEYS) if decode_path else None
     profile = read_reference(profile_path, "PROFILE")

@@ -1,7 +1,7 @@
 """What a sweep would cost, estimated from a saved profile (`resbench estimate`).
 
 A run of a recipe trains ``iterations x batch_size`` images (an epoch-based recipe's iterations for the
-data set's published size, bench.data.TRAIN_IMAGES). At the training rate the profile
+data set's published size, bench.datasets.TRAIN_IMAGES). At the training rate the profile
 measured for its net (per GPU, at the batch each GPU gets: the recipe's batch over the run's GPUs),
 that takes ``images / (img/s x GPUs)`` hours of wall time and as many GPU-hours times the GPUs. It
 is an estimate, and a low one: it counts the training steps only (no evaluation, checkpoints,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.data import SHAPES, TRAIN_IMAGES, TREES
+from bench.datasets import SHAPES, TRAIN_IMAGES, TREES
 from bench.specs import PRESETS, RECIPES, model_name
 
 COLUMNS = ["net", "runs", "gpus_per_run", "batch_per_gpu", "execution", "precision", "memory_format", "img_per_s_per_gpu",

@@ -37,16 +37,8 @@ from bench.errors import DataError  # noqa: F401  (bench.data.DataError, as call
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-# ImageNet-style data sets: an ImageFolder tree decoded batch by batch (bench.imagefolder), not held in memory
-TREES = ("imagenet", "imagenette")
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "synthetic") + TREES
-# (image shape (C, H, W), classes) of each data set, known before it is loaded (memory planning)
-SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "fashion-mnist": ((1, 28, 28), 10),
-          "synthetic": ((3, 32, 32), 10), "imagenet": ((3, 224, 224), 1000), "imagenette": ((3, 224, 224), 10)}
-# training images of each data set as published (before a validation split): an epoch-based schedule's steps
-# are known from these before the data is loaded (bench.cost; the trainer counts the images it finds)
-TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_000, "synthetic": 10_000,
-                "imagenet": 1_281_167, "imagenette": 9_469}
+# the data sets and what they are before loading: one table (bench.datasets), read here and by the others
+from bench.datasets import DATASETS, SHAPES, TABLE, TRAIN_IMAGES, TREES, cache_dir  # noqa: E402,F401
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 # The md5 sums the publishers give for their files (torchvision's download checks the same ones).
 PUBLISHED_MD5 = {
@@ -81,10 +73,6 @@ class Arrays:
         return tuple(self.train_x.shape[1:])
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RESBENCH_CACHE") or Path.home() / ".cache" / "resbench")
-
-
 def data_root(root: str | os.PathLike | None) -> Path | None:
     """The root the user gave: the option, else RESBENCH_DATA, else None."""
     root = root or os.environ.get("RESBENCH_DATA")
@@ -114,19 +102,20 @@ def load_tree(dataset: str, root: str | os.PathLike | None = None, download: boo
     from bench import imagefolder
 
     base = data_root(root)
-    if dataset == "imagenette" and download and (base is None or not _has_tree(base)):
+    fetchable = TABLE[dataset].torchvision  # Imagenette: torchvision downloads it; ImageNet: nobody does
+    if fetchable and download and (base is None or not _has_tree(base)):
         import torchvision.datasets as tvd
 
         target = base or cache_dir() / "download"
         try:
-            tvd.Imagenette(str(target), split="train", download=True)
+            getattr(tvd, fetchable)(str(target), split="train", download=True)
         except Exception as e:  # network errors come in many types
             raise DataError(f"--download of imagenette into {target} failed ({e}); pass --data-root instead") from e
         base = target
     if base is None:
         raise DataError(f"{dataset} not found: no --data-root given and RESBENCH_DATA is not set. Fix: pass "
                         f"--data-root PATH, a folder (or .tar) with train/<class>/*.JPEG and val/<class>/*.JPEG"
-                        + (", or add --download" if dataset == "imagenette" else ""))
+                        + (", or add --download" if fetchable else ""))
     try:
         tree = imagefolder.scan(base)
     except imagefolder.ImageFolderError as e:
@@ -148,7 +137,7 @@ def load(dataset: str, root: str | os.PathLike | None = None, download: bool = F
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset in TREES:
         raise DataError(f"{dataset} is decoded batch by batch, never held in memory: bench.data.load_tree reads it")
-    if dataset == "synthetic":
+    if TABLE[dataset].layout == "synthetic":
         return synthetic()
     base = data_root(root)
     source = find(dataset, base)
@@ -203,28 +192,26 @@ def _tar_kind(path: Path) -> str | None:
 
 def find(dataset: str, base: Path | None) -> tuple[str, Path] | None:
     """(layout, path) of the first usable source under ``base``, or None."""
-    if dataset == "fashion-mnist":
+    if TABLE[dataset].layout == "idx":
         for folder in [p for p in (base, base / "fashion-mnist" if base else None, base / "FashionMNIST" / "raw" if base else None) if p] + [DEBIAN_FASHION]:
             if folder.is_dir() and all((folder / f).exists() for f in FASHION_FILES):
                 return "idx", folder
         return None
     if base is None or not base.exists():
         return None
-    py_dir, py_tar, kind = {
-        "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "python10"),
-        "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", "python100"),
-    }[dataset]
+    entry = TABLE[dataset]
+    py_dir, py_tar, kind, a_file = entry.python
     if base.is_file():
         found = _tar_kind(base)
-        if found == kind or (found == "folder" and dataset == "cifar10"):
+        if found == kind or (found == "folder" and entry.small_tree):
             return found, base
         return None
     for cand in (base / py_dir, base):
-        if (cand / ("data_batch_1" if dataset == "cifar10" else "train")).exists() and cand.name == py_dir:
+        if (cand / a_file).exists() and cand.name == py_dir:
             return "pydir", cand
     if (base / py_tar).exists():
         return kind, base / py_tar
-    if dataset == "cifar10":
+    if entry.small_tree:
         if (base / "train").is_dir() and (base / "test").is_dir():
             return "folderdir", base
         for tar in sorted(base.glob("*.tar.gz")) + sorted(base.glob("*.tgz")):
@@ -236,7 +223,7 @@ def find(dataset: str, base: Path | None) -> tuple[str, Path] | None:
 
 def _missing_message(dataset: str, base: Path | None) -> str:
     looked = f"under {base}" if base else "nowhere: no --data-root given and RESBENCH_DATA is not set"
-    if dataset == "fashion-mnist":
+    if TABLE[dataset].layout == "idx":
         looked += f" and in {DEBIAN_FASHION}"
         how = "apt-get install dataset-fashion-mnist, "
     else:
@@ -251,7 +238,7 @@ def _missing_message(dataset: str, base: Path | None) -> str:
 def _download(dataset: str, root: Path) -> tuple[str, Path] | None:
     import torchvision.datasets as tvd
 
-    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion-mnist": tvd.FashionMNIST}[dataset]
+    cls = getattr(tvd, TABLE[dataset].torchvision)
     try:
         cls(str(root), train=True, download=True)
     except Exception as e:  # network errors come in many types
@@ -324,7 +311,7 @@ def fingerprint(layout: str, path: Path) -> tuple[str, bool | None]:
 
 
 def _check(a: Arrays, dataset: str, path: Path) -> None:
-    classes = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}[dataset]
+    classes = TABLE[dataset].classes
     problems = []
     if a.num_classes != classes:
         problems.append(f"{a.num_classes} classes instead of {classes}")

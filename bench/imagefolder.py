@@ -152,7 +152,7 @@ def _scan_folder(base: Path) -> Tree:
 def _cached_scan(root: Path, watched: list[Path], scan_now) -> Tree:
     """``scan_now()``, or its result from the cache when none of ``watched`` changed since (adding or removing
     an image changes its class folder's modification time; an archive's own)."""
-    from bench.data import cache_dir
+    from bench.datasets import cache_dir
     from bench.records import atomic_write
 
     stamp = "\n".join(f"{p}|{p.stat().st_mtime_ns}" for p in sorted(watched))
@@ -514,35 +514,30 @@ def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tens
     return (total / n / 255).float()
 
 
-def decode_rate(items, seconds: float = 10.0, workers: int = 0, batch_size: int = 64, decode_on: str = "workers",
-                device: str = "cpu") -> dict:
-    """Training images per second the pipeline reads, decodes and augments, over about ``seconds``: in this
-    process (``workers`` = 0: one core, torch held to one thread), or ``workers`` DataLoader processes;
-    with ``decode_on="device"`` the workers read and ``device`` decodes (timed to the device's last image)."""
-    import time
+# -- a run's sets of a tree ---------------------------------------------------------------------
 
-    from bench.steps import sync
+def tree_sets(tree, r) -> dict:
+    """An ImageNet-style tree's train, val and test items (bench.imagefolder.Items) under recipe ``r``: the val
+    images held out of train/ by a fixed permutation, the test images the first of val/ (what a run trains and
+    is tested on)."""
+    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).numpy()
+    held, kept = perm[: r.val_size], perm[r.val_size:]
+    return dict(train=tree.train.take(kept)[: r.train_size], val=tree.train.take(held), test=tree.val[: r.test_size])
 
-    dev = torch.device(device)
-    loader = StreamLoader(items, torch.zeros(3, CROP, CROP), batch_size=batch_size, seed=0, device=dev,
-                          workers=workers, decode_on=decode_on)
-    threads = torch.get_num_threads()
-    if not workers:
-        torch.set_num_threads(1)
-    try:
-        loader.batch(0)  # workers started, first batches in flight (and the device's decoder warmed up)
-        sync(dev)
-        n, start, it = 0, time.perf_counter(), 1
-        while time.perf_counter() - start < seconds:
-            n += len(loader.batch(it)[1])
-            it += 1
-        sync(dev)
-        elapsed = time.perf_counter() - start
-    finally:
-        loader.close()  # before the next setting is timed
-        torch.set_num_threads(threads)
-    return dict(images=n, seconds=elapsed, img_per_s=n / elapsed, workers=workers, batch_size=batch_size,
-                decode_on=decode_on, decode_device=str(dev) if decode_on == "device" else "cpu")
+
+def tree_mean(tree, items, workers: int = 4) -> torch.Tensor:
+    """The training set's per-pixel mean image (mean_image, decoded by ``workers`` processes),
+    cached by the tree's list of files. In a data-parallel run rank 0 computes it; the others read its file."""
+    from bench import ddp
+    from bench.datasets import cache_dir
+    from bench.records import save_torch
+
+    key = hashlib.sha1(b"\n".join([tree.root.encode(), *items.rel.tolist()])).hexdigest()[:16]
+    path = cache_dir() / f"mean-{key}-{MEAN_IMAGES}.pt"
+    if ddp.place().main and not path.exists():
+        save_torch(mean_image(items, workers=workers), path)
+    ddp.from_main(None)  # the others wait for rank 0's file
+    return torch.load(path, weights_only=True)
 
 
 def write_sample(images: torch.Tensor, labels: torch.Tensor, classes, out: str | os.PathLike, *, size=(375, 500),

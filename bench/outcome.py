@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.data import SHAPES
+from bench.datasets import SHAPES
 
 UNTRAINED_MARGIN = 0.02  # a final training error this close to chance (or above) is "did not train"
 

@@ -4,7 +4,7 @@
     rep = build_report("results/smoke")   # figures (matplotlib), tables (DataFrames), files written
 
 Figures: Fig. 6-style training curves, the degradation curve (final error against depth),
-throughput, Fig. 7 layer responses (from saved weights, when the data set is at hand) and, when the
+throughput, Fig. 7 layer responses (what `resbench diagnose` measured on the saved weights) and, when the
 folder holds `resbench profile` output, the profile. Tables: final test error against He et al.
 Table 6, and the runs that are missing, failed or diverged.
 """
@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench import outcome, published, records, tuning  # noqa: E402
-from bench.data import TREES  # noqa: E402
+from bench.datasets import TREES  # noqa: E402
 from bench import report_why as why  # noqa: E402
 from bench.report_why import _model, net_labels, net_order  # noqa: E402
 
@@ -380,8 +380,8 @@ def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[cols].astype(str).drop_duplicates().reset_index(drop=True)
 
 
-def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, responses: bool = True,
-                 response_images: int = 10_000, compare_by: str | None = None) -> Report:
+def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = True,
+                 compare_by: str | None = None) -> Report:
     """Draw every figure and table the records allow; write them, report.md and report.html to ``out``.
 
     ``results_dirs``: one results folder, or several to compare. ``compare_by`` names the run column
@@ -431,7 +431,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
                                  f"the gradient, lesion and shattered-gradient figures and the summary of the "
                                  f"measures: {', '.join(untrained['run_id'])}")
             if responses:
-                _responses(dirs, trained(runs), rep, data_root, response_images, compare)
+                _responses(dirs, trained(runs), rep, compare)
             _diagnostics(dirs, trained(runs), rep)
         rep.tables["status"] = pd.concat([status_table(d, every[every["results_dir"] == str(d)]) for d in dirs],
                                          ignore_index=True)
@@ -439,7 +439,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, data_root=None, re
     elif compare_by:
         raise ReportError(f"--compare-by {compare_by}: these folders hold no runs to compare (only profiles)")
     if profile is not None:
-        from bench.profile import pipeline_table, profile_figure, profile_table
+        from bench.profile_tables import pipeline_table, profile_figure, profile_table
 
         rep.figures["profile"] = profile_figure(profile)
         rep.tables["profile"] = profile_table(profile)
@@ -522,26 +522,18 @@ def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
 
 
-def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, data_root, max_images: int,
-               compare: str | None) -> None:
-    """Figure 7 from each folder's saved weights (cached per folder in analysis/responses.parquet)."""
-    from bench.analysis import layer_response_std
-    from bench.data import DataError
-
+def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str | None) -> None:
+    """Figure 7 from what `resbench diagnose` measured on the saved weights (analysis/responses.parquet)."""
     frames = []
     for d in dirs:
         mine = runs[runs["results_dir"] == str(d)]
-        cache = d / "analysis" / "responses.parquet"
+        path = d / "analysis" / "responses.parquet"
         ok_ids = set(mine.loc[mine["status"] == "ok", "run_id"])
-        resp = pd.read_parquet(cache) if cache.exists() else None
-        if resp is None or not ok_ids <= set(resp["run_id"]) | _preact_ids(mine):
-            try:
-                resp = layer_response_std(d, mine, data_root=data_root, max_images=max_images, notes=rep.notes)
-            except DataError as e:
-                rep.notes.append(f"Figure 7 (layer responses) not drawn for {d}: the test images are needed ({e})")
-                continue
-            if len(resp):
-                records.write_parquet(resp, cache)
+        resp = pd.read_parquet(path) if path.exists() else None
+        missing = ok_ids - (set(resp["run_id"]) if resp is not None else set()) - _preact_ids(mine)
+        if missing:
+            rep.notes.append(f"Figure 7 (layer responses) lacks {len(missing)} run(s) of {d} ({', '.join(sorted(missing))}): "
+                             f"`resbench diagnose {d}` measures them on the saved weights, where they can be read")
         if resp is not None and len(resp):
             frames.append(resp[resp["run_id"].isin(ok_ids)])
     if frames:

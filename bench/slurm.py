@@ -101,7 +101,7 @@ def resources(dataset: str, loader_workers: int, world: int = 1) -> dict:
     decoding worker of ImageNet-style data (those run in the task too), and memory for the process (CUDA's
     context, the CIFAR set held decoded) plus its workers' decoding. Per task: a data-parallel run has one
     task per process."""
-    from bench.data import TREES
+    from bench.datasets import TREES
 
     workers = loader_workers if dataset in TREES else 0
     return dict(cpus_per_task=1 + workers, mem_gb=MEM_GB_TASK + MEM_GB_WORKER * workers)

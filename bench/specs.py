@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import resnet
-from bench.data import TREES
+from bench.datasets import TREES
 
 NORMALIZATIONS = ("pixel-mean", "standardize", "pln")  # Recipe.normalize (bench.data.Norm)
 
@@ -286,8 +286,6 @@ class Execution:
             # batch 128 on an H200 (results/profile-h200); the same updates as eager (tests/test_fastpath)
             base = replace(base, execution="cudagraph")
         ex = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-        from bench.steps import EXECUTIONS
-
         if ex.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {ex.execution!r}")
         if ex.execution == "cudagraph" and not cuda:
@@ -307,6 +305,7 @@ class Execution:
 
 
 METHOD_RECIPES = ("matched", "paper")  # SweepSpec.method_recipe
+EXECUTIONS = ("eager", "compile", "cudagraph")  # Execution.execution: how bench.steps runs a training step
 PAD_INPUTS = (0, 4, 8)  # 0: off; else each member's input channels, zero-padded (bench.fuse, resnet.group)
 
 

@@ -20,9 +20,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from bench.specs import EXECUTIONS  # noqa: F401 (how a step runs: an Execution field, and its choices)
 from resnet import member_losses
-
-EXECUTIONS = ("eager", "compile", "cudagraph")
 
 
 def autocast(amp: bool, device: torch.device, cache: bool = True):

@@ -24,6 +24,7 @@ import torch
 import resnet
 from bench import claims, data, ddp, fuse, records
 from bench.fuse import Members
+from bench.imagefolder import tree_mean, tree_sets  # noqa: F401 (what a run trains and is tested on of a tree)
 from bench.progress import Progress
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
@@ -254,28 +255,6 @@ class _TreeData:
             return {}
         ddp.sync_buffers(model)
         return dict(final_test_err_10crop=self._error(model, self.sets["test"], ex, device, ten=True))
-
-
-def tree_sets(tree, r) -> dict:
-    """An ImageNet-style tree's train, val and test items (bench.imagefolder.Items) under recipe ``r``: the val
-    images held out of train/ by a fixed permutation, the test images the first of val/ (what a run trains and
-    is tested on)."""
-    perm = torch.randperm(len(tree.train), generator=torch.Generator().manual_seed(0)).numpy()
-    held, kept = perm[: r.val_size], perm[r.val_size:]
-    return dict(train=tree.train.take(kept)[: r.train_size], val=tree.train.take(held), test=tree.val[: r.test_size])
-
-
-def tree_mean(tree, items, workers: int = 4) -> torch.Tensor:
-    """The training set's per-pixel mean image (bench.imagefolder.mean_image, decoded by ``workers`` processes),
-    cached by the tree's list of files. In a data-parallel run rank 0 computes it; the others read its file."""
-    from bench import imagefolder as imf
-
-    key = hashlib.sha1(b"\n".join([tree.root.encode(), *items.rel.tolist()])).hexdigest()[:16]
-    path = data.cache_dir() / f"mean-{key}-{imf.MEAN_IMAGES}.pt"
-    if ddp.place().main and not path.exists():
-        records.save_torch(imf.mean_image(items, workers=workers), path)
-    ddp.from_main(None)  # the others wait for rank 0's file
-    return torch.load(path, weights_only=True)
 
 
 def _tree_fingerprint(tree) -> str:

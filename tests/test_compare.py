@@ -18,6 +18,8 @@ def sweeps(tmp_path_factory):
     for name, extra in (("sa", ["--shortcut", "A"]), ("sb", ["--shortcut", "B"]), ("wb", ["--shortcut", "B", "--width", "0.5"])):
         res = CliRunner().invoke(main, ["sweep", *TINY, *extra, "--name", name, "--out", str(root / name)])
         assert res.exit_code == 0, res.output
+        res = CliRunner().invoke(main, ["diagnose", str(root / name), "--no-lesion", "--no-shattered"])  # Figure 7
+        assert res.exit_code == 0, res.output
     return root
 
 

@@ -69,3 +69,40 @@ def test_the_networks_know_nothing_of_the_benchmark():
         names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [n for n in names if n == "bench" or n.startswith("bench.")], path.name
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+# ARCHITECTURE.md's layers: what reads records never reaches what trains
+TRAINING = {"train", "steps", "fuse", "probes", "sweep", "slurm", "ddp"}
+RECORD_READERS = ("report", "report_why", "report_tuning", "profile_tables", "tuning", "outcome", "cost")
+
+
+def test_what_reads_records_never_reaches_the_trainer():
+    graph = _imports("bench")
+    for module in RECORD_READERS:
+        assert not _reach(graph, module) & TRAINING, (module, sorted(_reach(graph, module) & TRAINING))
+
+
+def test_the_reach_finder_sees_a_planted_path_to_the_trainer():
+    graph = {"report": {"analysis"}, "analysis": {"train"}, "train": set()}
+    assert _reach(graph, "report") == {"analysis", "train"}
+
+
+def test_no_function_in_bench_or_resnet_is_over_80_lines():
+    long = []
+    for package in ("bench", "resnet"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    long.append(f"{package}/{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []

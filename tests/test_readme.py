@@ -160,11 +160,11 @@ def test_profile_and_diagnose_help_state_their_defaults():
     text = _help("diagnose")
     assert inspect.signature(diagnose).parameters["max_images"].default is None and f"[default: all; {TREE_IMAGES} of an ImageNet-style val/]" in text
     assert f"[default: {LESION_DRAWS};" in text and "recorded data_source, else $RESBENCH_DATA" in text
-    assert "recorded data_source, else $RESBENCH_DATA" in _help("report")
+    assert "data_source" not in _help("report") and "--data-root" not in _help("report")  # the report reads records only
 
 
-def test_the_report_reads_the_test_images_from_the_runs_recorded_data_source(tmp_path, monkeypatch):
-    """What report --data-root's help says: without it, the copy each run recorded comes first."""
+def test_diagnose_reads_the_test_images_from_the_runs_recorded_data_source(tmp_path, monkeypatch):
+    """What diagnose --data-root's help says: without it, the copy each run recorded comes first."""
     import pandas as pd
 
     from bench import analysis, data, records

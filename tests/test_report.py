@@ -23,14 +23,17 @@ def _data_lines(ax):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, cifar_root):
     out = tmp_path_factory.mktemp("sweep")
-    res = CliRunner().invoke(main, ["sweep", "--models", "plain,resnet", "--depths", "8,14", "--seeds", "0,1",
+    res = CliRunner().invoke(main, ["sweep", "--kinds", "plain,resnet", "--depths", "8,14", "--seeds", "0,1",
                                     "--data-root", str(cifar_root), "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    # Figure 7's measurement: diagnose reads the weights and the test images; the report reads its records only
+    res = CliRunner().invoke(main, ["diagnose", str(out), "--data-root", str(cifar_root), "--no-lesion", "--no-shattered"])
     assert res.exit_code == 0, res.output
     return out
 
 
 def test_report_draws_figure6_panels_lines_and_styles(results, cifar_root, tmp_path):
-    rep = build_report(results, tmp_path / "rep", data_root=cifar_root)
+    rep = build_report(results, tmp_path / "rep")
     fig = rep.figures["training_curves"]
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in axes] == ["plain", "residual"]
@@ -51,7 +54,7 @@ def test_report_draws_figure6_panels_lines_and_styles(results, cifar_root, tmp_p
 
 
 def test_report_degradation_throughput_and_files(results, cifar_root, tmp_path):
-    rep = build_report(results, tmp_path / "rep", "svg", data_root=cifar_root)
+    rep = build_report(results, tmp_path / "rep", "svg")
     deg = [ax for ax in rep.figures["degradation"].axes if ax.get_title()]
     assert [ax.get_title() for ax in deg] == ["final training error", "final test error"]
     assert sorted(set(float(x) for ln in _data_lines(deg[0]) for x in ln.get_xdata())) == [8.0, 14.0]
@@ -84,8 +87,9 @@ def test_comparison_against_table6_values():
     assert comparison_table(rows).iloc[0]["difference"] == "- (other recipe)"  # compares with nothing published
 
 
-def test_figure7_responses_from_saved_weights(results, cifar_root, tmp_path):
-    rep = build_report(results, tmp_path / "r7", data_root=cifar_root)
+def test_figure7_responses_measured_by_diagnose_on_the_saved_weights(results, tmp_path, monkeypatch):
+    monkeypatch.delenv("RESBENCH_DATA", raising=False)  # the report needs no data set
+    rep = build_report(results, tmp_path / "r7")
     resp = rep.tables["responses"]
     n_layers = len(resnet.stats.response_layers(resnet.build("plain14")))
     assert n_layers == 13  # the stem conv and 12 block convs: every 3x3 layer of a 14-layer net
@@ -93,7 +97,7 @@ def test_figure7_responses_from_saved_weights(results, cifar_root, tmp_path):
     runs, _ = records.load(results)
     assert per_run[runs.loc[runs["model"] == "plain14", "run_id"]].eq(13).all()
     assert (resp["std"] > 0).all()
-    assert (results / "analysis" / "responses.parquet").exists()  # cached for the next report
+    assert (results / "analysis" / "responses.parquet").exists()  # written by diagnose
     labels = [t.get_text() for t in rep.figures["layer_responses"].axes[1].get_legend().get_texts()]
     assert {"plain-8", "residual-14"} <= set(labels)
 
@@ -110,7 +114,7 @@ def test_missing_failed_and_single_run(results, tmp_path, cifar_root):
     one = runs[runs["model"] == "resnet8"].iloc[0]["run_id"]  # a single run
     for sub, ext in (("runs", "parquet"), ("curves", "parquet"), ("weights", "pt")):
         (other / sub / f"{one}.{ext}").write_bytes((results / sub / f"{one}.{ext}").read_bytes())
-    rep = build_report(other, data_root=cifar_root)
+    rep = build_report(other)
     status = rep.tables["status"]
     assert (status["status"] == "missing").sum() == 11  # 12 runs asked for, 1 recorded
     assert "training_curves" in rep.figures and "degradation" in rep.figures

@@ -144,17 +144,22 @@ def test_checkpoints_and_weights_load_without_pickled_code(tmp_path, tiny, inter
     assert RunSpec.from_dict(w["spec"]) == spec
 
 
-def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_report(tmp_path, tiny, cifar_root):
+def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_diagnosis_or_the_report(tmp_path, tiny, cifar_root):
+    from bench.analysis import diagnose
+
     specs = [RunSpec(m, tiny, width=0.25) for m in ("plain8", "resnet8")]
     for s in specs:
         run_one(s, tmp_path / "r", CPU, data_root=cifar_root, progress=False)
     marker = tmp_path / "pwned"
     torch.save({"model": Marker(marker)}, records.paths(tmp_path / "r", specs[0].run_id)["weights"])
-    rep = build_report(tmp_path / "r", data_root=cifar_root)
-    assert not marker.exists()
+    notes = []
+    diagnose(tmp_path / "r", records.load(tmp_path / "r")[0], data_root=cifar_root, lesion=False, shattered_=False,
+             progress=False, notes=notes)
+    assert not marker.exists() and any(specs[0].run_id in n and "refused" in n for n in notes)
+    rep = build_report(tmp_path / "r")
     assert set(rep.tables["responses"]["run_id"]) == {specs[1].run_id}
-    assert any(specs[0].run_id in n and "refused" in n for n in rep.notes)
-    assert "layer_responses" in rep.figures and "refused" in (tmp_path / "r" / "report" / "report.md").read_text()
+    assert any(specs[0].run_id in n and "resbench diagnose" in n for n in rep.notes)
+    assert "layer_responses" in rep.figures and "lacks 1 run" in (tmp_path / "r" / "report" / "report.md").read_text()
 
 
 # -- which copy of the data -------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""The data sets resbench knows, one entry each: what a data set is before any file is read (its shape,
+classes, size, layout, where torchvision fetches it). bench.data finds, decodes and serves the CIFAR-like
+ones, bench.imagefolder the ImageFolder trees; specs, the cost estimate and the report read this table
+only (no torch). Adding a data set of a known layout is one entry here.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    image_shape: tuple[int, int, int]  # (C, H, W) the nets see
+    classes: int
+    train_images: int  # as published, before a validation split: an epoch-based schedule's steps (bench.cost)
+    layout: str  # "cifar-python" (the official python version) | "idx" | "tree" (ImageFolder) | "synthetic"
+    # the official python version: (its folder, its archive, what bench.data calls such an archive, a file the
+    # folder holds)
+    python: tuple[str, str, str, str] | None = None
+    torchvision: str | None = None  # the torchvision.datasets class that downloads it (--download)
+    small_tree: bool = False  # also found as an ImageFolder train/ + test/ tree of its small images
+
+
+TABLE = {d.name: d for d in (
+    DataSet("cifar10", (3, 32, 32), 10, 50_000, "cifar-python",
+            python=("cifar-10-batches-py", "cifar-10-python.tar.gz", "python10", "data_batch_1"), torchvision="CIFAR10",
+            small_tree=True),
+    DataSet("cifar100", (3, 32, 32), 100, 50_000, "cifar-python",
+            python=("cifar-100-python", "cifar-100-python.tar.gz", "python100", "train"), torchvision="CIFAR100"),
+    DataSet("fashion-mnist", (1, 28, 28), 10, 60_000, "idx", torchvision="FashionMNIST"),
+    DataSet("synthetic", (3, 32, 32), 10, 10_000, "synthetic"),  # no files: learnable random images (tests)
+    DataSet("imagenet", (3, 224, 224), 1000, 1_281_167, "tree"),
+    DataSet("imagenette", (3, 224, 224), 10, 9_469, "tree", torchvision="Imagenette"),
+)}
+DATASETS = tuple(TABLE)
+TREES = tuple(n for n, d in TABLE.items() if d.layout == "tree")  # decoded batch by batch, never held in memory
+SHAPES = {n: (d.image_shape, d.classes) for n, d in TABLE.items()}  # (image shape, classes), before loading
+TRAIN_IMAGES = {n: d.train_images for n, d in TABLE.items()}
+
+
+def cache_dir() -> Path:
+    """Where decoded data sets, tree listings and mean images are kept: RESBENCH_CACHE, else ~/.cache/resbench."""
+    return Path(os.environ.get("RESBENCH_CACHE") or Path.home() / ".cache" / "resbench")
