@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import sys
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -421,27 +420,27 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recip
       resbench sweep --config my-sweep.toml --seeds 3
       resbench sweep --preset smoke --kinds plain,resnet,fixup,tat --seeds 0,1,2 --lr-grid preset
     """
+    from bench import launch as lch
     from bench import sweep as sw
-    from bench.specs import PRESETS, SweepSpec
+    from bench.slurm import resources
+    from bench.specs import LR_GRIDS, PRESETS, SweepSpec
 
     p = PRESETS[preset]
     o["dataset"] = _dataset(preset, o)
     recipe = _recipe(preset, o)
-    # on Slurm the device is resolved on the compute node, not on this one
-    ex = _execution(o) if executor == "local" else None
-    world = _world_size(ex, executor, gpus_per_run, procs_per_run, nodes, sync_bn, recipe.batch_size)
-    if world > 1:
-        fuse = "off" if fuse == "auto" else fuse
-        if parse_fuse(fuse) != 1:
-            raise click.UsageError("a data-parallel run trains alone: --fuse K does not go with several processes per run")
-        ex = replace(ex, world_size=world, sync_bn=sync_bn) if ex is not None else None
-        if ex is not None and ex.execution == "cudagraph":
-            ex = replace(ex, execution="eager")  # DDP's gradient hooks stay outside a captured graph
     if dry_run and executor != "slurm":
         raise click.UsageError("--dry-run shows a Slurm job array: use it with --executor slurm")
+    auto = resources(o["dataset"], o["loader_workers"] if o["loader_workers"] is not None else 4)
+    try:
+        launch = lch.Launch.build(
+            executor=executor, device=o["device"], overrides=_exec_overrides(o), fuse=fuse, gpus_per_run=gpus_per_run,
+            procs_per_run=procs_per_run, nodes=nodes, sync_bn=sync_bn, batch_size=recipe.batch_size, jobs=jobs,
+            runs_per_gpu=runs_per_gpu, wait=wait,
+            slurm=dict(partition=partition, time_min=time_min, max_parallel=max_parallel, extra=_key_values(slurm_opt),
+                       cpus_per_task=cpus_per_task or auto["cpus_per_task"], mem_gb=mem_gb or auto["mem_gb"]))
+    except ValueError as e:  # options that do not go together: a usage error, before anything runs
+        raise click.UsageError(str(e)) from None
     if lr_grid == ("preset",):
-        from bench.specs import LR_GRIDS
-
         if preset not in LR_GRIDS:
             raise click.BadParameter(f"preset {preset} has no lr grid; give the lrs, e.g. 0.025,0.05,0.1,0.2",
                                      param_hint="--lr-grid")
@@ -449,52 +448,21 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recip
     spec = SweepSpec(name=name or preset, recipe=recipe, models=kinds or p["models"],
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
                      width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
-                     dataset=o["dataset"], bn_batch=None if world == 1 or sync_bn else recipe.batch_size // world,
-                     lr_for=lr_for or (), lr_grid=lr_grid or (), method_recipe=method_recipe)
+                     dataset=o["dataset"], bn_batch=launch.bn_batch(recipe.batch_size), lr_for=lr_for or (),
+                     lr_grid=lr_grid or (), method_recipe=method_recipe)
     runs = spec.runs()  # validates every model name before anything is written
+    if dry_run:  # what would go to Slurm: no data, folder or sbatch needed
+        for line in lch.dry_run(runs, launch):
+            click.echo(line)
+        return
     out = out or Path("results") / spec.name
-    if executor == "slurm":
-        from bench.slurm import resources
-
-        auto = resources(spec.dataset, o["loader_workers"] if o["loader_workers"] is not None else 4, world)
-        plan = dict(partition=partition, gpus_per_run=gpus_per_run, time_min=time_min, max_parallel=max_parallel,
-                    cpus_per_task=cpus_per_task or auto["cpus_per_task"], mem_gb=mem_gb or auto["mem_gb"],
-                    extra=_key_values(slurm_opt), fuse=fuse, world=world, nodes=nodes)
-        if dry_run:  # what would go to Slurm: no data, folder or sbatch needed
-            return _dry_run(runs, o["device"], plan)
-        _require_data(o)
-        sw.check_writable(out)
-        return _submit_slurm(spec, out, o, plan, wait=wait, sync_bn=sync_bn)
     _require_data(o)
     sw.check_writable(out)
-    sw.write_sweep_toml(spec, out)
-    slots = sw.worker_slots(ex.device, jobs, runs_per_gpu)
-    tried: set[str] = set()
-    # a tuned sweep trains in two phases: the grid, then each cell's chosen lr (known once its grid is recorded)
-    while True:
-        runs, todo = sw.next_phase(spec, out, tried)
-        if not todo and tried:
-            break
-        groups = sw.plan_groups(todo, fuse, ex, in_process=len(slots) == 1)
-        fused = sw.describe_groups(groups)
-        click.echo(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {len(runs) - len(todo)} already recorded, "
-                   f"{len(todo)} to train on {ex.device}{' as ' + fused if fused else ''} -> {out}")
-        if not todo:
-            break
-        hint = _group_hint(groups, fuse, ex, runs_per_gpu)
-        if hint:
-            click.echo(hint)
-        kw = dict(fuse=fuse, data_root=o["data_root"], download=o["download"], log=click.echo)
-        if world > 1:
-            sw.run_distributed(todo, out, ex, data_root=o["data_root"], download=o["download"], log=click.echo)
-        elif len(slots) > 1:
-            sw.run_parallel(todo, out, ex, slots, **kw)
-        else:
-            sw.run_local(todo, out, ex, progress=True, groups=groups, **kw)  # a bar, or lines without a terminal
-        if spec.lr_grid:
-            click.echo(sw.tuning_summary(out))
-    click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    _fail_if_failed(runs, out)
+    runs = lch.execute(spec, out, launch, data_root=o["data_root"], download=o["download"], log=click.echo)
+    if launch.executor == "local" or launch.wait:
+        click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if launch.executor == "local":
+        _fail_if_failed(runs, out)
 
 
 RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "momentum", "weight_decay", "warmup_iters",
@@ -517,39 +485,6 @@ run.sections = {"What to train": ["preset", "seed", "width", "shortcut", "out"],
                 RECIPE_SECTION, "Data": DATA_SECTION, "Execution": EXECUTION_SECTION}
 
 
-def _world_size(ex, executor: str, gpus: int, procs: int, nodes: int, sync_bn: bool, batch: int) -> int:
-    """The processes one run trains with: GPUs per run on CUDA (times nodes under Slurm), --procs-per-run
-    without GPUs; checked against the batch, which they split."""
-    cuda = executor == "slurm" and gpus > 0 or ex is not None and ex.device.startswith("cuda")
-    if executor == "local" and nodes > 1:
-        raise click.UsageError("--nodes is for --executor slurm (locally a run's processes share one machine)")
-    if not cuda and gpus > 1:
-        raise click.UsageError("--gpus-per-run above 1 needs GPUs; on the CPU use --procs-per-run N")
-    if cuda and procs > 1:
-        raise click.UsageError("with GPUs a data-parallel run has one process per GPU: use --gpus-per-run N")
-    world = (gpus if cuda else procs) * nodes
-    if sync_bn and not cuda:
-        raise click.UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
-    if world > 1 and batch % world:
-        raise click.UsageError(f"the batch of {batch} images does not split over {world} processes")
-    return world
-
-
-def _group_hint(groups, fuse: str, ex, runs_per_gpu: int) -> str | None:
-    """What to do when --fuse auto on CUDA makes small groups because the grid has one seed: each depth's
-    group is then its two twins, and a big GPU stays mostly idle."""
-    from bench.fuse import AUTO_GROUP
-
-    sizes = [len(g) for g in groups]
-    one_seed = len({s.seed for g in groups for s in g}) == 1
-    if (parse_fuse(fuse) is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
-            or max(sizes) >= AUTO_GROUP or not one_seed or runs_per_gpu > 1):
-        return None
-    return (f"note: with one seed a group holds only the twins of one depth ({max(sizes)} runs); larger groups keep "
-            f"a GPU busier: add seeds (--seeds 0,1,2,3,4 gives groups of {AUTO_GROUP}), or train several depth "
-            f"groups side by side with --runs-per-gpu N")
-
-
 def _key_values(pairs) -> dict:
     out = {}
     for pair in pairs:
@@ -558,58 +493,6 @@ def _key_values(pairs) -> dict:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--slurm-opt")
         out[key.strip()] = value.strip()
     return out
-
-
-def _dry_run(runs, device: str, plan: dict) -> None:
-    from bench import slurm
-
-    params, groups = slurm.array_plan(runs, device=device, **plan)
-    gpus = params.get("gpus_per_node")
-    per_task = params["tasks_per_node"]
-    click.echo(f"dry run: {len(runs)} runs as an array of {len(groups)} tasks ({params['name']}), nothing submitted")
-    click.echo(f"each array task: {params['nodes']} node(s), {per_task} task(s) per node (a process each), "
-               f"{gpus or 0} GPU(s) per node, {params.get('cpus_per_task', 1)} CPUs per task, "
-               f"{params['mem_gb'] / per_task:g} GB per task ({params['mem_gb']:g} GB per node), "
-               f"{params['timeout_min']} minutes, at most {params['slurm_array_parallelism']} at once"
-               + (f", partition {params['slurm_partition']}" if "slurm_partition" in params else "")
-               + "".join(f", {k}={v}" for k, v in params["slurm_additional_parameters"].items()))
-    for i, group in enumerate(groups):
-        click.echo(f"  task {i}: {', '.join(r.run_id for r in group)}")
-
-
-def _submit_slurm(spec, out, o, plan: dict, *, wait: bool, sync_bn: bool) -> None:
-    import shutil
-
-    from bench import slurm
-    from bench import sweep as sw
-
-    if shutil.which("sbatch") is None:
-        raise click.ClickException("--executor slurm needs Slurm's sbatch on PATH (run this on a login node)")
-    sw.write_sweep_toml(spec, out)
-    world = plan["world"]
-    overrides = _exec_overrides(o) | (dict(world_size=world, sync_bn=sync_bn) if world > 1 else {})
-    tried: set[str] = set()
-    while True:
-        runs, todo = sw.next_phase(spec, out, tried)
-        if not todo and tried:
-            break
-        submitted = slurm.submit(todo, out, device=o["device"], overrides=overrides, data_root=o["data_root"], **plan)
-        busy = len(todo) - len(submitted)
-        jobs = ", ".join(sorted({j.split("_")[0] for j in submitted.values()})) or "-"
-        click.echo(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {len(runs) - len(todo)} recorded, {busy} "
-                   f"already queued, {len(submitted)} submitted to Slurm (job {jobs}) -> {out}")
-        if not todo:
-            break
-        if not wait:
-            if sw.cells_waiting(spec, out):
-                click.echo("a tuned sweep: each cell's chosen lr trains on the other seeds once its grid runs are "
-                           "recorded; submit the same command again then (it submits only what is missing)")
-            return
-        if submitted:
-            slurm.follow(submitted, out, log=click.echo, progress=sys.stderr.isatty())
-        if spec.lr_grid:
-            click.echo(sw.tuning_summary(out))
-    click.echo(sw.summary(sw.expand(spec, out), out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 @main.command()
