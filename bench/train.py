@@ -16,6 +16,7 @@ import statistics
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -354,169 +355,211 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class Member:
+    """One run of a group as it trains: its spec and claim, and the records it gathers (continued from its
+    checkpoint): one object per member, where the trainer once kept a list per record kind."""
+
+    spec: RunSpec
+    claim: claims.Claim | None  # None on the ranks other than 0 of a data-parallel run
+    curves: list = field(default_factory=list)  # one row per evaluation point
+    layers: list = field(default_factory=list)  # per evaluation point and weighted layer
+    signals: list = field(default_factory=list)  # per evaluation point and block
+    windows: list = field(default_factory=list)  # the timed stretches between evaluation points
+    wall_before: float = 0.0  # wall time of earlier attempts
+    attempt: int = 0  # this attempt's number (timing uses this attempt's windows only)
+    train_time: float = 0.0
+    result: dict | claims.Skip | None = None
+
+    @classmethod
+    def resume(cls, spec: RunSpec, claim, ck: dict | None) -> "Member":
+        if ck is None:
+            return cls(spec, claim)
+        windows = ck["windows"]
+        return cls(spec, claim, ck["curves"], ck.get("layers", []), ck.get("signals", []),  # earlier versions: none
+                   windows, ck["wall_s"], 1 + max((w.get("attempt", 0) for w in windows), default=-1),
+                   ck["curves"][-1]["train_time_s"] if ck["curves"] else 0.0)
+
+    def curve(self, point: dict, loss: float, err: float, val: float, test: float) -> None:
+        self.curves.append(dict(point, run_id=self.spec.run_id, train_loss=loss, train_err=err, val_err=val,
+                                test_err=test, train_time_s=self.train_time))
+
+
 def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
               ex: Execution, *, progress: bool) -> list[dict | claims.Skip]:
     """Train ``specs`` (all starting at one iteration) as one group; write and return each one's row."""
-    device = torch.device(ex.device)
-    gid = fuse.group_id(specs)  # the runs that really trained together
-    memory_tracked = reset_peak_memory(device)
-    arch = specs[0].arch
-    place = ddp.place()  # a data-parallel run: this process trains its share of each batch; rank 0 records
-    loaders = d.loaders(specs, ex, device, place)
-    r = specs[0].recipe.in_steps(loaders[0].steps_per_epoch)  # an epoch-based schedule, for the data found
-    nets = []
-    for s, ck in zip(specs, cks):
-        torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
-        net = resnet.build(s.model, d.num_classes, width=s.width, shortcut=s.shortcut, in_channels=d.in_channels,
-                           stem=data.stem(s.dataset, s.model))
-        if ck is not None:
-            net.load_state_dict(ck["model"])
-        nets.append(net)
-    params, macs = resnet.count_params(nets[0]), resnet.count_macs(nets[0], (d.in_channels, *d.image_shape[1:]))
-    derived = json.dumps(getattr(nets[0], "derived", {}), sort_keys=True)  # what a method computed (TAT's slope)
-    members = Members(nets, pad_input=ex.pad_input or None)
-    model = members.model.to(device, memory_format=torch.channels_last if ex.channels_last else torch.contiguous_format)
-    opt = make_optimizer(model, r.lr, r.momentum, r.weight_decay, device, lr_scales=resnet.lr_scales(specs[0].model),
-                         decay_1d=r.decay_1d)
+    return _Group(specs, held, cks, d, out, ex).train(progress)
 
-    start = cks[0]["iteration"] if cks[0] is not None else 0
-    curves = [ck["curves"] if ck else [] for ck in cks]
-    layers = [ck.get("layers", []) if ck else [] for ck in cks]  # checkpoints of earlier versions have none
-    signals = [ck.get("signals", []) if ck else [] for ck in cks]
-    windows = [ck["windows"] if ck else [] for ck in cks]
-    wall_before = [ck["wall_s"] if ck else 0.0 for ck in cks]
-    attempts = [1 + max((w.get("attempt", 0) for w in ws), default=-1) for ws in windows]
-    if start:
-        members.load_optimizer_states(opt, [ck["optimizer"] for ck in cks])
-        if len(specs) == 1:  # group members saved one process's state: nothing of it is theirs to restore
-            torch.set_rng_state(cks[0]["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
-            if device.type == "cuda" and "cuda" in cks[0]["rng"]:
-                torch.cuda.set_rng_state(cks[0]["rng"]["cuda"].cpu(), device)
-    step = TrainStep(_data_parallel(model, ex, device), opt, execution=ex.execution, amp=ex.amp, device=device,
-                     members=len(specs))
 
-    desc = f"{specs[0].model} seed {specs[0].seed}" if len(specs) == 1 else f"{len(specs)} x {arch.depth} layers"
-    bar = Progress(r.iterations, start, desc, progress and place.main)
-    active, results = list(range(len(specs))), [None] * len(specs)
-    t_wall = t_beat = time.perf_counter()
-    train_time = [c[-1]["train_time_s"] if c else 0.0 for c in curves]
+class _Group:
+    """A group's training (a lone run is a group of one): its members, the grouped network, optimizer and step."""
 
-    def finish(k: int, status: str, error: str | None) -> dict | claims.Skip:
+    def __init__(self, specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
+                 ex: Execution):
+        self.d, self.out, self.ex = d, out, ex
+        self.device = device = torch.device(ex.device)
+        self.gid = fuse.group_id(specs)  # the runs that really trained together
+        self.memory_tracked = reset_peak_memory(device)
+        self.place = ddp.place()  # a data-parallel run: this process trains its share of each batch; rank 0 records
+        self.loaders = d.loaders(specs, ex, device, self.place)
+        self.r = specs[0].recipe.in_steps(self.loaders[0].steps_per_epoch)  # an epoch-based schedule, for the data
+        nets = []
+        for s, ck in zip(specs, cks):
+            torch.manual_seed(s.seed)  # each member's initial weights are the ones it gets alone
+            net = resnet.build(s.model, d.num_classes, width=s.width, shortcut=s.shortcut, in_channels=d.in_channels,
+                               stem=data.stem(s.dataset, s.model))
+            if ck is not None:
+                net.load_state_dict(ck["model"])
+            nets.append(net)
+        self.params = resnet.count_params(nets[0])
+        self.macs = resnet.count_macs(nets[0], (d.in_channels, *d.image_shape[1:]))
+        self.derived = json.dumps(getattr(nets[0], "derived", {}), sort_keys=True)  # a method's own (TAT's slope)
+        self.members = Members(nets, pad_input=ex.pad_input or None)
+        fmt = torch.channels_last if ex.channels_last else torch.contiguous_format
+        self.model = self.members.model.to(device, memory_format=fmt)
+        r = self.r
+        self.opt = make_optimizer(self.model, r.lr, r.momentum, r.weight_decay, device,
+                                  lr_scales=resnet.lr_scales(specs[0].model), decay_1d=r.decay_1d)
+        self.start = cks[0]["iteration"] if cks[0] is not None else 0
+        self.runs = [Member.resume(s, h, ck) for s, h, ck in zip(specs, held, cks)]
+        if self.start:
+            self.members.load_optimizer_states(self.opt, [ck["optimizer"] for ck in cks])
+            if len(specs) == 1:  # group members saved one process's state: nothing of it is theirs to restore
+                torch.set_rng_state(cks[0]["rng"]["torch"].cpu())  # map_location moved it; the CPU RNG wants it back
+                if device.type == "cuda" and "cuda" in cks[0]["rng"]:
+                    torch.cuda.set_rng_state(cks[0]["rng"]["cuda"].cpu(), device)
+        self.step = TrainStep(_data_parallel(self.model, ex, device), self.opt, execution=ex.execution, amp=ex.amp,
+                              device=device, members=len(specs))
+        self.active = list(range(len(specs)))
+        self.t_wall = self.t_beat = time.perf_counter()
+
+    def train(self, progress: bool) -> list[dict | claims.Skip]:
+        r, depth, first = self.r, self.runs[0].spec.arch.depth, self.runs[0].spec
+        desc = f"{first.model} seed {first.seed}" if len(self.runs) == 1 else f"{len(self.runs)} x {depth} layers"
+        self.bar = Progress(r.iterations, self.start, desc, progress and self.place.main)
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        self.model.train()
+        lr, recent = None, collections.deque(maxlen=SIGNAL_BATCHES)
+        try:
+            for it in range(self.start, r.iterations):
+                if r.lr_at(it, depth) != lr:
+                    lr = r.lr_at(it, depth)
+                    set_lr(self.opt, lr)
+                batch = self.d.batch(self.loaders, it)
+                self.step(*batch)
+                recent.append(batch)  # the backward signals are measured on the last batches trained (each rank's)
+                self.bar.step()
+                if ((it + 1) % r.eval_every and it + 1 != r.iterations) or self._evaluation_point(it + 1, recent):
+                    continue
+                break  # no member left
+        finally:  # also when interrupted: the bar leaves the terminal, an ImageNet-style loader's decoding
+            self.bar.close()  # processes stop (left to the garbage collector, they took seconds each)
+            for loader in self.loaders:
+                loader.close()
+        for k in list(self.active):
+            self.runs[k].result = self._finish(k, "ok", None)
+        return [m.result for m in self.runs]
+
+    def _evaluation_point(self, iteration: int, recent) -> bool:
+        """Read, measure, evaluate, beat and checkpoint after ``iteration`` steps: the only host syncs of the
+        loop. False when no member is left to train."""
+        sync(self.device)
+        window = time.perf_counter() - self.t0
+        losses, errs, seen = self.step.read_members()
+        point = dict(iteration=iteration, epoch=iteration / self.loaders[0].steps_per_epoch, lr=current_lr(self.opt),
+                     img_per_s=seen / window)
+        for k in self.active:
+            m = self.runs[k]
+            m.train_time += window
+            m.windows.append(dict(attempt=m.attempt, steps=seen // self.r.batch_size, seconds=window,
+                                  img_per_s=seen / window, group_size=len(self.active)))
+        for k in [k for k in self.active if not math.isfinite(losses[k])]:
+            self.runs[k].curve(point, losses[k], errs[k], float("nan"), float("nan"))
+            self._drop(k, self._finish(k, "diverged", f"non-finite training loss at iteration {iteration}"))
+        if not self.active:
+            return False
+        self._measure(iteration, list(recent))
+        ddp.sync_buffers(self.model)
+        val_err = self.d.evaluate(self.model, "val", self.ex, self.device, self.members)
+        test_err = self.d.evaluate(self.model, "test", self.ex, self.device, self.members)
+        for k in self.active:
+            self.runs[k].curve(point, losses[k], errs[k], val_err[k], test_err[k])
+        k0 = self.active[0]
+        self.bar.show(loss=f"{losses[k0]:.3f}", train_err=f"{100 * errs[k0]:.1f} %",
+                      val_err=f"{100 * val_err[k0]:.1f} %", img_s=f"{seen * len(self.active) / window:.0f}")
+        lost = {}
+        for k in list(self.active) if self.place.main else []:
+            try:
+                self.runs[k].claim.beat(time.perf_counter() - self.t_beat)
+            except claims.Claimed as e:  # another trainer took this run over: stop it without writing
+                lost[k] = str(e)
+        for k, why in ddp.from_main(lost).items():
+            self._drop(k, claims.Claimed(why))
+        if not self.active:
+            return False
+        self.t_beat = time.perf_counter()
+        if iteration < self.r.iterations and self.place.main:
+            self._checkpoint(iteration)
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return True
+
+    def _measure(self, iteration: int, recent: list) -> None:
+        """The gradients of the last step (the same on every rank of a data-parallel run: rank 0 records them) and
+        the backward signal on the batches the last steps trained on: on every rank, whose BN may be synchronised
+        (a train-mode forward is then a collective); rank 0 records its own share's."""
+        ids = {k: self.runs[k].spec.run_id for k in self.active} if self.place.main else {}
+        for k, rows in self.members.layer_rows(self.opt, ids, iteration).items():
+            self.runs[k].layers += rows
+        for k, rows in self.members.signal_rows(recent, self.ex.amp, ids, iteration).items():
+            self.runs[k].signals += rows
+
+    def _checkpoint(self, iteration: int) -> None:
+        for k in self.active:
+            m = self.runs[k]
+            records.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k),
+                                    optimizer=self.members.optimizer_state(self.opt, k), rng=_rng_state(self.device),
+                                    iteration=iteration, curves=m.curves, layers=m.layers, signals=m.signals,
+                                    windows=m.windows, wall_s=m.wall_before + time.perf_counter() - self.t_wall),
+                               records.paths(self.out, m.spec.run_id)["ckpt"])
+
+    def _drop(self, k: int, result) -> None:
+        """Member k leaves: its slot is zeroed and masked out of the loss, the others go on unchanged."""
+        self.runs[k].result = result
+        self.active.remove(k)
+        if len(self.runs) > 1:
+            self.members.clear(self.opt, k)
+            self.step.mask(k)
+
+    def _finish(self, k: int, status: str, error: str | None) -> dict | claims.Skip:
         """Write member k's records (weights and curves first, the run row last: a row means complete).
         Only rank 0 of a data-parallel run writes; the others learn from it whether the run is still theirs."""
-        lost = None
-        if place.main:
+        m, lost = self.runs[k], None
+        if self.place.main:
             try:
-                held[k].beat(time.perf_counter() - t_beat)  # still ours: nobody else writes this run's records
+                m.claim.beat(time.perf_counter() - self.t_beat)  # still ours: nobody else writes this run's records
             except claims.Claimed as e:
                 lost = str(e)
         lost = ddp.from_main(lost)
         if lost is not None:
             return claims.Claimed(lost)
-        final = d.final(model, ex, device, specs[k].recipe) if status == "ok" else {}  # every rank: collectives
-        row = _row(specs[k], curves[k], timed_windows(windows[k], attempts[k]), params=params, macs=macs,
-                   status=status, error=error, start=start, train_time=train_time[k],
-                   wall=wall_before[k] + time.perf_counter() - t_wall, ex=ex, source=d, group_id=gid,
-                   group_size=len(specs), peak=peak_memory(device) if memory_tracked else None) \
-            | dict(method_derived=derived) | final
-        if not place.main:
-            return row
-        p = records.paths(out, specs[k].run_id)
-        records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k), num_classes=d.num_classes,
-                                in_channels=d.in_channels), p["weights"])
-        records.write_parquet(pd.DataFrame(curves[k], columns=records.CURVE_COLUMNS), p["curves"])
-        records.write_parquet(pd.DataFrame(layers[k], columns=records.LAYER_COLUMNS), p["layers"])
-        records.write_parquet(pd.DataFrame(signals[k], columns=records.SIGNAL_COLUMNS), p["signals"])
-        records.write_parquet(pd.DataFrame([row]), p["run"])
-        p["ckpt"].unlink(missing_ok=True)
+        final = self.d.final(self.model, self.ex, self.device, m.spec.recipe) if status == "ok" else {}  # collectives
+        row = _row(m.spec, m.curves, timed_windows(m.windows, m.attempt), params=self.params, macs=self.macs,
+                   status=status, error=error, start=self.start, train_time=m.train_time,
+                   wall=m.wall_before + time.perf_counter() - self.t_wall, ex=self.ex, source=self.d, group_id=self.gid,
+                   group_size=len(self.runs), peak=peak_memory(self.device) if self.memory_tracked else None) \
+            | dict(method_derived=self.derived) | final
+        if self.place.main:
+            p = records.paths(self.out, m.spec.run_id)
+            records.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k), num_classes=self.d.num_classes,
+                                    in_channels=self.d.in_channels), p["weights"])
+            records.write_parquet(pd.DataFrame(m.curves, columns=records.CURVE_COLUMNS), p["curves"])
+            records.write_parquet(pd.DataFrame(m.layers, columns=records.LAYER_COLUMNS), p["layers"])
+            records.write_parquet(pd.DataFrame(m.signals, columns=records.SIGNAL_COLUMNS), p["signals"])
+            records.write_parquet(pd.DataFrame([row]), p["run"])
+            p["ckpt"].unlink(missing_ok=True)
         return row
-
-    def drop(k: int, result) -> None:
-        """Member k leaves: its slot is zeroed and masked out of the loss, the others go on unchanged."""
-        results[k] = result
-        active.remove(k)
-        if len(specs) > 1:
-            members.clear(opt, k)
-            step.mask(k)
-
-    sync(device)
-    t0 = time.perf_counter()
-    model.train()
-    lr = None
-    recent = collections.deque(maxlen=SIGNAL_BATCHES)
-    try:
-        for it in range(start, r.iterations):
-            if r.lr_at(it, arch.depth) != lr:
-                lr = r.lr_at(it, arch.depth)
-                set_lr(opt, lr)
-            batch = d.batch(loaders, it)
-            step(*batch)
-            recent.append(batch)  # the backward signals are measured on the last batches trained (every rank its own)
-            bar.step()
-            if (it + 1) % r.eval_every and it + 1 != r.iterations:
-                continue
-            # --- evaluation point: the only host syncs of the loop ---
-            sync(device)
-            window = time.perf_counter() - t0
-            losses, errs, seen = step.read_members()
-            point = dict(iteration=it + 1, epoch=(it + 1) / loaders[0].steps_per_epoch, lr=current_lr(opt),
-                         img_per_s=seen / window)
-            for k in active:
-                train_time[k] += window
-                windows[k].append(dict(attempt=attempts[k], steps=seen // r.batch_size, seconds=window,
-                                       img_per_s=seen / window, group_size=len(active)))
-            for k in [k for k in active if not math.isfinite(losses[k])]:
-                curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
-                                      val_err=float("nan"), test_err=float("nan"), train_time_s=train_time[k]))
-                drop(k, finish(k, "diverged", f"non-finite training loss at iteration {it + 1}"))
-            if not active:
-                break
-            # before evaluation: the gradients of the last step (the same on every rank of a data-parallel run:
-            # rank 0 records them; its backward signals come from its own share of the batches)
-            ids = {k: specs[k].run_id for k in active} if place.main else {}
-            for k, rows in members.layer_rows(opt, ids, it + 1).items():
-                layers[k] += rows
-            # the backward signal, on the batches the last steps trained on: on every rank of a data-parallel run,
-            # whose BN may be synchronised (a train-mode forward is then a collective); rank 0 records its own
-            for k, rows in members.signal_rows(list(recent), ex.amp, ids, it + 1).items():
-                signals[k] += rows
-            ddp.sync_buffers(model)
-            val_err = d.evaluate(model, "val", ex, device, members)
-            test_err = d.evaluate(model, "test", ex, device, members)
-            for k in active:
-                curves[k].append(dict(point, run_id=specs[k].run_id, train_loss=losses[k], train_err=errs[k],
-                                      val_err=val_err[k], test_err=test_err[k], train_time_s=train_time[k]))
-            k0 = active[0]
-            bar.show(loss=f"{losses[k0]:.3f}", train_err=f"{100 * errs[k0]:.1f} %", val_err=f"{100 * val_err[k0]:.1f} %",
-                     img_s=f"{seen * len(active) / window:.0f}")
-            lost = {}
-            for k in list(active) if place.main else []:
-                try:
-                    held[k].beat(time.perf_counter() - t_beat)
-                except claims.Claimed as e:  # another trainer took this run over: stop it without writing
-                    lost[k] = str(e)
-            for k, why in ddp.from_main(lost).items():
-                drop(k, claims.Claimed(why))
-            if not active:
-                break
-            t_beat = time.perf_counter()
-            if it + 1 < r.iterations and place.main:
-                for k in active:
-                    records.save_torch(dict(spec=specs[k].to_json(), model=members.state(k),
-                                            optimizer=members.optimizer_state(opt, k), rng=_rng_state(device),
-                                            iteration=it + 1, curves=curves[k], layers=layers[k], signals=signals[k],
-                                            windows=windows[k],
-                                            wall_s=wall_before[k] + time.perf_counter() - t_wall),
-                                       records.paths(out, specs[k].run_id)["ckpt"])
-            sync(device)
-            t0 = time.perf_counter()
-    finally:  # also when interrupted: the bar leaves the terminal, an ImageNet-style loader's decoding
-        bar.close()  # processes stop (left to the garbage collector, they took seconds each)
-        for loader in loaders:
-            loader.close()
-    for k in list(active):
-        results[k] = finish(k, "ok", None)
-    return results
 
 
 def _data_parallel(model: torch.nn.Module, ex: Execution, device: torch.device) -> torch.nn.Module:

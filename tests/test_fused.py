@@ -526,7 +526,7 @@ def test_a_lone_run_that_runs_out_of_memory_fails_as_before(tmp_path, tiny, monk
 
 def test_the_sweep_says_its_group_sizes_and_how_to_get_larger_ones():
     from bench import sweep
-    from bench.cli import _group_hint
+    from bench.launch import group_hint as _group_hint
 
     r = recipe("smoke")
     one = [[RunSpec(m, r, seed=0) for m in ("plain20", "resnet20")], [RunSpec(m, r, seed=0) for m in ("plain32", "resnet32")]]
