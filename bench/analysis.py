@@ -289,8 +289,11 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, responses
     the parts are then removed: until then, files of an earlier diagnose stay as they were."""
     from tqdm.auto import tqdm
 
+    from bench.tuning import at_chosen
+
     ex = ex or Execution.for_device("cpu")
     results_dir = Path(results_dir)
+    runs = at_chosen(runs)  # a tuned folder: the runs its results are (each cell at its chosen lr), not its grid
     parts = results_dir / "analysis" / "parts"
     options = dict(responses=responses, lesion=lesion, shattered_=shattered_, max_images=max_images, draws=draws,
                    images=images)
@@ -335,7 +338,7 @@ def _cost_line(n: int, *, responses, lesion, shattered_, max_images, draws, imag
     """What a diagnose's time grows with, per run, and which option bounds each part."""
     return f"diagnose {n} runs; what takes the time, per run: " + "; ".join(filter(None, [
         "the layer responses (Fig. 7) pass the run's test images once" if responses else "",
-        f"the lesion study evaluates the {'first ' + str(max_images) if max_images else 'whole'} test set "
+        f"the lesion study evaluates {'the first ' + str(max_images) + ' test images' if max_images else 'the whole test set'} "
         f"(--max-images) once intact, once per deletable block and {draws} times per number of blocks deleted "
         f"(--draws)" if lesion else "",
         f"shattered gradients take {images} images (--shattered-images) x {2 * LINE_STEPS + 1} input "

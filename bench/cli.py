@@ -742,6 +742,7 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
     import pandas as pd
 
     from bench import profile as prof
+    from bench import profile_tables as tables
     from bench.specs import Execution
     from bench.sweep import check_writable
 
@@ -755,9 +756,9 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
         df = prof.decode_profile(decode_tree, workers=(0,) + ((workers or os.cpu_count() or 1),), seconds=decode_s,
                                  device=ex.device if on_gpu else None, batch_size=(given.get("batch_sizes") or [64])[0],
                                  sample=decode_images, log=click.echo)
-        click.echo(str(prof.save(df, out, name or "decode-" + prof.default_name(ex.device).removeprefix("profile-"))))
+        click.echo(str(tables.save(df, out, name or "decode-" + prof.default_name(ex.device).removeprefix("profile-"))))
         return
-    reference = prof.read_reference(against) if against else None  # a bad file stops us before any timing
+    reference = tables.read_reference(against) if against else None  # a bad file stops us before any timing
     grid = prof.resolve_grid(ex.device, **given)
     workers = grid.pop("workers")
     check_writable(out)
@@ -768,14 +769,14 @@ def profile(device, decode_tree, decode_s, decode_images, image_size, repeats, w
                                         workers=workers, log=click.echo)
         df = pd.concat([df, pipe], ignore_index=True)
     name = name or prof.default_name(ex.device)
-    click.echo(str(prof.save(df, out, name)))
+    click.echo(str(tables.save(df, out, name)))
     if reference is not None:
-        matched, unmatched = prof.against(df, reference)
+        matched, unmatched = tables.against(df, reference)
         if len(matched):
             click.echo(matched.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         for row in unmatched.itertuples(index=False):
-            click.echo(f"no match in {against} for: " + ", ".join(f"{k}={v}" for k, v in zip(prof.CONFIG_KEYS, row)))
-        for path in prof.save_against(matched, out, name):
+            click.echo(f"no match in {against} for: " + ", ".join(f"{k}={v}" for k, v in zip(tables.CONFIG_KEYS, row)))
+        for path in tables.save_against(matched, out, name):
             click.echo(str(path))
 
 

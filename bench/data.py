@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import DataError  # noqa: F401  (bench.data.DataError, as callers name it)
+from resnet.group import member_major
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 # the data sets and what they are before loading: one table (bench.datasets), read here and by the others
-from bench.datasets import DATASETS, SHAPES, TABLE, TRAIN_IMAGES, TREES, cache_dir  # noqa: E402,F401
+from bench.datasets import DATASETS, SHAPES, TABLE, TREES, cache_dir  # noqa: E402,F401
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
 # The md5 sums the publishers give for their files (torchvision's download checks the same ones).
 PUBLISHED_MD5 = {
@@ -564,7 +565,7 @@ def group_batch(loaders: list[DeviceLoader], it: int) -> tuple[torch.Tensor, tor
     idx = torch.cat([p[0] for p in plans])
     x = first.images(idx, torch.cat([p[1] for p in plans], 1), torch.cat([p[2] for p in plans]))
     k, b = len(loaders), first.batch_size
-    x = x.reshape(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, k * x.shape[1], *x.shape[2:])
+    x = member_major(x.reshape(k, b, *x.shape[1:]))
     if first.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, first.y[idx].reshape(k, b).T

@@ -26,7 +26,6 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -34,12 +33,12 @@ import torch.nn.functional as F
 
 import resnet
 from bench import data, records
+from resnet.group import member_major
 from bench.fuse import Members
 from bench.specs import PAD_INPUTS
 from bench.steps import TrainStep, autocast, make_optimizer, sync
-# what a profile is once measured (tables, figures, --against, reading one back): pandas only, for the report
-from bench.profile_tables import (CONFIG_KEYS, DECODE_KEYS, MODES, against, measurements,  # noqa: F401
-                                  pipeline_table, profile_figure, profile_table, read_reference, save, save_against)
+# what a profile is once measured (tables, figures, --against, reading one back) lives in bench.profile_tables
+from bench.profile_tables import MODES
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 FORMATS = ("nchw", "channels_last")
@@ -193,7 +192,8 @@ def measure(cfg: Config, device: torch.device, *, warmup: int = 5, repeats: int 
         shape = (3, cfg.image_size, cfg.image_size)
         row.update(params=resnet.count_params(nets[0]), macs=resnet.count_macs(nets[0], shape), stem=stem)  # per member
         net = Members(nets, pad_input=cfg.pad_input or None).model.to(device, memory_format=fmt)  # the net, or the group
-        x = torch.randn(cfg.batch_size, 3 * k, cfg.image_size, cfg.image_size, device=device).contiguous(memory_format=fmt)
+        x = member_major(torch.randn(k, cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device))
+        x = x.contiguous(memory_format=fmt)
         y = torch.randint(0, 10, (cfg.batch_size, k) if k > 1 else (cfg.batch_size,), device=device)
         if device.type == "cuda":
             torch.cuda.empty_cache()

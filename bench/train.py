@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 import resnet
-from bench import claims, data, ddp, fuse, records
+from bench import claims, data, ddp, fuse, probes, records
 from bench.fuse import Members
 from bench.imagefolder import tree_mean, tree_sets  # noqa: F401 (what a run trains and is tested on of a tree)
 from bench.progress import Progress
@@ -510,9 +510,9 @@ class _Group:
         the backward signal on the batches the last steps trained on: on every rank, whose BN may be synchronised
         (a train-mode forward is then a collective); rank 0 records its own share's."""
         ids = {k: self.runs[k].spec.run_id for k in self.active} if self.place.main else {}
-        for k, rows in self.members.layer_rows(self.opt, ids, iteration).items():
+        for k, rows in probes.layer_rows(self.members, self.opt, ids, iteration).items():
             self.runs[k].layers += rows
-        for k, rows in self.members.signal_rows(recent, self.ex.amp, ids, iteration).items():
+        for k, rows in probes.signal_rows(self.members, recent, self.ex.amp, ids, iteration).items():
             self.runs[k].signals += rows
 
     def _checkpoint(self, iteration: int) -> None:

@@ -182,6 +182,13 @@ def split(key: str, value: torch.Tensor, k: int) -> list[torch.Tensor]:
     return list(value.unbind(0) if _is_head(key) else value.chunk(k, 0))
 
 
+def member_major(x: torch.Tensor) -> torch.Tensor:
+    """K members' inputs (K, B, C, H, W) as one grouped network's input (B, K*C, H, W), member k in channels
+    k*C..(k+1)*C-1: the layout every grouped layer reads (and ``split`` undoes). The one place it is spelled."""
+    k, b = x.shape[:2]
+    return x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+
+
 def stack(nets: list[nn.Module], pad_input: int | None = None) -> GroupedResNet:
     """One grouped network holding copies of ``nets`` (same shape; plain and residual may mix);
     ``pad_input``: zero-pad each member's input to that many channels (see the module docstring)."""

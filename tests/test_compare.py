@@ -2,6 +2,8 @@
 `resbench profile --against`, on real tiny runs and profiles."""
 import pandas as pd
 import pytest
+
+from bench import profile_tables
 from click.testing import CliRunner
 
 from bench.cli import main
@@ -123,16 +125,14 @@ def test_a_configuration_measured_twice_counts_with_its_median_everywhere():
     """The one rule for a profile's quoted number: a configuration timed several times (the committed H200
     grid timed each eager one twice in one call) counts with the median of its measurements, in the
     report's table and against a reference alike, and the pipeline rows stay out."""
-    from bench import profile as prof
-
     row = dict(model="resnet20", batch_size=128, precision="bf16", memory_format="channels_last", execution="eager",
                mode="train", group_size=1, pad_input=0, status="ok", gpu_name="H200", cpu="x", mfu=None,
                peak_memory_bytes=1.0)
     df = pd.DataFrame([row | dict(img_per_s=v) for v in (100.0, 300.0, 110.0)]
                       + [row | dict(mode="train-pipeline", img_per_s=5.0)])
-    once = prof.measurements(df)
+    once = profile_tables.measurements(df)
     assert len(once) == 1 and once["img_per_s"].iloc[0] == 110.0
-    assert prof.profile_table(df)["img_per_s"].tolist() == [110]
+    assert profile_tables.profile_table(df)["img_per_s"].tolist() == [110]
     legacy = df.drop(columns=["group_size", "pad_input"])  # a profile of an earlier version
-    matched, _ = prof.against(df.iloc[:1], legacy)
+    matched, _ = profile_tables.against(df.iloc[:1], legacy)
     assert matched["ref_img_per_s"].tolist() == [110.0] and matched["ratio"].tolist() == [100.0 / 110.0]

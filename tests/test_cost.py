@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from bench import cost
 from bench.cli import main
-from bench.profile import read_reference
+from bench.profile_tables import read_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 H200 = ROOT / "results" / "reference-profile-h200"

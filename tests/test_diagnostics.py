@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from bench import probes
 from click.testing import CliRunner
 from torch import nn
 
@@ -179,7 +181,7 @@ def test_grad_times_weight_norm_does_not_see_the_scale_of_a_weight_in_front_of_b
         torch.nn.functional.cross_entropy(net(x), y).backward()
         members = Members([net])
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        rows[scale] = {r["layer_name"]: r for r in members.layer_rows(opt, {0: "r"}, 1)[0]}
+        rows[scale] = {r["layer_name"]: r for r in probes.layer_rows(members, opt, {0: "r"}, 1)[0]}
         with torch.no_grad():
             net[0].weight.div_(scale)
     a, b = rows[1.0]["0"], rows[10.0]["0"]

@@ -19,6 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
+from bench import probes
+
 import resnet
 from bench import claims, data, fuse, records
 from bench.specs import Execution, RunSpec, recipe
@@ -563,7 +565,7 @@ def test_layer_rows_are_each_members_norms_read_in_one_transfer(monkeypatch):
         real = getattr(torch.Tensor, method)
         monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _real=real, _m=method, **k: reads.append(_m)
                             or _real(self, *a, **k))
-    rows = members.layer_rows(opt, {0: "a", 2: "c"}, iteration=7)
+    rows = probes.layer_rows(members, opt, {0: "a", 2: "c"}, iteration=7)
     monkeypatch.undo()
     assert reads == ["tolist"] and set(rows) == {0, 2}
     for k in (0, 2):
@@ -600,12 +602,12 @@ def test_backward_signals_are_each_members_own_and_leave_the_training_state_alon
         expect.append([float(d.pow(2).mean().sqrt()) for d in torch.autograd.grad(loss, outs)])
     members = fuse.Members(nets)
     before = {n: b.clone() for n, b in members.model.named_buffers()}
-    rows = members.signal_rows([(torch.cat(xs, 1), torch.stack(ys, 1))], amp=False, run_ids={0: "p", 1: "r"},
+    rows = probes.signal_rows(members, [(torch.cat(xs, 1), torch.stack(ys, 1))], amp=False, run_ids={0: "p", 1: "r"},
                                iteration=3)
     for k in (0, 1):
         assert [r["block_name"] for r in rows[k]] == ["stages.0.0", "stages.1.0", "stages.2.0"]
         assert [r["signal_rms"] for r in rows[k]] == pytest.approx(expect[k], rel=1e-9)
     assert all(torch.equal(b, before[n]) for n, b in members.model.named_buffers())  # BN running stats put back
     assert all(p.grad is None for p in members.model.parameters())  # autograd.grad: no .grad written
-    alone = fuse.Members([nets[1]]).signal_rows([(xs[1], ys[1])], amp=False, run_ids={0: "r"}, iteration=3)
+    alone = probes.signal_rows(fuse.Members([nets[1]]), [(xs[1], ys[1])], amp=False, run_ids={0: "r"}, iteration=3)
     assert [r["signal_rms"] for r in alone[0]] == pytest.approx(expect[1], rel=1e-9)

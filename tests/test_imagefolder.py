@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench import profile_tables
+
 from bench import imagefolder as imf
 
 
@@ -313,7 +315,7 @@ def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_gri
     assert (row["mode"], row["workers"], row["train_images"]) == ("decode", 0, 18)
     assert row["images"] >= 6 and row["img_per_s"] == pytest.approx(row["images"] / row["seconds"])
     assert row["img_per_s_per_core"] == row["img_per_s"] and "cpu" in df
-    assert prof.measurements(df).empty  # a decode rate is not a configuration of the training grid
+    assert profile_tables.measurements(df).empty  # a decode rate is not a configuration of the training grid
     both = prof.decode_profile(tree, workers=(0, 1), seconds=0.2, device="cpu", batch_size=4, log=lambda *_: None)
     assert both[["decode_on", "workers", "decode_device"]].values.tolist() == [
         ["workers", 0, "cpu"], ["workers", 1, "cpu"], ["device", 1, "cpu"]]

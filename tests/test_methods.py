@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+from bench import probes
 import torch.nn.functional as F
 from torch import nn
 
@@ -255,7 +257,7 @@ def test_every_diagnostic_runs_on_every_method(kind):
     net.train()
     torch.nn.functional.cross_entropy(net(x.float() / 255 - mean), y).backward()
     opt.step()
-    layers = members.layer_rows(opt, {0: "r"}, 1)[0]
+    layers = probes.layer_rows(members, opt, {0: "r"}, 1)[0]
     assert len(layers) == len(members.layers) and all(math.isfinite(r["grad_x_weight"]) for r in layers)
-    signals = members.signal_rows([(x.float() / 255 - mean, y)], False, {0: "r"}, 1)[0]
+    signals = probes.signal_rows(members, [(x.float() / 255 - mean, y)], False, {0: "r"}, 1)[0]
     assert [r["block"] for r in signals] == list(range(1, 7)) and all(r["signal_rms"] > 0 for r in signals)
