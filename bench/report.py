@@ -543,7 +543,9 @@ def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str |
 
 
 def _preact_ids(runs: pd.DataFrame) -> set:
-    return set(runs.loc[runs["kind"].str.startswith("pre"), "run_id"])
+    """Runs without Figure 7's response (after BN, before the addition): pre-activation nets and nets without BN."""
+    no_bn = runs["normalization"] == "none" if "normalization" in runs else False
+    return set(runs.loc[runs["kind"].str.startswith("pre") | no_bn, "run_id"])
 
 
 def _md_table(df: pd.DataFrame) -> str:
