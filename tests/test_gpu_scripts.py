@@ -2,6 +2,7 @@
 go wrong without a GPU is tried here, on the CPU, before a session spends it."""
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -19,7 +20,9 @@ def test_the_gpu_scripts_parse():
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_gpu_reference_trains_a_group_detached_diagnoses_it_and_collects_its_records(tmp_path):
-    env = os.environ | dict(REF=str(tmp_path / "ref"), OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
+    # the script calls python3 from PATH: put this interpreter's (a virtual environment's) first
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | dict(PATH=path, REF=str(tmp_path / "ref"), OUT=str(tmp_path / "out"), PRESET="smoke", DEVICE="cpu",
                             SEEDS="0,1", RESBENCH_CACHE=str(tmp_path / "cache"),
                             EXTRA="--dataset synthetic --iterations 4 --eval-every 2 --train-size 64 --val-size 32 "
                                   "--test-size 32 --width 0.25")

@@ -4,6 +4,7 @@ The Slurm tests start a one-node cluster on loopback with tests/slurm/start.sh (
 slurmd; Debian's slurm-wlm is installed when missing). If it cannot start, they fail: a skipped
 Slurm test would hide a broken executor.
 """
+import os
 import subprocess
 import sys
 import time
@@ -137,16 +138,20 @@ def test_preempted_task_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path
     info = subprocess.run(["scontrol", "show", "job", job.split("_")[0]], capture_output=True, text=True).stdout
     logs = "".join(p.read_text() for p in (tmp_path / "pre" / "slurm" / "logs").glob("*_log.out"))
     assert "Restarts=1" in info or "requeued" in logs.lower()
-    # the same run uninterrupted, in this process: identical curves (CPU training is deterministic)
-    ref = _sweep_local(tmp_path / "ref", *args)
+    # the same run uninterrupted, locally: identical curves (CPU training is deterministic for a given number of
+    # threads; the task used the cores Slurm gave it, so the reference uses as many)
+    threads = int(runs.loc[0, "cpu_threads"])
+    ref = _sweep_local(tmp_path / "ref", *args, threads=threads)
     assert ref.returncode == 0, ref.stdout + ref.stderr
+    assert (records.load(tmp_path / "ref")[0]["cpu_threads"] == threads).all()
     cols = ["iteration", "lr", "train_loss", "train_err", "val_err", "test_err"]
     pd.testing.assert_frame_equal(curves[cols], records.load(tmp_path / "ref")[1][cols])
 
 
-def _sweep_local(out, *extra):
+def _sweep_local(out, *extra, threads=None):
     cmd = [sys.executable, "-m", "bench", "sweep", "--out", str(out), *TINY, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.slurm
