@@ -574,10 +574,8 @@ def models(depths, kinds, width, imagenet):
     click.echo(f"{'kind':<11}{'shortcut':<10}{'norm':<6}source")
     for kind in resnet.kinds():
         m = resnet.method(kind)
-        residual = m.residual if m else kind in ("resnet", "preresnet")
-        source = m.paper + (f" [plugin {m.package}=={m.version}]" if m.package else "") if m else (
-            "He et al. 2016, Identity Mappings" if kind.startswith("pre") else "He et al. 2015")
-        click.echo(f"{kind:<11}{'yes' if residual else 'no':<10}{m.normalization if m else 'bn':<6}{source}")
+        source = m.paper + (f" [plugin {m.package}=={m.version}]" if m.package else "")
+        click.echo(f"{kind:<11}{'yes' if m.residual else 'no':<10}{m.normalization:<6}{source}")
     for what, why in resnet.PLUGIN_ERRORS.items():
         click.echo(f"plugin {what} failed to load: {why}", err=True)
     click.echo("")

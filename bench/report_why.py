@@ -23,7 +23,7 @@ def net_labels(df: pd.DataFrame) -> pd.Series:
     included, as before), a method's kind for the methods and plugins (highway, fixup, ...)."""
     import resnet
 
-    methods = set(resnet.kinds()) - set(resnet.KINDS)
+    methods = set(resnet.kinds()) - set(resnet.baseline_kinds())
     kind = df["kind"] if "kind" in df else pd.Series(None, index=df.index)
     return pd.Series([k if k in methods else NET[bool(r)] for k, r in zip(kind, df["residual"])], index=df.index)
 
@@ -32,7 +32,7 @@ def net_order(labels) -> list[str]:
     """plain, residual, then the methods in the registry's order (one colour and facet place each)."""
     import resnet
 
-    order = ["plain", "residual"] + [k for k in resnet.kinds() if k not in resnet.KINDS]
+    order = ["plain", "residual"] + [k for k in resnet.kinds() if k not in resnet.baseline_kinds()]
     present = set(labels)
     return [k for k in order if k in present] + sorted(present - set(order))
 LESION_COLUMNS = {"mode", "position", "k", "draw", "blocks", "error"}

@@ -191,10 +191,10 @@ class RunSpec:
         a = self.arch
         m, info = a.method, method_info(self.model)
         row = dict(run_id=self.run_id, sweep=self.sweep, model=self.model, family=a.family, kind=a.kind,
-                   method=a.kind, normalization=m.normalization if m else "bn",
+                   method=a.kind, normalization=m.normalization,
                    method_params=json.dumps(info.get("params", {}), sort_keys=True),
                    lr_scales=json.dumps(info.get("lr_scales", [])),
-                   plugin=f"{m.package}=={m.version}" if m and m.package else None,
+                   plugin=f"{m.package}=={m.version}" if m.package else None,
                    depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
                    dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch,
                    method_recipe=method_recipe(self.model, self.recipe), lr_tuning=self.lr_tuning,
@@ -231,16 +231,14 @@ CHOSEN_BY = "lowest final validation error of the lr grid's runs on the sweep's 
 def method_recipe(model: str, r: Recipe) -> str:
     """'paper' where ``r`` holds every setting the net's family lists as its paper's own (Family.paper_recipe:
     Fixup's standardized input and mixup, ...), else 'matched' (the recipe every kind shares)."""
-    m = resnet.parse(model).method
-    own = m.paper_recipe if m else {}
+    own = resnet.parse(model).method.paper_recipe
     return "paper" if own and all(getattr(r, k) == v for k, v in own.items()) else "matched"
 
 
 def method_info(model: str) -> dict:
-    """A method's (or plugin's) defining settings beyond its name; {} for He et al.'s kinds."""
+    """A family's defining settings beyond its name (hyper-parameters, parameter groups at another lr, a plugin's
+    package); {} where it has none, as He et al.'s kinds (so their run_ids are those of earlier versions)."""
     m = resnet.parse(model).method
-    if m is None:
-        return {}
     info = dict(params=m.params, lr_scales=[list(x) for x in m.lr_scales])
     if m.package:
         info["plugin"] = f"{m.package}=={m.version}"

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import methods, tat  # noqa: F401 (they register their families)
-from .blocks import SHORTCUTS
-from .cifar import cifar_resnet
+from . import baselines, methods, tat  # noqa: F401 (they register their families, He et al.'s first)
 from .group import GroupedResNet, group_loss, member_losses, stack, unstack
 from .lesion import blocks, changes_shape, deletable, lesioned
-from .imagenet import LAYOUTS, STEMS, imagenet_resnet
+from .imagenet import LAYOUTS, STEMS
 from .registry import PLUGIN_ERRORS, PLUGINS, Family, register
 from .registry import family as method
 from .registry import kinds as method_kinds
@@ -33,24 +31,28 @@ from .stats import count_macs, count_params, layer_responses
 
 __all__ = ["build", "available", "parse", "ModelName", "count_params", "count_macs", "layer_responses",
            "stack", "unstack", "group_loss", "member_losses", "groupable", "GroupedResNet", "blocks", "changes_shape",
-           "deletable", "lesioned", "kinds", "method", "Family", "register", "PLUGIN_ERRORS"]
+           "deletable", "lesioned", "kinds", "baseline_kinds", "method", "Family", "register", "PLUGIN_ERRORS"]
 
-KINDS = ("resnet", "plain", "preresnet", "preplain")  # He et al.'s; the methods and plugins: resnet.registry
 CIFAR_EXAMPLES = (8, 14, 20, 32, 44, 56, 110, 1202)
 IMAGENET_DEPTHS = tuple(LAYOUTS)
 _NAME = re.compile(r"(cifar_)?([a-z][a-z_]*?)(\d+)")
 
 
 def kinds() -> list[str]:
-    """Every kind a name can start with: He et al.'s four, then the registered methods and plugins."""
-    return list(KINDS) + method_kinds()
+    """Every kind a name can start with, in the registry's order: He et al.'s four, the methods, the plugins."""
+    return method_kinds()
+
+
+def baseline_kinds() -> list[str]:
+    """He et al.'s kinds (resnet, plain, preresnet, preplain): the report's plain and residual nets."""
+    return [k for k in method_kinds() if method(k).baseline]
 
 
 def _families_help() -> str:
     text = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} with CIFAR depth d = 6n+2 "
             f"(e.g. {', '.join(map(str, CIFAR_EXAMPLES))}); resnet/plain{{18,34,50,101,152}} "
             "(ImageNet-style); cifar_resnet{d}/cifar_plain{d} for the CIFAR family at 50 or 152; "
-            f"methods and plugins at d = 6n+2: {', '.join(k + '{d}' for k in method_kinds())}")
+            f"methods and plugins at d = 6n+2: {', '.join(k + '{d}' for k in kinds() if not method(k).baseline)}")
     if PLUGINS:
         text += "; plugins loaded: " + ", ".join(PLUGINS.values())
     if PLUGIN_ERRORS:
@@ -64,18 +66,18 @@ class ModelName:
 
     name: str
     family: str  # "cifar" | "imagenet"
-    kind: str  # "resnet" | "plain" | "preresnet" | "preplain", or a registered method's kind
+    kind: str  # a registered kind: "resnet" | "plain" | "preresnet" | "preplain", a method's or a plugin's
     depth: int  # weighted layers
 
     @property
-    def method(self) -> Family | None:
-        """The registered family of a method or plugin kind (None for He et al.'s four)."""
-        return None if self.kind in KINDS else method(self.kind)
+    def method(self) -> Family:
+        """The kind's registered family (He et al.'s kinds, the methods and plugins alike)."""
+        return method(self.kind)
 
     @property
     def residual(self) -> bool:
         """A shortcut (or carry) path beside each block: the report's residual side."""
-        return self.method.residual if self.method else self.kind in ("resnet", "preresnet")
+        return self.method.residual
 
     @property
     def preact(self) -> bool:
@@ -85,12 +87,13 @@ class ModelName:
 def parse(name: str) -> ModelName:
     """Split a network name into family, kind and depth; ValueError with the rules if invalid."""
     m = _NAME.fullmatch(str(name).strip().lower())
-    if not m or m.group(2) not in KINDS and method(m.group(2)) is None:
+    fam = method(m.group(2)) if m else None
+    if fam is None:
         raise ValueError(f"unknown network {name!r}: {_families_help()}")
     prefix, kind, depth = m.group(1), m.group(2), int(m.group(3))
-    if prefix and kind not in ("resnet", "plain"):
+    if prefix and not fam.imagenet:
         raise ValueError(f"unknown network {name!r}: the cifar_ prefix names resnet{{d}}/plain{{d}} at 50 or 152")
-    if not prefix and kind in ("resnet", "plain") and depth in IMAGENET_DEPTHS:
+    if not prefix and fam.imagenet and depth in IMAGENET_DEPTHS:
         return ModelName(name, "imagenet", kind, depth)
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(
@@ -109,17 +112,17 @@ def groupable(name: str, shortcut: str | None = None) -> bool:
 
 
 def lr_scales(name: str) -> tuple[tuple[str, float], ...]:
-    """The parameter groups a net trains at another lr ((name regex, factor); the family's, or none)."""
-    m = parse(name).method
-    return m.lr_scales if m else ()
+    """The parameter groups a net trains at another lr ((name regex, factor); none for most families)."""
+    return parse(name).method.lr_scales
 
 
 def available() -> list[str]:
     """Canonical names (any other 6n+2 depth builds too)."""
-    names = [f"{k}{d}" for k in KINDS for d in CIFAR_EXAMPLES if d not in IMAGENET_DEPTHS]
-    names += [f"cifar_{k}{d}" for k in ("resnet", "plain") for d in (50, 152)]
-    names += [f"{k}{d}" for k in ("resnet", "plain") for d in IMAGENET_DEPTHS]
-    names += [f"{k}{d}" for k in method_kinds() for d in (20, 56, 110)]
+    he, wide = baseline_kinds(), [k for k in kinds() if method(k).imagenet]
+    names = [f"{k}{d}" for k in he for d in CIFAR_EXAMPLES if d not in IMAGENET_DEPTHS]
+    names += [f"cifar_{k}{d}" for k in wide for d in (50, 152)]
+    names += [f"{k}{d}" for k in wide for d in IMAGENET_DEPTHS]
+    names += [f"{k}{d}" for k in kinds() if k not in he for d in (20, 56, 110)]
     return names
 
 
@@ -146,27 +149,23 @@ def build(
         stem: ImageNet-style family only: "cifar" (3x3, for 32x32) or "imagenet" (7x7/2 + max-pool).
     """
     spec = parse(name)
-    if spec.method is not None:
-        return _build_method(spec, num_classes, shortcut, width, in_channels, zero_init_residual, stem)
+    fam = spec.method
     _check_sizes(num_classes, width, in_channels)
-    shortcut = (shortcut or ("B" if spec.family == "imagenet" else "A")).upper()
-    if shortcut not in SHORTCUTS:
-        raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}")
-    common = dict(
-        num_classes=num_classes,
-        residual=spec.residual,
-        shortcut=shortcut,
-        width=width,
-        in_channels=in_channels,
-        zero_init_residual=zero_init_residual,
-    )
-    if spec.family == "imagenet":
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
-        return imagenet_resnet(spec.depth, stem=stem, **common)
-    if stem != "cifar":
+    shortcut = (shortcut or ("B" if spec.family == "imagenet" else fam.shortcuts[0])).upper()
+    if shortcut not in fam.shortcuts:
+        raise ValueError(f"shortcut must be one of {', '.join(fam.shortcuts)} for {spec.kind} nets, got {shortcut!r}")
+    if zero_init_residual and "zero_init_residual" not in fam.options:
+        raise ValueError(f"zero_init_residual is for resnet/preresnet nets; {spec.kind} has its own initialisation")
+    if spec.family != "imagenet" and stem != "cifar":
         raise ValueError(f"{name!r} is a CIFAR-family net: its stem is fixed (the stem option is for resnet18..152)")
-    return cifar_resnet(spec.depth, preact=spec.preact, **common)
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    given = dict(zero_init_residual=zero_init_residual, stem=stem)
+    options = {k: v for k, v in given.items() if k in fam.options}
+    if spec.family == "imagenet":
+        options["family"] = "imagenet"
+    return fam.build(spec.depth, num_classes=num_classes, width=width, in_channels=in_channels, shortcut=shortcut,
+                     **fam.params, **options)
 
 
 def _check_sizes(num_classes, width, in_channels) -> None:
@@ -177,17 +176,3 @@ def _check_sizes(num_classes, width, in_channels) -> None:
         raise ValueError(f"width must be positive (e.g. 0.5 or 1), got {width!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-
-
-def _build_method(spec: ModelName, num_classes, shortcut, width, in_channels, zero_init_residual, stem) -> nn.Module:
-    fam = spec.method
-    _check_sizes(num_classes, width, in_channels)
-    shortcut = (shortcut or fam.shortcuts[0]).upper()
-    if shortcut not in fam.shortcuts:
-        raise ValueError(f"{spec.kind} nets are built with shortcut {', '.join(fam.shortcuts)} only, got {shortcut!r}")
-    if zero_init_residual:
-        raise ValueError(f"zero_init_residual is for resnet/preresnet nets; {spec.kind} has its own initialisation")
-    if stem != "cifar":
-        raise ValueError(f"{spec.name!r} is a CIFAR-family net: its stem is fixed")
-    return fam.build(spec.depth, num_classes=num_classes, width=width, in_channels=in_channels, shortcut=shortcut,
-                     **fam.params)

@@ -40,14 +40,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block, Deleted, PadShortcut, conv3x3
+from .blocks import Block, Deleted, conv3x3, make_shortcut
 from .cifar import CIFAR_WIDTHS, scaled
 from .net import ResNet
 from .registry import Family, register
 
 
-def _option_a(cin: int, cout: int, stride: int) -> nn.Module | None:
-    return PadShortcut(cin, cout, stride) if stride != 1 or cin != cout else None
+class BranchBlock(Block):
+    """What the methods' blocks keep of He et al.'s basic block: two 3x3 convs (the first strided; ``conv`` makes
+    them), a BN after each where the method keeps BN, and option A's parameter-free shortcut where the shape
+    changes (no shortcut in a block without a shortcut path: ``residual``, the family's, passed by the net)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool, shortcut: str = "A",
+                 conv=conv3x3, bn: bool = True):
+        super().__init__()
+        if shortcut != "A":  # resnet.build refuses others first; a block built by hand says so too
+            raise ValueError(f"{type(self).__name__} is built with shortcut option A only, got {shortcut!r}")
+        self.residual, self.cin, self.cout, self.stride = residual, cin, planes, stride
+        self.conv1 = conv(cin, planes, stride)
+        if bn:
+            self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv(planes, planes)
+        if bn:
+            self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = make_shortcut(cin, planes, stride, shortcut, residual)
+
+    def carry(self, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut path: x, subsampled and zero-padded where the shape changes."""
+        return x if self.shortcut is None else self.shortcut(x)
 
 
 def cifar_net(depth: int, block: type[Block], *, num_classes: int, width: float, in_channels: int, residual: bool,
@@ -65,28 +87,19 @@ def cifar_net(depth: int, block: type[Block], *, num_classes: int, width: float,
 
 # -- highway -------------------------------------------------------------------------------------------
 
-class HighwayBlock(Block):
+class HighwayBlock(BranchBlock):
     """y = H(x) T(x) + x (1 - T(x)), see the module docstring."""
-
-    expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A",
                  gate_bias: float = -1.0):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = True, cin, planes, stride
-        self.conv1 = conv3x3(cin, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut)
         self.gate = nn.Conv2d(cin, planes, 3, stride=stride, padding=1, bias=True)
         self.gate_bias = gate_bias
-        self.shortcut = _option_a(cin, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
         t = torch.sigmoid(self.gate(x))
-        carry = x if self.shortcut is None else self.shortcut(x)
-        return h * t + carry * (1 - t)
+        return h * t + self.carry(x) * (1 - t)
 
     def deleted(self) -> nn.Module:
         return Deleted(self.shortcut, relu=False)  # T = 0: what the carry gate lets through
@@ -116,22 +129,16 @@ class Scalar(nn.Module):
         return x + self.bias
 
 
-class FixupBlock(Block):
+class FixupBlock(BranchBlock):
     """hongyi-zhang/Fixup's FixupBasicBlock, with option A's zero channels at the end (their torch.cat)."""
 
-    expansion = 1
-
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = True, cin, planes, stride
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut, bn=False)
         self.bias1a = nn.Parameter(torch.zeros(1))
-        self.conv1 = conv3x3(cin, planes, stride)
         self.bias1b = nn.Parameter(torch.zeros(1))
         self.bias2a = nn.Parameter(torch.zeros(1))
-        self.conv2 = conv3x3(planes, planes)
         self.scale = nn.Parameter(torch.ones(1))
         self.bias2b = nn.Parameter(torch.zeros(1))
-        self.shortcut = _option_a(cin, planes, stride)
 
     def identity(self, x: torch.Tensor) -> torch.Tensor:
         # their code: the identity is x itself, or the subsampled (x + bias1a) where the shape changes
@@ -186,42 +193,33 @@ def fixup_net(depth: int, *, num_classes: int = 10, width: float = 1.0, in_chann
 
 # -- SkipInit and ReZero ---------------------------------------------------------------------------------
 
-class SkipInitBlock(Block):
+def conv3x3_bias(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    """A 3x3 conv with a bias: the branch convs of the methods without BN (SkipInit's, TAT's)."""
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+
+class SkipInitBlock(BranchBlock):
     """relu(x + alpha F(x)), F = conv-ReLU-conv with biases (no BN), alpha = 0."""
 
-    expansion = 1
-
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = True, cin, planes, stride
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride=stride, padding=1)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut, conv=conv3x3_bias, bn=False)
         self.alpha = nn.Parameter(torch.zeros(1))
-        self.shortcut = _option_a(cin, planes, stride)
 
     def forward(self, x):
         out = self.conv2(F.relu(self.conv1(x)))
-        return F.relu((x if self.shortcut is None else self.shortcut(x)) + self.alpha * out)
+        return F.relu(self.carry(x) + self.alpha * out)
 
 
-class ReZeroBlock(Block):
+class ReZeroBlock(BranchBlock):
     """x + alpha relu(BN(conv(relu(BN(conv(x)))))), alpha = 0: their CIFAR block (no ReLU after the addition)."""
 
-    expansion = 1
-
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = True, shortcut: str = "A"):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = True, cin, planes, stride
-        self.conv1 = conv3x3(cin, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut)
         self.alpha = nn.Parameter(torch.zeros(1))
-        self.shortcut = _option_a(cin, planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-        return (x if self.shortcut is None else self.shortcut(x)) + self.alpha * out
+        return self.carry(x) + self.alpha * out
 
     def deleted(self) -> nn.Module:
         return Deleted(self.shortcut, relu=False)
@@ -265,19 +263,11 @@ class DiracConv(nn.Conv2d):
         return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding)
 
 
-class DiracBlock(Block):
+class DiracBlock(BranchBlock):
     """A plain block (conv-BN-ReLU twice, no shortcut) of Dirac-parametrised convs."""
 
-    expansion = 1
-
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = False, shortcut: str = "A"):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = False, cin, planes, stride
-        self.conv1 = DiracConv(cin, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = DiracConv(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = None
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut, conv=DiracConv)
 
     def forward(self, x):
         return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))

@@ -30,10 +30,12 @@ ENTRY_POINTS = "resbench.networks"
 
 @dataclass(frozen=True)
 class Family:
-    """One kind of network at every CIFAR depth 6n+2.
+    """One kind of network at every CIFAR depth 6n+2 (He et al.'s resnet and plain also at the ImageNet-style
+    depths).
 
-    ``build(depth, *, num_classes, width, in_channels, shortcut)`` returns the net, initialised as its
-    paper says (under the caller's torch seed).
+    ``build(depth, *, num_classes, width, in_channels, shortcut, **options)`` returns the net, initialised as
+    its paper says (under the caller's torch seed); ``options`` are those the family lists (``options``;
+    resnet.build passes ``family="imagenet"`` to a family with ``imagenet`` at those depths).
     """
 
     kind: str
@@ -49,10 +51,16 @@ class Family:
     paper_recipe: dict = field(default_factory=dict)
     package: str | None = None  # a plugin's distribution name and version (recorded, in the run_id)
     version: str | None = None
+    # He et al.'s own nets (resnet.baselines): the plain/residual pairs every method is compared with; the report
+    # draws them as plain and residual, not under their kind
+    baseline: bool = False
+    imagenet: bool = False  # also built at the ImageNet-style depths 18..152 (the CIFAR family there: cifar_{kind}{d})
+    options: tuple[str, ...] = ()  # build keywords beyond the shared ones it takes: "zero_init_residual", "stem"
 
     def __post_init__(self):
-        if not NAME.fullmatch(self.kind):
-            raise ValueError(f"a network kind is lower-case letters and underscores, got {self.kind!r}")
+        if not NAME.fullmatch(self.kind) or self.kind.startswith("cifar_"):
+            raise ValueError(f"a network kind is lower-case letters and underscores, not starting with cifar_ "
+                             f"(the CIFAR family's prefix), got {self.kind!r}")
         if self.normalization not in ("bn", "none"):
             raise ValueError(f"normalization must be 'bn' or 'none', got {self.normalization!r}")
 
@@ -64,14 +72,12 @@ _loaded: set[str] = set()  # entry points and modules already called
 
 
 def register(family: Family) -> Family:
-    """Add ``family`` (a kind may be registered once; the built-in kinds are reserved)."""
-    if family.kind in RESERVED or family.kind in FAMILIES and FAMILIES[family.kind] is not family:
+    """Add ``family`` (a kind may be registered once: the built-in kinds are registered when resnet is imported,
+    before any plugin)."""
+    if family.kind in FAMILIES and FAMILIES[family.kind] is not family:
         raise ValueError(f"network kind {family.kind!r} is already registered")
     FAMILIES[family.kind] = family
     return family
-
-
-RESERVED = ("resnet", "plain", "preresnet", "preplain", "cifar_resnet", "cifar_plain")
 
 
 def load_plugins() -> None:

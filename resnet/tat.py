@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import Block
-from .methods import cifar_net
+from .methods import BranchBlock, cifar_net, conv3x3_bias
 from .registry import Family, register
 
 C_VAL_0_TARGET = 0.9
@@ -67,20 +66,14 @@ class TailoredReLU(nn.Module):
         return f"slope={self.slope:.6f}, scale={self.scale:.6f}"
 
 
-class TATBlock(Block):
+class TATBlock(BranchBlock):
     """conv-act-conv-act with biases, no BN, no shortcut."""
-
-    expansion = 1
 
     def __init__(self, cin: int, planes: int, stride: int = 1, *, residual: bool = False, shortcut: str = "A",
                  act: tuple[float, float] = (0.0, 1.0)):
-        super().__init__()
-        self.residual, self.cin, self.cout, self.stride = False, cin, planes, stride
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride=stride, padding=1)
+        super().__init__(cin, planes, stride, residual=residual, shortcut=shortcut, conv=conv3x3_bias, bn=False)
         self.act1 = TailoredReLU(*act)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
         self.act2 = TailoredReLU(*act)
-        self.shortcut = None
 
     def forward(self, x):
         return self.act2(self.conv2(self.act1(self.conv1(x))))

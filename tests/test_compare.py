@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from bench import profile_tables
 from click.testing import CliRunner
 
+from bench import profile_tables
 from bench.cli import main
 from bench.report import ReportError, build_report
 

@@ -100,3 +100,16 @@ def test_estimate_reads_the_committed_decode_profile_and_refuses_a_grid_profile_
     bad = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(H200)])
     assert bad.exit_code == 1 and "lacks the columns workers, img_per_s_per_core" in bad.output
     assert "results/reference-decode-cpu" in bad.output
+
+
+def test_estimate_names_the_profiles_device_and_prices_a_cpu_profile_in_device_hours_on_lines_of_their_own():
+    cpu = ROOT / "results" / "reference-profile-cpu"
+    res = CliRunner().invoke(main, ["estimate", str(cpu), "--preset", "he2015", "--kinds", "resnet", "--depths", "20,32"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    total = next(ln for ln in lines if ln.startswith("total: "))
+    assert "device-hours" in total and "GPU-hours" not in total and "on the profile's CPU (" in total
+    assert total.endswith("a low estimate")  # the next line ("not profiled ...") starts a line of its own
+    assert any(ln.startswith("not profiled at batch 128 per GPU: resnet32") for ln in lines)
+    gpu = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015", "--depths", "20"])
+    assert "GPU-hours" in gpu.output and "on the profile's GPU (NVIDIA H200" in gpu.output

@@ -5,12 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import probes
 from click.testing import CliRunner
 from torch import nn
 
 import resnet
-from bench import records
+from bench import probes, records
 from bench.analysis import (calibrate_bn, correlation_by_distance, lesion_errors, lesion_ks, lesion_sets,
                             line_gradients)
 from bench.cli import main
@@ -286,3 +285,19 @@ def test_a_plain_block_is_deletable_only_where_its_input_and_output_shapes_match
     assert resnet.deletable(second)
     x = torch.randn(2, 3, 32, 32)
     assert resnet.lesioned(net.eval(), [1])(x).shape == (2, 10)
+
+
+def test_diagnose_says_what_bounds_its_time_and_where_it_is_without_a_terminal(swept, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(swept, tmp_path / "s"))
+    res = CliRunner().invoke(main, ["diagnose", str(folder), "--max-images", "32", "--draws", "1",
+                                    "--shattered-images", "1"])
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "diagnose 4 runs; what takes the time, per run:" in text
+    assert "the first 32 test images (--max-images)" in text and "1 images (--shattered-images)" in text
+    assert "whatever --max-images" in text  # the shattered gradients are not bounded by it
+    steps = [ln for ln in text.splitlines() if ln.startswith("[") and "diagnosed;" in ln]
+    assert [ln.split("]")[0] + "]" for ln in steps] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert "so far, about" in steps[0]

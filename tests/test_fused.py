@@ -19,10 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import probes
 
 import resnet
-from bench import claims, data, fuse, records
+from bench import claims, data, fuse, probes, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.train import run_group, run_one
 

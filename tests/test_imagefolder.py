@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench import profile_tables
 
-from bench import imagefolder as imf
+from bench import imagefolder as imf, profile_tables
 
 
 def _jpeg(rng, h, w) -> bytes:

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from bench import probes
 import torch.nn.functional as F
 from torch import nn
 
+from bench import probes
 import resnet
 from resnet.methods import DiracConv, FixupBlock, HighwayBlock, ReZeroBlock, SkipInitBlock
 from resnet.tat import TATBlock, TailoredReLU
@@ -41,6 +41,39 @@ def test_each_method_is_a_family_at_every_cifar_depth(kind):
     assert spec.residual == (kind in ("highway", "fixup", "skipinit", "rezero"))
     with pytest.raises(ValueError, match="invalid depth"):
         resnet.parse(f"{kind}21")
+
+
+def test_every_kind_is_a_family_of_one_registry():
+    """He et al.'s four are registered like the methods (first, and as the report's plain/residual baselines);
+    nothing else keeps a list of kinds, and a plugin can neither take their names nor the cifar_ prefix."""
+    from resnet.registry import Family, register
+
+    assert resnet.kinds()[:4] == resnet.baseline_kinds() == ["resnet", "plain", "preresnet", "preplain"]
+    assert set(METHODS) <= set(resnet.kinds()) and not any(resnet.method(k).baseline for k in METHODS)
+    he = resnet.method("plain")
+    assert isinstance(he, Family) and (he.residual, he.shortcuts, he.imagenet) == (False, ("A", "B", "C"), True)
+    assert resnet.method("preresnet").paper == "He et al. 2016, Identity Mappings" and not resnet.method("preplain").imagenet
+    with pytest.raises(ValueError, match="'resnet' is already registered"):
+        register(Family("resnet", resnet.method("fixup").build, residual=True, normalization="none", paper="x"))
+    with pytest.raises(ValueError, match="not starting with cifar_"):
+        Family("cifar_mine", resnet.method("fixup").build, residual=True, normalization="none", paper="x")
+    # their run_ids are those of earlier versions (the committed records resume): nothing of the family is hashed
+    from bench.specs import RunSpec, recipe
+
+    assert RunSpec("resnet20", recipe("he2015")).run_id == "resnet20-cifar10-he2015-s0-630ae4f7cc"
+    assert RunSpec("preresnet110", recipe("he2015")).run_id == "preresnet110-cifar10-he2015-s0-a95d283433"
+    assert RunSpec("resnet18", recipe("he2015")).run_id == "resnet18-cifar10-he2015-s0-6bfcd035a8"
+
+
+def test_a_method_block_takes_only_option_a_and_its_familys_shortcut_path():
+    """The methods' blocks share BranchBlock: the net's residual flag decides the shortcut, not each block."""
+    from resnet.methods import DiracBlock
+
+    assert ReZeroBlock(4, 8, 2, residual=True).shortcut is not None
+    assert ReZeroBlock(4, 8, 2, residual=False).shortcut is None
+    assert DiracBlock(4, 8, 2, residual=False).shortcut is None and not DiracBlock(4, 4, residual=False).residual
+    with pytest.raises(ValueError, match="option A only, got 'B'"):
+        FixupBlock(4, 8, 2, residual=True, shortcut="B")
 
 
 @pytest.mark.parametrize("kind", ["fixup", "skipinit", "rezero"])

@@ -190,15 +190,16 @@ FAMILIES = ("known families: resnet{d}/plain{d} and preresnet{d}/preplain{d} wit
     ("resnet20", {"width": -1.0}, "width must be positive (e.g. 0.5 or 1), got -1.0"),
     ("resnet20", {"in_channels": 0}, "in_channels must be a positive integer, got 0"),
     ("resnet20", {"in_channels": 1.0}, "in_channels must be a positive integer, got 1.0"),
-    ("resnet20", {"shortcut": "d"}, "shortcut must be one of A, B, C, got 'D'"),
+    ("resnet20", {"shortcut": "d"}, "shortcut must be one of A, B, C for resnet nets, got 'D'"),
     ("resnet18", {"stem": "huge"}, "stem must be one of cifar, imagenet, got 'huge'"),
     ("resnet20", {"stem": "imagenet"}, "'resnet20' is a CIFAR-family net: its stem is fixed (the stem option is for "
                                        "resnet18..152)"),
     ("cifar_fixup20", {}, "unknown network 'cifar_fixup20': the cifar_ prefix names resnet{d}/plain{d} at 50 or 152"),
-    ("fixup20", {"shortcut": "B"}, "fixup nets are built with shortcut A only, got 'B'"),
+    ("fixup20", {"shortcut": "B"}, "shortcut must be one of A for fixup nets, got 'B'"),
     ("rezero20", {"zero_init_residual": True}, "zero_init_residual is for resnet/preresnet nets; rezero has its own "
                                                "initialisation"),
-    ("dirac20", {"stem": "imagenet"}, "'dirac20' is a CIFAR-family net: its stem is fixed"),
+    ("dirac20", {"stem": "imagenet"}, "'dirac20' is a CIFAR-family net: its stem is fixed (the stem option is for "
+                                       "resnet18..152)"),
     ("tat20", {"width": 0}, "width must be positive (e.g. 0.5 or 1), got 0"),
 ])
 def test_each_refusal_says_what_is_wrong_word_for_word(name, opts, message):
