@@ -165,6 +165,32 @@ def test_a_two_task_data_parallel_run_through_slurm(slurm, tmp_path):
     assert len(read_jobs(tmp_path)) == 1
 
 
+@pytest.mark.slurm
+def test_a_tuned_sweep_submits_its_grid_then_the_chosen_lr_as_two_job_arrays(slurm, tmp_path):
+    """The chosen runs are knowable only once the grid is recorded: one array per phase, the grid's runs fused
+    in groups like any sweep's; with --no-wait the chosen runs are submitted by the next call."""
+    args = ["--seeds", "0,1", "--iterations", "8", "--models", "plain,resnet", "--lr-grid", "0.01,0.1", "--fuse", "2"]
+    first = _sweep(tmp_path, *args, "--no-wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "4 submitted to Slurm" in first.stdout and "once its grid runs are recorded" in first.stdout
+    deadline = time.time() + 240
+    while len(records.load(tmp_path)[0]) < 4 and time.time() < deadline:
+        time.sleep(1)
+    second = _sweep(tmp_path, *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 submitted to Slurm" in second.stdout
+    runs = records.load(tmp_path)[0]
+    assert len(runs) == 6 and (runs["status"] == "ok").all()
+    assert sorted(runs["lr_tuning"]) == ["chosen"] * 2 + ["grid"] * 4 and (runs["lr_grid"] == "0.01,0.1").all()
+    grid, chosen = runs[runs["lr_tuning"] == "grid"], runs[runs["lr_tuning"] == "chosen"]
+    assert set(grid["seed"]) == {0} and set(chosen["seed"]) == {1} and (grid["group_size"] == 2).all()
+    # a task per group: the grid's two (one per lr), then the chosen runs, together where their lrs agree
+    assert len(set(read_jobs(tmp_path).values())) == 2 + chosen["lr"].nunique()
+    for kind, lr in zip(chosen["kind"], chosen["lr"]):  # each net at the lr of its best grid run (validation)
+        best = grid[grid["kind"] == kind].sort_values(["final_val_err", "lr"]).iloc[0]
+        assert lr == best["lr"]
+
+
 def test_a_dry_run_shows_the_cores_and_memory_each_task_asks_for_and_submits_nothing(tmp_path):
     from click.testing import CliRunner
 
