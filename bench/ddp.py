@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -116,13 +117,13 @@ def launch(args: list[str], world: int, env: dict, *, cuda: bool) -> list[subpro
     return procs
 
 
-def wait(procs: list[subprocess.Popen], poll_s: float = 0.2) -> int:
-    """Wait for a run's processes: 0 when all succeed; else the first failing exit code, after ending the
-    others (a rank that died leaves its peers blocked in a collective until its timeout: no need to wait)."""
+def wait(procs: list[subprocess.Popen], poll_s: float = 0.2) -> list[int | None]:
+    """Wait for a run's processes. Returns each rank's exit code as it ended on its own: all 0 when all
+    succeed; once one fails, the codes seen at that moment, None for the ranks still running, which are
+    then ended (a rank that died leaves its peers blocked in a collective until its timeout)."""
     while True:
         codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
+        if any(c not in (None, 0) for c in codes):
             for p in procs:
                 if p.poll() is None:
                     p.terminate()
@@ -131,7 +132,23 @@ def wait(procs: list[subprocess.Popen], poll_s: float = 0.2) -> int:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            return failed[0]
+            return codes
         if all(c == 0 for c in codes):
-            return 0
+            return codes
         time.sleep(poll_s)
+
+
+def first_failure(codes: list[int | None]) -> tuple[int, int] | None:
+    """(rank, exit code) of the rank that ended the run, from ``wait``'s codes; None if all succeeded. A rank
+    ended by a signal (killed from outside: kill -9, the OOM killer) comes first even where a peer's exit
+    was seen at the same poll: its peers only see a connection it closed and raise over it."""
+    failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+    return min(failed, key=lambda rc: rc[1] >= 0) if failed else None
+
+
+def signal_name(code: int) -> str:
+    """'SIGKILL' for a Popen exit code of -9; '' for a code that is no signal."""
+    try:
+        return signal.Signals(-code).name if code < 0 else ""
+    except ValueError:
+        return f"signal {-code}"

@@ -256,21 +256,36 @@ def run_distributed(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=
             f.write_text(json.dumps(dict(specs=[spec.to_dict()], execution=asdict(wex),
                                          data_root=str(data_root) if data_root else None, download=download)))
             t = time.perf_counter()
-            code = ddp.wait(ddp.launch(["worker", str(f), "--out", str(out)], ex.world_size, {},
-                                       cuda=ex.device.startswith("cuda")))
-            if code == EXIT_SKIPPED:
+            codes = ddp.wait(ddp.launch(["worker", str(f), "--out", str(out)], ex.world_size, {},
+                                        cuda=ex.device.startswith("cuda")))
+            if next((c for c in codes if c), 0) == EXIT_SKIPPED:  # every rank skips a run another trainer holds
                 log(f"[{i}/{len(runs)}] {spec.run_id}: skipped (another trainer holds or finished it)")
                 continue
             row = records.recorded(out, spec.run_id)
-            if row is None or (code and row["status"] not in DONE):  # the launcher stopped rank 0 before it recorded
-                why = first_rank_error(out, spec.run_id, ex.world_size)
-                row = row if row is not None and code == 1 else record_failure(
-                    spec, out, ex, RuntimeError(why or f"a process of the data-parallel run exited with code {code}"))
+            failed = ddp.first_failure(codes)
+            if row is None or (failed and row["status"] not in DONE):
+                row = _record_rank_failure(spec, out, ex, row, *(failed or (0, 0)))
             log(_line(i, len(runs), row, time.perf_counter() - t))
     finally:
         for f in spec_dir.iterdir():
             f.unlink()
         spec_dir.rmdir()
+
+
+def _record_rank_failure(spec: RunSpec, out: Path, ex: Execution, row: dict | None, rank: int, code: int) -> dict:
+    """The record of a data-parallel run one of whose processes failed. Rank 0's own record stands where a
+    rank raised (it names the rank whose traceback came first); the launcher records the run where rank 0
+    could not (it was stopped first) or where a rank was killed from outside, which only the launcher sees:
+    the others' tracebacks then say only that a peer went away."""
+    if row is not None and code > 0:
+        return row
+    if code < 0:
+        why = (f"rank {rank} of {ex.world_size} was killed by {ddp.signal_name(code)} (exited with code {code}); "
+               f"the other ranks stopped with it")
+    else:
+        why = first_rank_error(out, spec.run_id, ex.world_size) or \
+            f"rank {rank} of {ex.world_size} exited with code {code} and the run has no record"
+    return record_failure(spec, out, ex, RuntimeError(why))
 
 
 def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:

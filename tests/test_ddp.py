@@ -160,11 +160,39 @@ def test_a_killed_two_process_run_resumes_and_a_dead_rank_ends_its_run(tmp_path)
     text, _ = second.communicate(timeout=120)
     assert time.time() - t < 60, "the surviving rank hung"
     row = records.load(out)[0].iloc[0]
-    assert row["status"] == "failed" and "exited with code" in row["error"], text
+    # the launcher names the killed rank, also where rank 0 saw the closed connection and recorded first
+    assert row["status"] == "failed" and "rank 1 of 2 was killed by SIGKILL (exited with code -9)" in row["error"], text
     third = _sweep(out, *long)
     assert third.returncode == 0, third.stdout + third.stderr
     row = records.load(out)[0].iloc[0]
     assert row["status"] == "ok" and 0 < row["resumed_from"] < 400 and row["iterations_done"] == 400
+
+
+def test_the_rank_that_ended_a_run_is_one_killed_from_outside_before_one_that_raised_over_it():
+    from bench.ddp import first_failure, signal_name
+
+    assert first_failure([0, 0]) is None
+    assert first_failure([1, None]) == (0, 1)  # the others were ended by the launcher: not theirs to answer for
+    assert first_failure([None, 1, 1]) == (1, 1)
+    assert first_failure([1, -9]) == (1, -9)  # rank 0 raised over the connection rank 1's death closed
+    assert first_failure([None, -15, -9]) == (1, -15)
+    assert (signal_name(-9), signal_name(-15), signal_name(1)) == ("SIGKILL", "SIGTERM", "")
+
+
+def test_the_launcher_names_a_killed_rank_over_rank_0s_record_and_keeps_it_for_a_raise(tmp_path):
+    from bench.sweep import _record_rank_failure
+    from bench.train import record_failure
+
+    spec, ex = RunSpec("resnet8", recipe("smoke")), Execution(device="cpu", world_size=2)
+    seen = record_failure(spec, tmp_path, ex, RuntimeError("rank 0 of 2 failed first: Connection closed by peer"))
+    assert _record_rank_failure(spec, tmp_path, ex, seen, 1, 1) is seen  # a raise: rank 0 named the first traceback
+    killed = _record_rank_failure(spec, tmp_path, ex, seen, 1, -9)
+    assert killed["error"].startswith("RuntimeError: rank 1 of 2 was killed by SIGKILL (exited with code -9)")
+    assert records.recorded(tmp_path, spec.run_id)["error"] == killed["error"]
+    lost = _record_rank_failure(spec, tmp_path, ex, None, 0, 1)  # rank 0 stopped before it recorded, no traceback
+    assert lost["error"] == "RuntimeError: rank 0 of 2 exited with code 1 and the run has no record"
+    quiet = _record_rank_failure(spec, tmp_path, ex, None, 0, 0)  # every rank ended well, yet no record
+    assert quiet["error"] == "RuntimeError: rank 0 of 2 exited with code 0 and the run has no record"
 
 
 def _rank_process(rank: int, out: Path) -> int | None:
