@@ -169,6 +169,8 @@ RECIPE_OPTIONS = [  # (option, Recipe field, type, help): each overrides the pre
     ("--lr", "lr", POSITIVE, "Base learning rate."),
     ("--milestones", "milestones", str, "Steps (or epochs) at which lr is divided by 10, e.g. 32000,48000 ('' for "
                                         "none)."),
+    ("--schedule", "schedule", click.Choice(["step", "cosine"]), "The lr schedule: step (/10 at each milestone, the "
+                                                                  "paper's) or cosine (to 0 at the last step)."),
     ("--momentum", "momentum", click.FloatRange(0, 1, max_open=True), "SGD momentum."),
     ("--weight-decay", "weight_decay", click.FloatRange(min=0), "L2 weight decay (on every parameter unless "
                                                                  "--no-decay-1d)."),
@@ -465,7 +467,7 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recip
         _fail_if_failed(runs, out)
 
 
-RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "momentum", "weight_decay", "warmup_iters",
+RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "schedule", "momentum", "weight_decay", "warmup_iters",
                   "warmup_lr", "warmup_min_depth", "normalize", "mixup", "decay_1d", "lighting", "train_size", "val_size",
                   "test_size", "eval_every"]
 DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on"]

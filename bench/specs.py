@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import resnet
 from bench.datasets import TREES
 
 NORMALIZATIONS = ("pixel-mean", "standardize", "pln")  # Recipe.normalize (bench.data.Norm)
+SCHEDULES = ("step", "cosine")  # Recipe.schedule
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class Recipe:
     iterations: int = 64_000  # total optimizer steps
     milestones: tuple[int, ...] = (32_000, 48_000)  # lr *= lr_decay at each of these steps
     lr_decay: float = 0.1
+    # "step": lr * lr_decay ** (milestones passed), the paper's; "cosine": lr * (1 + cos(pi t / T)) / 2 from the
+    # end of any warm-up to 0 at the last step (Loshchilov and Hutter 2017 without restarts; milestones unused)
+    schedule: str = "step"
     warmup_lr: float = 0.01  # used for the first warmup_iters steps of deep nets only
     warmup_iters: int = 400  # He et al.: 0.01 "until the training error is below 80% (about 400 iterations)"
     warmup_min_depth: int = 110  # nets at least this deep get the warm-up
@@ -62,8 +67,12 @@ class Recipe:
 
     def lr_at(self, it: int, depth: int) -> float:
         """Learning rate for step ``it`` (0-based) of a net of ``depth`` layers."""
-        if depth >= self.warmup_min_depth and it < self.warmup_iters:
+        warm = depth >= self.warmup_min_depth
+        if warm and it < self.warmup_iters:
             return self.warmup_lr
+        if self.schedule == "cosine":
+            start = self.warmup_iters if warm else 0
+            return self.lr * (1 + math.cos(math.pi * (it - start) / max(1, self.iterations - start))) / 2
         return self.lr * self.lr_decay ** sum(it >= m for m in self.milestones)
 
     def __post_init__(self):
@@ -82,6 +91,7 @@ class Recipe:
             (self.normalize in NORMALIZATIONS, f"normalize must be one of {', '.join(NORMALIZATIONS)}"),
             (self.mixup >= 0, "mixup must be >= 0 (0: off)"),
             (self.schedule_in in ("steps", "epochs"), "schedule_in must be steps or epochs"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -118,7 +128,7 @@ RECIPES = {
 }
 # recipe fields added after the first records: left out of a run's identity at their defaults
 LATE_RECIPE_DEFAULTS = {"ten_crop": False, "lighting": False, "normalize": "pixel-mean", "mixup": 0.0, "decay_1d": True,
-                        "schedule_in": "steps"}
+                        "schedule_in": "steps", "schedule": "step"}
 
 
 def recipe(name: str, **overrides) -> Recipe:

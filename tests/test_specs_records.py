@@ -1,5 +1,6 @@
 """Specs and records against hand-written expectations: recipe checks, presets, run identity, the
 TOML round trip, flat record columns, atomic writes and the results-folder readers."""
+import math
 import datetime as dt
 import json
 import os
@@ -44,6 +45,20 @@ def test_recipe_defaults_and_lr_schedule_by_hand():
     with pytest.raises(ValueError, match="unknown recipe 'fast'; choose one of he2015, quick, smoke"):
         recipe("fast")
     assert recipe("smoke", lr=None, batch_size=16).batch_size == 16 and recipe("smoke", lr=None).lr == 0.05
+
+
+def test_cosine_schedule_by_hand_after_the_warm_up_and_without_it():
+    r = Recipe("x", lr=1.0, iterations=13, milestones=(5,), schedule="cosine", warmup_lr=0.25, warmup_iters=3,
+               warmup_min_depth=20)
+    # 10 steps after the warm-up: (1 + cos(pi k / 10)) / 2 at k = 0, 5, 9; milestones unused
+    assert [r.lr_at(i, 20) for i in (0, 2, 3, 8, 12)] == pytest.approx([0.25, 0.25, 1.0, 0.5, 0.024471741852423])
+    assert [r.lr_at(i, 14) for i in (0, 13 // 2, 12)] == pytest.approx([1.0, (1 + math.cos(math.pi * 6 / 13)) / 2,
+                                                                     (1 + math.cos(math.pi * 12 / 13)) / 2])
+    with pytest.raises(ValueError, match="schedule must be one of step, cosine"):
+        Recipe("x", schedule="linear")
+    # a recipe at the default schedule keeps the run_id of the versions before the field
+    assert "schedule" not in RunSpec("resnet20", recipe("smoke")).identity()["recipe"]
+    assert RunSpec("resnet20", recipe("smoke", schedule="cosine")).run_id != RunSpec("resnet20", recipe("smoke")).run_id
 
 
 def test_presets_are_the_documented_ones():
