@@ -125,7 +125,8 @@ def load_config(ctx: click.Context, _param, path: str | None):
         raise click.BadParameter(f"{path} is not valid TOML: {e}") from None
     # lists become the comma-separated text the options parse, tables KEY=VALUE pairs (lr-for = {fixup = 0.1})
     conf = {k.replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else
-            ",".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v for k, v in conf.items()}
+            ",".join(f"{a}={':'.join(map(str, b)) if isinstance(b, list) else b}" for a, b in v.items())
+            if isinstance(v, dict) else v for k, v in conf.items()}
     olds = {p.old.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if isinstance(p, Renamed)}
     conf = {olds.get(k, k): v for k, v in conf.items()}  # an earlier option name still works as a key
     known = {p.name for p in ctx.command.params}
@@ -326,7 +327,24 @@ def _lr_for(_ctx, _param, value):
         try:
             out.append((str(kind).strip(), float(lr)))
         except ValueError:
-            raise click.BadParameter(f"expected KIND=LR,..., e.g. fixup=0.1,tat=0.005, got {value!r}") from None
+            raise click.BadParameter(f"expected KIND=VALUE,..., e.g. fixup=0.1,tat=0.005, got {value!r}") from None
+    return tuple(out)
+
+
+def _lr_grid_for(_ctx, _param, value):
+    """--lr-grid-for tat=0.0005:0.001:0.002,fixup=0.05:0.1 -> (("tat", (0.0005, 0.001, 0.002)), ...); in a TOML
+    file a table of lists (lr-grid-for = {tat = [0.0005, 0.001]})."""
+    if value is None:
+        return None
+    out = []
+    for kind, grid in (p.partition("=")[::2] for p in str(value).split(",") if p.strip()):
+        try:
+            lrs = tuple(float(v) for v in grid.strip().strip("[]").replace(" ", "").replace(";", ":").split(":") if v)
+        except ValueError:
+            lrs = None
+        if not kind.strip() or not lrs:
+            raise click.BadParameter(f"expected KIND=LR:LR:...,..., e.g. tat=0.0005:0.001:0.002, got {value!r}")
+        out.append((kind.strip(), lrs))
     return tuple(out)
 
 
@@ -367,8 +385,17 @@ def _fuse_option(ctx, param, value):
 @click.option("--lr-for", callback=_lr_for, default=None, metavar="KIND=LR,...",
               help="Kinds trained at their own lr, e.g. fixup=0.1,tat=0.005 (the others at --lr); in the run_id.")
 @click.option("--lr-grid", callback=_lr_grid, default=None, metavar="LR,...|preset",
-              help="Tune the lr: for each kind and depth, train every lr on the first seed, then the one with the "
-                   "lowest validation error on the other seeds ('preset': " + _grids_help() + ").")
+              help="Tune the lr: for each kind and depth, train every lr on the grid seeds, then the one with the "
+                   "lowest validation error on the other seeds; a choice at an edge widens the grid x2 (at most twice "
+                   "a side) ('preset': " + _grids_help() + ").")
+@click.option("--grid-seeds", type=COUNT, default=1, show_default=True,
+              help="A tuned sweep: how many of the first --seeds train the lr grid; the results are the other seeds "
+                   "(never a seed that took part in the choice).")
+@click.option("--lr-grid-for", callback=_lr_grid_for, default=None, metavar="KIND=LR:LR:...,...",
+              help="Kinds tuned on a grid of their own, e.g. tat=0.0005:0.001:0.002 (the others on --lr-grid).")
+@click.option("--weight-decay-for", callback=_lr_for, default=None, metavar="KIND=WD,...",
+              help="Kinds trained with their own weight decay, e.g. tat=0,fixup=5e-4 (the others at --weight-decay); "
+                   "in the run_id.")
 @click.option("--method-recipe", type=click.Choice(["matched", "paper"]), default="matched",
               help="matched: every kind on the one recipe; paper: each method with its own paper's settings where "
                    "they differ (fixup: standardized input and mixup; dirac: no decay on 1-D parameters; tat: "
@@ -407,7 +434,8 @@ def _fuse_option(ctx, param, value):
               help="Slurm: memory per task, GB  [default: 8, plus 2 per loader worker for ImageNet-style data]")
 @click.option("--dry-run", is_flag=True,
               help="Slurm: print the job array (resources per task, one line per task) and submit nothing.")
-def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recipe, executor, jobs, runs_per_gpu, fuse,
+def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, lr_grid_for, weight_decay_for,
+          method_recipe, executor, jobs, runs_per_gpu, fuse,
           partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait,
           cpus_per_task, mem_gb, dry_run, **o):
     """Train the grid kinds x depths x seeds; rerun the same command to resume.
@@ -451,7 +479,8 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, method_recip
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
                      width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
                      dataset=o["dataset"], bn_batch=launch.bn_batch(recipe.batch_size), lr_for=lr_for or (),
-                     lr_grid=lr_grid or (), method_recipe=method_recipe)
+                     lr_grid=lr_grid or (), method_recipe=method_recipe, grid_seeds=grid_seeds,
+                     lr_grid_for=lr_grid_for or (), weight_decay_for=weight_decay_for or ())
     runs = spec.runs()  # validates every model name before anything is written
     if dry_run:  # what would go to Slurm: no data, folder or sbatch needed
         for line in lch.dry_run(runs, launch):
@@ -474,7 +503,7 @@ DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on
 EXECUTION_SECTION = ["device", "amp", "channels_last", "execution"]
 sweep.sections = {
     "What to train": ["config", "preset", "kinds", "depths", "seeds", "width", "shortcut", "out", "name"],
-    "Methods compared": ["lr_for", "lr_grid", "method_recipe"],
+    "Methods compared": ["lr_for", "lr_grid", "grid_seeds", "lr_grid_for", "weight_decay_for", "method_recipe"],
     "Recipe (overrides the preset's)": RECIPE_SECTION,
     "Data": DATA_SECTION,
     "Execution": EXECUTION_SECTION,

@@ -13,8 +13,31 @@ from __future__ import annotations
 import pandas as pd
 
 from bench.datasets import SHAPES
+from bench.verdicts import mean_ci
 
 UNTRAINED_MARGIN = 0.02  # a final training error this close to chance (or above) is "did not train"
+LATE_FRACTION = 0.25  # "late" evaluation points: those in the last quarter of a run's steps
+
+
+def late(curves: pd.DataFrame, column: str) -> float:
+    """The mean of ``column`` over a run's evaluation points in the last quarter of its steps (iteration at least
+    3/4 of the last point's; the last point at least), its NaNs left out: less swayed by the last few batches
+    than the final point alone. NaN where no point has a value."""
+    have = curves[curves[column].notna()]
+    if not len(have):
+        return float("nan")
+    last = have["iteration"].max()
+    return float(have.loc[have["iteration"] >= (1 - LATE_FRACTION) * last, column].mean())
+
+
+def late_val_err(runs: pd.DataFrame) -> pd.Series:
+    """Per run: its late validation error (the row's ``late_val_err``, ``late`` of its curve); rows written
+    before that column: the final validation error."""
+    final = runs["final_val_err"].astype(float)
+    if "late_val_err" not in runs:
+        return final
+    v = runs["late_val_err"].astype(float)
+    return v.where(v.notna(), final)
 
 
 def chance_error(dataset: str) -> float:
@@ -44,7 +67,7 @@ def counts(runs: pd.DataFrame) -> str:
 
 
 def error_cell(at: pd.DataFrame) -> str:
-    """One net at one depth: 'train / test err %' mean ± sd over the runs that trained, (n); and where any run
+    """One net at one depth: 'train / test err %' mean [95 % t-interval] over the runs that trained, (n); and where any run
     did not train, diverged or failed, how many ("2 of 3 trained; 1 diverged"). When none trained, the numbers
     of those that did not, said so."""
     if not len(at):
@@ -52,8 +75,8 @@ def error_cell(at: pd.DataFrame) -> str:
     labels = label(at)
     good, untrained = at[labels == "trained"], at[labels == "did not train"]
     shown = good if len(good) else untrained
-    fmt = (lambda v: f"{v.mean():.1f} ± {v.std():.1f}") if len(shown) > 1 else (lambda v: f"{v.mean():.1f}")
-    numbers = (f"{fmt(100 * shown['final_train_err'])} / {fmt(100 * shown['final_test_err'])}" if len(shown) else "")
+    numbers = (f"{mean_ci(100 * shown['final_train_err'])} / {mean_ci(100 * shown['final_test_err'])}"
+               if len(shown) else "")
     said = counts(at)
     if not len(good) and len(shown):
         numbers = f"did not train: {numbers}"

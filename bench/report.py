@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from bench import outcome, published, records, tuning  # noqa: E402
+from bench import outcome, published, records, tuning, verdicts  # noqa: E402
 from bench.datasets import TREES  # noqa: E402
 from bench import report_why as why  # noqa: E402
 from bench.report_why import _model, net_labels, net_order  # noqa: E402
@@ -39,6 +39,7 @@ class Report:
     files: list = field(default_factory=list)  # paths written
     notes: list = field(default_factory=list)  # what could not be drawn, and why
     warnings: list = field(default_factory=list)  # said at the top: what makes a comparison unfair
+    summary: list = field(default_factory=list)  # "what these runs show": the verdicts, in sentences (bench.verdicts)
     compared: str | None = None  # the column whose values the figures tell apart
 
 
@@ -89,7 +90,37 @@ def recipe_note(runs: pd.DataFrame) -> str:
         lr = "lr " + ", ".join(f"{net} {v}" for net, v in per.items())
     if "method_recipe" in runs and (runs["method_recipe"] == "paper").any():
         lr += "; methods with their papers' own settings (method_recipe = paper)"
+    mixed = _mixup_nets(runs)
+    if mixed:
+        lr += f"; training error of {', '.join(mixed)} on mixup's mixed batches (not comparable)"
     return "; ".join(parts) + "; " + lr
+
+
+def _mixup_nets(runs: pd.DataFrame) -> list[str]:
+    """The nets whose training error is measured on mixed batches (mixup): not comparable with the others'."""
+    if "mixup" not in runs or "net" not in runs:
+        return []
+    return sorted(set(runs.loc[runs["mixup"].fillna(0) > 0, "net"]))
+
+
+RECIPE_FIELDS = ["recipe", "method_recipe", "schedule", "iterations", "batch_size", "momentum", "weight_decay",
+                 "normalize", "mixup", "decay_1d", "warmup_iters", "lr_scales"]
+
+
+def recipe_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per net, the recipe settings in which the nets differ (and each net's lrs), where any do: what "paper"
+    or a per-kind setting means for each kind, read from the rows. Empty where every net shares one recipe."""
+    fields = [c for c in RECIPE_FIELDS if c in runs and runs.groupby("net")[c].agg(lambda v: tuple(sorted(set(map(str, v)))))
+              .nunique() > 1]
+    if not fields:
+        return pd.DataFrame()
+    rows = []
+    for net in net_order(runs["net"]):
+        mine = runs[runs["net"] == net]
+        row = {"net": net} | {c: "/".join(sorted(set(map(str, mine[c])))) for c in fields}
+        row["lr"] = "/".join(f"{v:g}" for v in sorted(set(mine["lr"])))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _chance_lines(axes, runs: pd.DataFrame) -> None:
@@ -230,7 +261,7 @@ def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None 
 
 
 def comparison_table(runs: pd.DataFrame, compare: str | None = None) -> pd.DataFrame:
-    """Final test error (%) per net and depth against He et al. Table 6; mean +- sd over seeds.
+    """Final test error (%) per net and depth against He et al. Table 6; mean [95 % t-interval] and sd over seeds.
 
     When comparing, one error column (and one n column) per value of the compared column.
     """
@@ -245,7 +276,7 @@ def comparison_table(runs: pd.DataFrame, compare: str | None = None) -> pd.DataF
         comparable = recipe == "he2015" and width == 1.0 and g["dataset"].iloc[0] == "cifar10"
         rows.append({
             "net": f"{kind}-{depth}", "recipe": recipe, "width": width, "n": len(err),
-            "test err % (mean ± sd)": f"{mean:.2f} ± {sd:.2f}" if len(err) > 1 else f"{mean:.2f}",
+            "test err % (mean [95 % CI])": verdicts.mean_ci(err, 2), "sd": round(sd, 2),
             "best %": round(err.min(), 2),
             "He et al. %": ("figure only" if kind == "plain" else (f"{paper:.2f}" if paper is not None else "-"))
             + (" (best of 5; mean 6.61 ± 0.16)" if kind == "resnet" and depth == 110 else ""),
@@ -266,7 +297,7 @@ def imagenet_table(runs: pd.DataFrame) -> pd.DataFrame:
         err = 100 * (g["final_test_err_10crop"] if ten else g["final_test_err"])
         paper = published.HE2015_IMAGENET_TOP1_10CROP.get((kind, depth)) if dataset == "imagenet" else None
         rows.append({"net": f"{kind}-{depth}", "data": dataset, "n": len(err), "test": "10-crop" if ten else "centre crop",
-                     "top-1 err % (mean ± sd)": f"{err.mean():.2f} ± {err.std():.2f}" if len(err) > 1 else f"{err.mean():.2f}",
+                     "top-1 err % (mean [95 % CI])": verdicts.mean_ci(err, 2),
                      "He et al. %": f"{paper:.2f}" if paper is not None else "-",
                      "difference": f"{err.mean() - paper:+.2f}" if paper is not None else "-"})
     return pd.DataFrame(rows)
@@ -307,8 +338,8 @@ def _wide_comparison(runs: pd.DataFrame, compare: str) -> pd.DataFrame:
     for value, g in runs.groupby(COMPARE, sort=True):
         t = comparison_table(g.drop(columns=COMPARE))
         if len(t):
-            t = t.rename(columns={"test err % (mean ± sd)": f"test err % [{value}]", "n": f"n [{value}]"})
-            tables.append(t.drop(columns=["best %", "difference"] + [c for c in ("recipe", "width") if c not in index])
+            t = t.rename(columns={"test err % (mean [95 % CI])": f"test err % [{value}]", "n": f"n [{value}]"})
+            tables.append(t.drop(columns=["best %", "difference", "sd"] + [c for c in ("recipe", "width") if c not in index])
                           .set_index(index))
     if not tables:
         return pd.DataFrame()
@@ -419,6 +450,8 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))
             rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
+            rep.tables["recipes"] = recipe_table(runs)
+            _verdicts(trained(runs), rep, compare)
             if not compare:
                 published_rows = published_methods_table(runs)
                 if len(published_rows) and runs["kind"].nunique() > 2:
@@ -515,6 +548,19 @@ def _compared(runs: pd.DataFrame, dirs: list[Path], compare_by: str | None, rep:
     return column
 
 
+def _verdicts(runs: pd.DataFrame, rep: Report, compare: str | None) -> None:
+    """Every comparison the report draws, with its interval and verdict (bench.verdicts)."""
+    found = verdicts.comparisons(runs, compare, COMPARE)
+    rep.tables["verdicts"] = verdicts.table(found)
+    rep.tables["verdict_rows"] = found  # tidy, written as verdicts.csv beside the report
+    rep.summary = verdicts.summary(found)
+    mixed = _mixup_nets(runs)
+    if mixed:
+        rep.notes.append(f"{', '.join(mixed)}: training error measured on mixup's mixed batches (an image counts "
+                         f"lam right for its own label, 1 - lam for its partner's), so it is not compared with the "
+                         f"others' training error; compare test errors there")
+
+
 def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
     """Gradients recorded in training and what `resbench diagnose` measured (bench.report_why)."""
     parts = why.gather(dirs, runs, rep.notes)
@@ -571,9 +617,10 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 CAPTIONS = {
-    "lr_grid": "The lr grid of a tuned sweep: each net's final validation error at each lr of the grid, on the "
-               "grid's seed. The lr with the lowest validation error (large dot) is the one trained on the other "
-               "seeds; a chosen lr at an edge of the grid means the grid did not bracket the best lr.",
+    "lr_grid": "The lr grid of a tuned sweep: each net's validation error at each lr of the grid (the mean over the "
+               "evaluation points of the last quarter of the steps, averaged over the grid seeds). The lr with the "
+               "lowest (large dot) is the one trained on the other seeds; a choice at an edge widens the grid by a "
+               "factor 2 (at most twice a side), and one still at an edge means the grid did not bracket the best lr.",
     "training_curves": "Training curves in the style of He et al. Fig. 6: mean ± sd over the runs that trained; runs "
                        "that did not train or diverged are grey lines of their own.",
     "degradation": "Final training and test error against depth, mean ± sd over the runs that trained (He et al.'s "
@@ -601,7 +648,52 @@ CAPTIONS = {
 }
 
 
-RESULTS_FIRST = ("tuned", "final_errors", "comparison", "imagenet")  # the report's tables shown before its figures
+# (title, table, text): the report's table sections, in order
+SECTIONS = [("Verdicts: every comparison, with its interval", "verdicts",
+             "Each claim tested over seeds: a - b in percentage points (positive: the claim's direction) with "
+             "its 95 % t-interval, paired by seed where both nets ran the same seeds on the same data (a seed "
+             "fixes the data order), else Welch's unpaired test; p two-sided, Holm-corrected over the "
+             "comparisons of this report. holds / reversed: Holm p < 0.05 in / against the claim's direction; "
+             "not resolved: the seeds per net that would resolve a difference of this size at the observed "
+             "spread (80 % power at 0.05 / m). Runs that did not train are not in the numbers (bench/verdicts.py)."),
+            ("Each net at its tuned lr", "tuned",
+             "A tuned sweep: per net and depth, the lr of the grid with the lowest validation error (averaged "
+             "over the evaluation points of the last quarter of the steps and over the grid seeds), never the "
+             "test error; a choice at an edge widened the grid by factors of 2 (at most twice a side); 'edge': "
+             "still at the grid's smallest or largest lr, so a wider grid might find a better one. Train / test "
+             "error of the chosen lr on the seeds that took no part in the choice (the grid seeds' runs are "
+             "left out: their lr was picked for doing well on them), mean ± sd over the runs that trained."),
+            ("Comparison with He et al. 2015, Table 6", "comparison",
+             f"Final test error. Source of the published numbers: {published.CITATION}. "
+             "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
+             "set are not comparable, and are marked so."),
+            ("Comparison with He et al. 2015, Table 2 (ImageNet)", "imagenet",
+             f"Source: {published.IMAGENET_CITATION}. Our fixed lr steps (epochs 30 and 60 of 90) stand for "
+             "the paper's plateau rule; other data sets (Imagenette) have no published number here."),
+            ("Final errors per net and depth", "final_errors",
+             "Mean [95 % t-interval] over seeds (n seeds) of the final training and test error, from the last evaluation "
+             "point, over the runs that trained; a cell with runs that did not train (final training error "
+             "within 2 points of chance), diverged or failed says how many, and where no run trained shows "
+             "the numbers of those that did not, marked so."),
+            ("Each net's recipe", "recipes",
+             "The recipe settings in which the nets differ, from the rows (a per-kind setting, or a method's own "
+             "paper's settings under method_recipe = paper); the rest is shared, in the sweep spec below."),
+            ("Published numbers for the methods", "published_methods",
+             "Each with its source (bench/published.py); every one comes from another recipe or net, so they "
+             "locate a method rather than set a target."),
+            ("Why do plain nets degrade? Summary of the measures", "why",
+             "Mean ± sd over seeds (n seeds): each seed's value is first averaged over its blocks, lesion draws, "
+             "images or layers (medians for the gradients). C(d max): the gradient correlation at the end of "
+             "the line; '-' where a net has no input gradient to correlate (a classifier that starts at zero, "
+             "as Fixup's, at initialisation). 'sd over sets': the spread of the error over random lesion sets within a seed, "
+             "averaged over seeds, apart from the spread over seeds."),
+            ("Missing, failed and diverged runs, and runs that did not train", "status", ""),
+            ("Hardware and software", "environment", ""),
+            ("Profile: best configuration per model, mode and batch size", "profile",
+             "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),
+            ("Profile: the common pipeline against ours", "pipeline", "")]
+
+RESULTS_FIRST = ("verdicts", "tuned", "final_errors", "recipes", "comparison", "imagenet")  # tables before the figures
 
 
 def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare: str | None) -> list[Path]:
@@ -609,37 +701,6 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                    + ((d / "sweep.toml").read_text() if (d / "sweep.toml").exists() else "(no sweep.toml)\n")
                    for d in dirs)
     title = " vs ".join(d.name for d in dirs)
-    sections = [("Each net at its tuned lr", "tuned",
-                 "A tuned sweep: per net and depth, the lr of the grid with the lowest final validation error on "
-                 "the grid's seed, never the test error; 'edge': the chosen lr is the grid's smallest or largest, "
-                 "so a wider grid might find a better one. Train / test error at that lr over the seeds "
-                 "(the grid's run included), mean ± sd over the runs that trained."),
-                ("Comparison with He et al. 2015, Table 6", "comparison",
-                 f"Final test error. Source of the published numbers: {published.CITATION}. "
-                 "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
-                 "set are not comparable, and are marked so."),
-                ("Comparison with He et al. 2015, Table 2 (ImageNet)", "imagenet",
-                 f"Source: {published.IMAGENET_CITATION}. Our fixed lr steps (epochs 30 and 60 of 90) stand for "
-                 "the paper's plateau rule; other data sets (Imagenette) have no published number here."),
-                ("Final errors per net and depth", "final_errors",
-                 "Mean ± sd over seeds (n seeds) of the final training and test error, from the last evaluation "
-                 "point, over the runs that trained; a cell with runs that did not train (final training error "
-                 "within 2 points of chance), diverged or failed says how many, and where no run trained shows "
-                 "the numbers of those that did not, marked so."),
-                ("Published numbers for the methods", "published_methods",
-                 "Each with its source (bench/published.py); every one comes from another recipe or net, so they "
-                 "locate a method rather than set a target."),
-                ("Why do plain nets degrade? Summary of the measures", "why",
-                 "Mean ± sd over seeds (n seeds): each seed's value is first averaged over its blocks, lesion draws, "
-                 "images or layers (medians for the gradients). C(d max): the gradient correlation at the end of "
-                 "the line; '-' where a net has no input gradient to correlate (a classifier that starts at zero, "
-                 "as Fixup's, at initialisation). 'sd over sets': the spread of the error over random lesion sets within a seed, "
-                 "averaged over seeds, apart from the spread over seeds."),
-                ("Missing, failed and diverged runs, and runs that did not train", "status", ""),
-                ("Hardware and software", "environment", ""),
-                ("Profile: best configuration per model, mode and batch size", "profile",
-                 "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),
-                ("Profile: the common pipeline against ours", "pipeline", "")]
     md = [f"# resbench report: {title}\n"]
     body = [f"<h1>resbench report: {html.escape(title)}</h1>"]
     for w in rep.warnings:
@@ -649,9 +710,16 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
         md.append(f"Compared by `{compare}`; folders: {', '.join(str(d) for d in dirs)}.\n")
         body.append(f"<p>Compared by <code>{html.escape(compare)}</code>; folders: "
                     f"{html.escape(', '.join(str(d) for d in dirs))}.</p>")
+    if rep.summary:
+        md.append("## What these runs show\n\n" + "\n".join(f"- {line}" for line in rep.summary)
+                  + "\n\nFrom the verdicts table below; nothing else here is a claim.\n")
+        body.append("<h2>What these runs show</h2><ul>" + "".join(
+            f"<li>{html.escape(line).replace('**', '')}</li>" for line in rep.summary) + "</ul>")
+
     def tables(keys):
-        for title, key, text in sections:
-            if key not in keys or key not in rep.tables:
+        for title, key, text in SECTIONS:
+            # a section with nothing in it is left out (the status table's "none" says something: kept)
+            if key not in keys or key not in rep.tables or (not len(rep.tables[key]) and key != "status"):
                 continue
             df = rep.tables[key]
             md.append(f"## {title}\n\n{text}\n\n{_md_table(df)}")
@@ -666,7 +734,7 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
         tag = (f'<img alt="{name}" src="data:{mime};base64,{b64}" style="max-width:100%">' if fmt != "pdf"
                else f'<embed type="{mime}" src="data:{mime};base64,{b64}" width="100%" height="420">')
         body.append(f"<figure>{tag}<figcaption>{html.escape(CAPTIONS.get(name, ''))}</figcaption></figure>")
-    tables([key for _, key, _ in sections if key not in RESULTS_FIRST])
+    tables([key for _, key, _ in SECTIONS if key not in RESULTS_FIRST])
     if rep.notes:
         md.append("## Notes\n\n" + "\n".join(f"- {n}" for n in rep.notes) + "\n")
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul>")
@@ -678,4 +746,9 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
             "body{font-family:sans-serif;max-width:1000px;margin:auto}table{border-collapse:collapse}"
             "td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style></head><body>" + "\n".join(body) + "</body></html>")
     records.atomic_write(html_path, lambda t: t.write_text(page))
-    return [md_path, html_path]
+    written = [md_path, html_path]
+    found = rep.tables.get("verdict_rows")
+    if found is not None and len(found):  # the verdicts as tidy rows, for a script (and the README's quotes)
+        records.atomic_write(out / "verdicts.csv", lambda t: found.to_csv(t, index=False, float_format="%.6g"))
+        written.append(out / "verdicts.csv")
+    return written

@@ -17,7 +17,12 @@ def lr_figure(runs: pd.DataFrame):
     A diverged run is an x at the top of its panel, a run that did not train a hollow marker; the chosen lr of
     each net a large dot."""
     grid = runs[runs["lr_tuning"] == "grid"].assign(net=lambda d: net_labels(d))
-    grid = grid.assign(outcome=outcome.label(grid), val=100 * grid["final_val_err"])
+    # one point per lr: the score the choice compares (late validation error, averaged over the grid seeds)
+    grid = grid.assign(outcome=outcome.label(grid), val=100 * outcome.late_val_err(grid))
+    grid = (grid.groupby(["net", "kind", "depth", "lr", "dataset"], as_index=False)
+            .agg(val=("val", "mean"), status=("status", lambda s: "ok" if (s == "ok").all() else "diverged"),
+                 outcome=("outcome", lambda o: "trained" if (o == "trained").all() else "did not train"),
+                 seed=("seed", lambda v: ",".join(map(str, sorted(set(v)))))))
     depths = sorted(grid["depth"].unique())
     nets = net_order(grid["net"])
     colours = dict(zip(nets, sns.color_palette("tab10", len(nets))))
@@ -49,32 +54,37 @@ def lr_figure(runs: pd.DataFrame):
         ax.minorticks_off()
         ax.set_xlabel("learning rate")
         ax.set_title(f"depth {depth}")
-    axes[0][0].set_ylabel("final validation error (%)")
+    axes[0][0].set_ylabel("late validation error (%)")
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False, title="net")
-    seeds = ",".join(map(str, sorted(grid["seed"].unique())))
-    fig.suptitle(f"The lr grid (seed {seeds}): final validation error against the lr; large dot: the lr chosen; "
-                 f"hollow: did not train; x: diverged; dotted: chance")
+    seeds = ",".join(sorted(set(",".join(grid["seed"]).split(","))))
+    fig.suptitle(f"The lr grid (seed {seeds}): validation error over the last quarter of the steps against the lr;\n"
+                 f"large dot: the lr chosen; hollow: did not train; x: diverged; dotted: chance")
     fig.tight_layout()
     return fig
 
 
 def tuned_table(every: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
-    """Per net and depth: the chosen lr, whether it sits at an edge of the grid (the grid was then too narrow
-    to know the best lr), the grid's diverged and untrained runs, and the final train / test error (%) at the
-    chosen lr over the seeds (bench.outcome.error_cell)."""
+    """Per net and depth: the grid (and how far it widened at an edge), the chosen lr, whether it sits at an edge
+    of the grid after widening as far as allowed (the grid could not bracket the best lr), the grid's diverged
+    and untrained runs, the chosen lr's score on the grid seeds, and the final train / test error (%) of the
+    chosen runs, on the seeds that took no part in the choice (bench.outcome.error_cell)."""
     cells = tuning.cells(every)
     shown = shown.assign(net=net_labels(shown), outcome=outcome.label(shown))
+    seeds = ",".join(sorted(set(cells["grid_seeds"]))) if len(cells) else "-"
     rows = []
     for c in cells.itertuples():
         at = shown[(shown["kind"] == c.kind) & (shown["depth"] == c.depth)]
-        net = at["net"].iloc[0] if len(at) else c.kind
-        rows.append({"net": f"{net}-{c.depth}", "lr grid": f"{len(c.grid.split(','))} lrs, {c.grid.split(',')[0]}.."
-                                                               f"{c.grid.split(',')[-1]}",
+        net = at["net"].iloc[0] if len(at) else net_labels(every[every["kind"] == c.kind]).iloc[0]
+        lrs = c.grid.split(",")
+        state = {"waiting": f"no lr chosen yet ({c.recorded} of {c.grid_runs} grid runs recorded, {c.failed} failed)",
+                 "widening": "no lr chosen yet (the grid widens at an edge)",
+                 "none": "no lr chosen: every lr of the grid diverged"}.get(c.state)
+        rows.append({"net": f"{net}-{c.depth}",
+                     "lr grid": f"{len(lrs)} lrs, {lrs[0]}..{lrs[-1]}" + (f" (widened by {c.widened})" if c.widened else ""),
                      "chosen lr": "-" if math.isnan(c.chosen_lr) else f"{c.chosen_lr:g}",
                      "edge": c.edge or "-", "grid runs diverged": c.diverged, "grid runs that did not train": c.did_not_train,
-                     "val err % at chosen lr (seed of the grid)": "-" if math.isnan(c.val_err) else f"{100 * c.val_err:.1f}",
-                     "train / test err % at chosen lr (n)": outcome.error_cell(at) if not math.isnan(c.chosen_lr) else
-                     f"no lr chosen yet ({c.recorded} of {c.grid_runs} grid runs recorded, {c.failed} failed)"})
+                     f"val err % at chosen lr (grid seed {seeds})": "-" if math.isnan(c.val_err) else f"{100 * c.val_err:.1f}",
+                     "train / test err % on fresh seeds (n)": state or outcome.error_cell(at) or "no fresh seed recorded yet"})
     order = {n: i for i, n in enumerate(net_order([r["net"].rsplit("-", 1)[0] for r in rows]))}
     rows.sort(key=lambda r: (int(r["net"].rsplit("-", 1)[1]), order[r["net"].rsplit("-", 1)[0]]))
     return pd.DataFrame(rows)

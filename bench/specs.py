@@ -156,6 +156,7 @@ class RunSpec:
     # "chosen" trained at the grid's lr with the lowest validation error; ``lr_grid`` the grid
     lr_tuning: str = ""
     lr_grid: tuple[float, ...] = ()
+    grid_seeds: tuple[int, ...] = ()  # a tuned sweep's seeds the grid trains on (its results: the other seeds)
 
     def __post_init__(self):
         resnet.parse(self.model)  # ValueError with the naming rules
@@ -209,6 +210,7 @@ class RunSpec:
                    dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch,
                    method_recipe=method_recipe(self.model, self.recipe), lr_tuning=self.lr_tuning,
                    lr_grid=",".join(f"{v:g}" for v in self.lr_grid),
+                   lr_grid_seeds=",".join(map(str, self.grid_seeds)),
                    lr_chosen_by=CHOSEN_BY if self.lr_tuning == "chosen" else "")
         for f in fields(Recipe):
             v = getattr(self.recipe, f.name)
@@ -229,13 +231,16 @@ class RunSpec:
             d = json.loads(d)
         r = dict(d["recipe"])
         r["milestones"] = tuple(r["milestones"])
-        return cls(**{**d, "recipe": Recipe(**r), "lr_grid": tuple(d.get("lr_grid", ()))})
+        return cls(**{**d, "recipe": Recipe(**r), "lr_grid": tuple(d.get("lr_grid", ())),
+                      "grid_seeds": tuple(d.get("grid_seeds", ()))})
 
 
-NOT_IDENTITY = ("sweep", "lr_tuning", "lr_grid")  # RunSpec fields recorded in rows, not hashed into the run_id
+NOT_IDENTITY = ("sweep", "lr_tuning", "lr_grid", "grid_seeds")  # RunSpec fields recorded in rows, not hashed into the run_id
 LR_TUNING = ("", "grid", "chosen")
 # how a tuned sweep chooses (bench.tuning.choose): the rule, in every "chosen" row
-CHOSEN_BY = "lowest final validation error of the lr grid's runs on the sweep's first seed (diverged runs excluded)"
+CHOSEN_BY = ("lowest validation error, averaged over the evaluation points of the last quarter of the steps and over the "
+             "grid seeds, of the lr grid's runs (an lr with a diverged run excluded); at an edge of the grid, the grid "
+             "widened by a factor 2, at most twice per side")
 
 
 def method_recipe(model: str, r: Recipe) -> str:
@@ -370,10 +375,13 @@ class SweepSpec:
     extra: dict = field(default_factory=dict)  # free-form notes written to sweep.toml
     bn_batch: int | None = None  # RunSpec.bn_batch of every run (data-parallel runs without --sync-bn)
     lr_for: tuple[tuple[str, float], ...] = ()  # (kind, lr): those kinds train at their own lr, the rest at the recipe's
-    # a tuned sweep (bench.tuning): each (kind, depth) trains every lr of the grid on the first seed, then the lr
-    # with the lowest validation error on the other seeds. (): every run at its kind's lr
+    # a tuned sweep (bench.tuning): each (kind, depth) trains every lr of the grid on the first ``grid_seeds`` seeds,
+    # then the lr with the lowest validation error on the other seeds. (): every run at its kind's lr
     lr_grid: tuple[float, ...] = ()
     method_recipe: str = "matched"  # "paper": each kind with its family's own recipe settings (Family.paper_recipe)
+    grid_seeds: int = 1  # a tuned sweep: how many of the first seeds train the grid (the results: the seeds after them)
+    lr_grid_for: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (kind, grid): kinds tuned on a grid of their own
+    weight_decay_for: tuple[tuple[str, float], ...] = ()  # (kind, weight decay): kinds with their own weight decay
 
     def __post_init__(self):
         known = resnet.kinds()
@@ -397,8 +405,32 @@ class SweepSpec:
         if self.lr_grid and not self.recipe.val_size:
             raise ValueError("a tuned sweep (--lr-grid) chooses each lr on validation error, never on test error: "
                              "--val-size 0 leaves no validation images")
+        self._check_tuning(known)
         if self.method_recipe not in METHOD_RECIPES:
             raise ValueError(f"method_recipe must be one of {', '.join(METHOD_RECIPES)}, got {self.method_recipe!r}")
+
+    def _check_tuning(self, known) -> None:
+        named = [k for k, _ in self.lr_grid_for + self.weight_decay_for if k not in known]
+        if named:
+            raise ValueError(f"--lr-grid-for / --weight-decay-for name unknown kind(s) {', '.join(named)}; choose from "
+                             f"{', '.join(known)}")
+        if any(wd < 0 for _, wd in self.weight_decay_for):
+            raise ValueError("every weight decay of --weight-decay-for must be >= 0")
+        if self.lr_grid_for and not self.lr_grid:
+            raise ValueError("--lr-grid-for gives some kinds a grid of their own in a tuned sweep: give --lr-grid "
+                             "too (the grid of the other kinds)")
+        for kind, grid in self.lr_grid_for:
+            if len(set(grid)) < 2 or any(lr <= 0 for lr in grid):
+                raise ValueError(f"--lr-grid-for {kind}: a grid needs at least two positive learning rates, got "
+                                 f"{', '.join(map(str, grid)) or 'none'}")
+        if self.lr_grid and not 1 <= self.grid_seeds < len(self.seeds):
+            raise ValueError(f"a tuned sweep reports only seeds that took no part in choosing the lr: --seeds gives "
+                             f"{len(self.seeds)} seed(s) and --grid-seeds {self.grid_seeds} of them train the grid; give "
+                             f"more seeds (e.g. --seeds 0,1,2,3 --grid-seeds 1: the grid on seed 0, results on 1, 2, 3)")
+
+    def grid_for(self, kind: str) -> tuple[float, ...]:
+        """The lr grid ``kind`` is tuned on: its own (--lr-grid-for), else the sweep's."""
+        return dict(self.lr_grid_for).get(kind, self.lr_grid)
 
     def to_toml(self) -> str:
         """The spec as TOML (written by hand: the standard library only reads TOML)."""
@@ -411,10 +443,12 @@ class SweepSpec:
                 return "[" + ", ".join(val(x) for x in v) + "]"
             return json.dumps(str(v))
 
-        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra", "lr_for") and v is not None}
+        tables = ("lr_for", "lr_grid_for", "weight_decay_for")  # (kind, value) pairs, each a TOML table
+        top = {k: v for k, v in asdict(self).items() if k not in ("recipe", "extra") + tables and v is not None}
         lines = [f"{k} = {val(v)}" for k, v in top.items()]
-        if self.lr_for:
-            lines += ["", "[lr_for]"] + [f"{k} = {val(v)}" for k, v in self.lr_for]
+        for name in tables:
+            if getattr(self, name):
+                lines += ["", f"[{name}]"] + [f"{k} = {val(v)}" for k, v in getattr(self, name)]
         lines += ["", "[recipe]"] + [f"{k} = {val(v)}" for k, v in asdict(self.recipe).items() if v is not None]
         if self.extra:
             lines += ["", "[extra]"] + [f"{k} = {val(v)}" for k, v in self.extra.items() if v is not None]
@@ -432,7 +466,10 @@ class SweepSpec:
             rec["milestones"] = tuple(rec["milestones"])
         extra = conf.pop("extra", {})
         lr_for = tuple(conf.pop("lr_for", {}).items())
-        return cls(recipe=Recipe(**rec), extra=extra, lr_for=lr_for,
+        lr_grid_for = tuple((k, tuple(v)) for k, v in conf.pop("lr_grid_for", {}).items())
+        weight_decay_for = tuple(conf.pop("weight_decay_for", {}).items())
+        return cls(recipe=Recipe(**rec), extra=extra, lr_for=lr_for, lr_grid_for=lr_grid_for,
+                   weight_decay_for=weight_decay_for,
                    **{k: tuple(v) if isinstance(v, list) else v for k, v in conf.items()})
 
     AXES = ("models", "depths", "seeds")
@@ -459,22 +496,27 @@ class SweepSpec:
         m = resnet.method(kind)
         if self.method_recipe == "paper" and m is not None and m.paper_recipe:
             r = replace(r, **m.paper_recipe)
+        r = replace(r, weight_decay=dict(self.weight_decay_for).get(kind, r.weight_decay))
         return replace(r, lr=lr if lr is not None else dict(self.lr_for).get(kind, r.lr))
 
     def _run(self, kind: str, depth: int, seed: int, lr: float | None = None, tuning: str = "") -> RunSpec:
         return RunSpec(model=model_name(kind, depth), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
                        shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch,
-                       lr_tuning=tuning, lr_grid=self.lr_grid if tuning else ())
+                       lr_tuning=tuning, lr_grid=self.grid_for(kind) if tuning else (),
+                       grid_seeds=self.seeds[:self.grid_seeds] if tuning else ())
 
-    def runs(self, chosen: dict[tuple[str, int], float] | None = None) -> list[RunSpec]:
+    def runs(self, chosen: dict[tuple[str, int], float] | None = None,
+             grids: dict[tuple[str, int], tuple[float, ...]] | None = None) -> list[RunSpec]:
         """Every run of the grid, shallow first (so partial sweeps show the whole depth range early).
 
-        A tuned sweep (``lr_grid``): each (kind, depth)'s grid runs on the first seed, then, for the cells
+        A tuned sweep (``lr_grid``): each (kind, depth)'s grid runs on the first ``grid_seeds`` seeds, over its
+        grid (``grids``, where bench.tuning has widened it at an edge; else ``grid_for``), then, for the cells
         ``chosen`` holds ((kind, depth) -> lr, bench.tuning.chosen), that lr on the other seeds."""
         if not self.lr_grid:
             return [self._run(kind, depth, seed) for seed in self.seeds for depth in self.depths for kind in self.models]
-        grid = [self._run(kind, depth, self.seeds[0], lr, "grid")
-                for depth in self.depths for kind in self.models for lr in self.lr_grid]
-        return grid + [self._run(kind, depth, seed, (chosen or {})[(kind, depth)], "chosen")
-                       for seed in self.seeds[1:] for depth in self.depths for kind in self.models
-                       if (kind, depth) in (chosen or {})]
+        chosen, grids = chosen or {}, grids or {}
+        grid = [self._run(kind, depth, seed, lr, "grid") for depth in self.depths for kind in self.models
+                for lr in grids.get((kind, depth), self.grid_for(kind)) for seed in self.seeds[:self.grid_seeds]]
+        return grid + [self._run(kind, depth, seed, chosen[(kind, depth)], "chosen")
+                       for seed in self.seeds[self.grid_seeds:] for depth in self.depths for kind in self.models
+                       if (kind, depth) in chosen]

@@ -53,20 +53,21 @@ def next_phase(spec: SweepSpec, out: Path, tried: set[str]) -> tuple[list[RunSpe
 
 
 def cells_waiting(spec: SweepSpec, out: Path) -> int:
-    """A tuned sweep's (kind, depth) cells with no lr chosen yet (their grid runs not all recorded)."""
+    """A tuned sweep's (kind, depth) cells with no lr chosen yet (grid runs not all recorded, or widening)."""
     return len(spec.models) * len(spec.depths) - len(tuning.chosen(records.load(out)[0])) if spec.lr_grid else 0
 
 
 def describe_runs(spec: SweepSpec, runs: list[RunSpec]) -> str:
-    """'12 runs', or for a tuned sweep what they are: the grid on the first seed, the chosen lrs on the others."""
+    """'12 runs', or for a tuned sweep what they are: the grid on the grid seeds, the chosen lrs on the others."""
     if not spec.lr_grid:
         return f"{len(runs)} runs"
     grid = sum(r.lr_tuning == "grid" for r in runs)
     cells = len(spec.models) * len(spec.depths)
     chosen = len({(r.arch.kind, r.arch.depth) for r in runs if r.lr_tuning == "chosen"})
-    rest = (f"; each cell's chosen lr on seeds {','.join(map(str, spec.seeds[1:]))} once its grid is recorded "
-            f"({chosen} of {cells} cells so far: {len(runs) - grid} runs)") if len(spec.seeds) > 1 else ""
-    return f"{len(runs)} runs (the lr grid, {len(spec.lr_grid)} lrs x {cells} cells, on seed {spec.seeds[0]}{rest})"
+    seeds = lambda s: ("seed " if len(s) == 1 else "seeds ") + ",".join(map(str, s))  # noqa: E731
+    return (f"{len(runs)} runs (the lr grid, {grid} runs over {cells} cells on {seeds(spec.seeds[:spec.grid_seeds])}; "
+            f"each cell's chosen lr on {seeds(spec.seeds[spec.grid_seeds:])} once its grid is recorded ({chosen} of "
+            f"{cells} cells so far: {len(runs) - grid} runs)")
 
 
 def tuning_summary(out: Path) -> str:

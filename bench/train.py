@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 import resnet
-from bench import claims, data, ddp, fuse, probes, records
+from bench import claims, data, ddp, fuse, outcome, probes, records
 from bench.fuse import Members
 from bench.imagefolder import tree_mean, tree_sets  # noqa: F401 (what a run trains and is tested on of a tree)
 from bench.progress import Progress
@@ -591,6 +591,7 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         final_train_loss=cdf["train_loss"].iloc[-1] if len(cdf) else nan,
         final_train_err=cdf["train_err"].iloc[-1] if len(cdf) else nan,
         final_val_err=validated["val_err"].iloc[-1] if len(validated) else nan,
+        late_val_err=outcome.late(cdf, "val_err"),  # what a tuned sweep chooses its lr on (bench.tuning)
         final_test_err=tested["test_err"].iloc[-1] if len(tested) else nan,
         best_train_err=cdf["train_err"].min() if len(cdf) else nan,
         best_val_err=validated["val_err"].min() if len(validated) else nan,

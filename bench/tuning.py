@@ -1,12 +1,20 @@
 """Tuned sweeps: each method at its best learning rate, beside the matched recipe.
 
-A sweep with ``lr_grid`` (``resbench sweep --lr-grid``) trains, for each (kind, depth), every lr of the
-grid on the sweep's first seed (the "grid" runs, ordinary runs with their own run_ids), chooses the lr
-whose run ends with the lowest **validation** error (never the test error), and trains that lr on the
-other seeds (the "chosen" runs): the protocol of DeepOBS (Schneider et al. 2019) and of Schmidt et al.
-2021, "Descending through a crowded valley". A cell chooses once every grid run is recorded ok or
-diverged (a failed run is retried by the next sweep, and could change the choice); diverged runs are
-never chosen, nor are runs without a validation error.
+A sweep with ``lr_grid`` (``resbench sweep --lr-grid``) trains, for each (kind, depth), every lr of the grid
+on the sweep's first ``grid_seeds`` seeds (the "grid" runs, ordinary runs with their own run_ids), chooses
+the lr with the lowest **validation** error (never the test error), and trains that lr on the other seeds
+(the "chosen" runs): the protocol of DeepOBS (Schneider et al. 2019) and of Schmidt et al. 2021,
+"Descending through a crowded valley". The results are the chosen runs only: a grid run that won the
+choice was picked for a low validation error, partly luck, and would pull the mean down (the winner's
+curse), so the grid seeds are the tuning's cost, shown apart.
+
+The score of an lr is the mean over its grid seeds of each run's late validation error (the mean over the
+evaluation points of the last quarter of its steps, ``outcome.late``): one snapshot swings with the last
+batches. An lr with a diverged grid run is never chosen, nor one without a validation error. A cell chooses
+once every lr of its grid is recorded ok or diverged on every grid seed (a failed run is retried by the next
+sweep, and could change the choice). A choice at an edge of the grid widens it by one factor-2 step on that
+side, up to ``MAX_WIDEN`` steps: the cell chooses again once the new lr is recorded. At the bound the
+choice is flagged as an edge.
 
 Reads records only (pandas): the sweep, status and the report share these rules.
 """
@@ -20,15 +28,33 @@ from bench import outcome
 from bench.specs import RunSpec, SweepSpec
 
 DONE = ("ok", "diverged")  # bench.records.DONE (kept here: this module needs no trainer, nor its imports)
+MAX_WIDEN = 2  # factor-2 steps a cell's grid may grow beyond each end of the sweep's grid
+CELL_COLUMNS = ["kind", "depth", "grid", "grid_seeds", "grid_runs", "recorded", "diverged", "failed", "did_not_train",
+                "widened", "state", "chosen_lr", "edge", "val_err"]
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def scores(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per lr of one cell's recorded grid runs: the mean late validation error over its grid seeds (``score``),
+    how many seeds it has, and whether it may be chosen (every run ok with a validation error)."""
+    g = grid.assign(late=outcome.late_val_err(grid))
+    rows = [dict(lr=float(lr), score=at["late"].mean(), seeds=at["seed"].nunique(),
+                 eligible=bool((at["status"] == "ok").all() and at["late"].notna().all()))
+            for lr, at in g.groupby("lr", sort=True)]
+    return pd.DataFrame(rows, columns=["lr", "score", "seeds", "eligible"])
 
 
 def choose(grid: pd.DataFrame) -> float | None:
-    """The lr of ``grid`` (one cell's grid runs) with the lowest final validation error among its ok runs
-    (ties: the smaller lr); None if none has one."""
-    ok = grid[(grid["status"] == "ok") & grid["final_val_err"].notna()]
-    if not len(ok):
+    """The lr of ``grid`` (one cell's grid runs) with the lowest score (``scores``) among the eligible lrs
+    (ties: the smaller lr); None if none is eligible."""
+    s = scores(grid)
+    s = s[s["eligible"]]
+    if not len(s):
         return None
-    return float(ok.sort_values(["final_val_err", "lr"], kind="stable")["lr"].iloc[0])
+    return float(s.sort_values(["score", "lr"], kind="stable")["lr"].iloc[0])
 
 
 def _grid_rows(runs: pd.DataFrame) -> pd.DataFrame:
@@ -37,50 +63,85 @@ def _grid_rows(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["lr_tuning"] == "grid"]
 
 
-def chosen(runs: pd.DataFrame) -> dict[tuple[str, int], float]:
-    """(kind, depth) -> the chosen lr, for every cell of ``runs`` (a folder's records, bench.records.load)
-    whose grid runs are all recorded ok or diverged (``cells``)."""
-    return {(r.kind, r.depth): r.chosen_lr for r in cells(runs).itertuples() if not math.isnan(r.chosen_lr)}
+def _texts(values) -> list[float]:
+    return sorted({float(v) for text in values for v in str(text).split(",") if v and v != "nan"})
+
+
+def _cell(kind: str, depth: int, cell: pd.DataFrame) -> dict:
+    """One cell's state from its grid runs: the sweep's grid for it (``lr_grid``), the lrs it has grown by,
+    its grid seeds (``lr_grid_seeds``; rows of earlier versions: the seeds recorded), whether it waits for runs,
+    widens at an edge, or has chosen."""
+    base = _texts(cell["lr_grid"])
+    seeds = ([int(v) for v in _texts(cell["lr_grid_seeds"])] if "lr_grid_seeds" in cell and
+             cell["lr_grid_seeds"].fillna("").astype(str).str.len().any() else sorted(set(cell["seed"].astype(int))))
+    lrs = sorted(set(base) | {float(v) for v in cell["lr"]}, key=float)
+    grid = [lr for i, lr in enumerate(lrs) if not any(_close(lr, o) for o in lrs[:i])]
+    done = cell[cell["status"].isin(DONE)]
+    complete = all(any(_close(lr, v) and s == seed for v, s in zip(done["lr"], done["seed"]))
+                   for lr in grid for seed in seeds)
+    lr = choose(done) if complete else None
+    above = sum(v > base[-1] and not _close(v, base[-1]) for v in grid)
+    below = sum(v < base[0] and not _close(v, base[0]) for v in grid)
+    edge = "" if lr is None else ("low edge" if _close(lr, grid[0]) else "high edge" if _close(lr, grid[-1]) else "")
+    widen = None
+    if edge == "high edge" and above < MAX_WIDEN:
+        widen = lr * 2
+    elif edge == "low edge" and below < MAX_WIDEN:
+        widen = lr / 2
+    state = "waiting" if not complete else "widening" if widen is not None else "chosen" if lr is not None else "none"
+    s = scores(done)
+    best = s[s["lr"].map(lambda v: _close(v, lr))] if lr is not None else s.iloc[0:0]
+    return dict(kind=kind, depth=int(depth), grid=",".join(f"{v:g}" for v in grid),
+                grid_seeds=",".join(map(str, seeds)), grid_runs=len(grid) * len(seeds), recorded=len(done),
+                diverged=int((cell["status"] == "diverged").sum()), failed=int((cell["status"] == "failed").sum()),
+                did_not_train=int(outcome.did_not_train(cell).sum()), widened=above + below, state=state,
+                chosen_lr=lr if state == "chosen" else float("nan"), edge=edge if state == "chosen" else "",
+                val_err=float(best["score"].iloc[0]) if len(best) and state == "chosen" else float("nan"),
+                _widen=widen, _grid=tuple(grid))
+
+
+def _cells(runs: pd.DataFrame) -> list[dict]:
+    g = _grid_rows(runs)
+    return [_cell(kind, depth, cell) for (kind, depth), cell in g.groupby(["kind", "depth"], sort=True)] if len(g) else []
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (kind, depth) of a tuned folder's grid: the grid, how many of its runs are recorded,
-    diverged, failed or did not train (bench.outcome), the chosen lr and whether
-    it sits at an edge of the grid (then the grid was too narrow to know the best lr), and its run's
-    validation error. Cells still waiting for grid runs have no chosen lr."""
-    rows = []
-    grid_rows = _grid_rows(runs)
-    for (kind, depth), cell in grid_rows.groupby(["kind", "depth"], sort=True) if len(grid_rows) else ():
-        grid = sorted({float(v) for text in cell["lr_grid"] for v in str(text).split(",") if v})
-        done = cell[cell["status"].isin(DONE)]
-        complete = all(any(math.isclose(lr, v) for v in done["lr"]) for lr in grid)
-        lr = choose(done) if complete else None
-        untrained = int(outcome.did_not_train(cell).sum())
-        edge = "" if lr is None else ("low edge" if math.isclose(lr, grid[0]) else
-                                      "high edge" if math.isclose(lr, grid[-1]) else "")
-        best = done[(done["status"] == "ok") & (done["lr"] == lr)] if lr is not None else done.iloc[0:0]
-        rows.append(dict(kind=kind, depth=int(depth), grid=",".join(f"{v:g}" for v in grid), grid_runs=len(grid),
-                         recorded=len(done), diverged=int((cell["status"] == "diverged").sum()),
-                         failed=int((cell["status"] == "failed").sum()), did_not_train=untrained,
-                         chosen_lr=lr if lr is not None else float("nan"), edge=edge,
-                         val_err=float(best["final_val_err"].iloc[0]) if len(best) else float("nan")))
-    return pd.DataFrame(rows, columns=["kind", "depth", "grid", "grid_runs", "recorded", "diverged", "failed",
-                                       "did_not_train", "chosen_lr", "edge", "val_err"])
+    """One row per (kind, depth) of a tuned folder's grid: the grid as it stands (widened at an edge), the grid
+    seeds, how many grid runs it needs and has recorded, diverged, failed or did not train (bench.outcome), how
+    many lrs it grew by, its state (waiting for runs, widening at an edge, chosen; "none": every lr diverged),
+    the chosen lr, whether it sits at an edge of the grid after widening as far as allowed (then the grid
+    could not bracket the best lr), and its score (mean late validation error over the grid seeds)."""
+    return pd.DataFrame([{k: v for k, v in c.items() if not k.startswith("_")} for c in _cells(runs)],
+                        columns=CELL_COLUMNS)
+
+
+def chosen(runs: pd.DataFrame) -> dict[tuple[str, int], float]:
+    """(kind, depth) -> the chosen lr, for every cell of ``runs`` (a folder's records) that has chosen."""
+    return {(c["kind"], c["depth"]): c["chosen_lr"] for c in _cells(runs) if c["state"] == "chosen"}
+
+
+def grids(runs: pd.DataFrame) -> dict[tuple[str, int], tuple[float, ...]]:
+    """(kind, depth) -> the lrs its grid runs are to cover now: the recorded grid, and the next lr of a cell
+    widening at an edge."""
+    return {(c["kind"], c["depth"]): tuple(sorted(c["_grid"] + ((c["_widen"],) if c["_widen"] else ())))
+            for c in _cells(runs)}
 
 
 def at_chosen(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs a tuned folder's results are: each cell's runs at its chosen lr (the grid run on the first
-    seed and the chosen runs on the others); runs of an untuned folder, all of them. The other grid runs
-    are the tuning's cost, drawn apart (the report's lr figure)."""
+    """The runs a tuned folder's results are: each cell's chosen runs, on seeds that took no part in the
+    choice; runs of an untuned folder, all of them. The grid runs are the tuning's cost, drawn apart (the
+    report's lr figure): the grid run at the chosen lr won the choice partly by luck."""
     if "lr_tuning" not in runs or not (runs["lr_tuning"] == "grid").any():
         return runs
     picked = chosen(runs)
-    keep = [t != "grid" or ((k, int(d)) in picked and math.isclose(lr, picked[(k, int(d))]))
+    keep = [t == "chosen" and (k, int(d)) in picked and _close(lr, picked[(k, int(d))])
             for t, k, d, lr in zip(runs["lr_tuning"], runs["kind"], runs["depth"], runs["lr"])]
     return runs[keep]
 
 
 def expand(spec: SweepSpec, recorded: pd.DataFrame) -> list[RunSpec]:
     """The runs ``spec`` asks for, given the folder's records: every run of an untuned sweep; of a tuned one,
-    the grid runs and the chosen runs of the cells whose grid is recorded."""
-    return spec.runs(chosen(recorded) if spec.lr_grid else None)
+    the grid runs (widened where a cell chose at an edge) and the chosen runs of the cells that have chosen."""
+    if not spec.lr_grid:
+        return spec.runs()
+    return spec.runs(chosen(recorded), grids(recorded))

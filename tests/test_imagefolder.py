@@ -345,9 +345,10 @@ def test_table_2_sets_the_runs_10_crop_error_beside_the_papers():
     assert list(table.index) == ["plain-18", "resnet-34"]
     r34 = table.loc["resnet-34"]
     assert (r34["test"], r34["n"], r34["He et al. %"], r34["difference"]) == ("10-crop", 2, "25.03", "+1.47")
-    assert r34["top-1 err % (mean ± sd)"] == "26.50 ± 0.71"
+    # 26 and 27: mean 26.5, sd 0.7071, t(0.975, 1 df) 12.706: 26.5 -+ 6.35
+    assert r34["top-1 err % (mean [95 % CI])"] == "26.50 [20.15, 32.85]"
     p18 = table.loc["plain-18"]  # Imagenette: the centre crop, no published number
-    assert (p18["test"], p18["He et al. %"], p18["top-1 err % (mean ± sd)"]) == ("centre crop", "-", "20.00")
+    assert (p18["test"], p18["He et al. %"], p18["top-1 err % (mean [95 % CI])"]) == ("centre crop", "-", "20.00")
 
 
 def test_profile_decode_of_a_folder_without_a_tree_is_a_one_line_error(tmp_path):

@@ -72,7 +72,9 @@ def test_comparison_table_numbers(results):
     assert set(table.index) == {"plain-8", "plain-14", "resnet-8", "resnet-14"}
     errs = 100 * runs[runs["model"] == "resnet14"]["final_test_err"]
     mean, sd = errs.mean(), errs.std()
-    assert table.loc["resnet-14", "test err % (mean ± sd)"] == f"{mean:.2f} ± {sd:.2f}"
+    half = 12.706204736 * sd / 2 ** 0.5  # the t-interval of 2 values: t(0.975, 1 df) x sd / sqrt(2)
+    assert table.loc["resnet-14", "test err % (mean [95 % CI])"] == f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+    assert table.loc["resnet-14", "sd"] == round(sd, 2)
     assert table.loc["resnet-14", "n"] == 2
     assert table.loc["plain-8", "He et al. %"] == "figure only"
     assert table.loc["resnet-14", "He et al. %"] == "-"  # the paper has no ResNet-14
@@ -201,7 +203,9 @@ def test_what_became_of_each_run_by_hand():
     assert outcome.counts(runs.iloc[:1]) == ""
     assert outcome.counts(runs.iloc[:5]) == "1 of 5 trained; 2 did not train, 1 diverged, 1 failed"
     assert outcome.error_cell(runs.iloc[[0, 3]]) == "88.0 / 50.0 (1 of 2 trained; 1 diverged)"
-    assert outcome.error_cell(runs.iloc[[1, 2]]) == "did not train: 92.0 ± 5.7 / 90.0 ± 0.0 (0 of 2 trained; 2 did not train)"
+    # 88 and 96: mean 92, sd 5.657, t(0.975, 1 df) 12.706: 92 -+ 50.8; two equal values: no spread
+    assert outcome.error_cell(runs.iloc[[1, 2]]) == ("did not train: 92.0 [41.2, 142.8] / 90.0 [90.0, 90.0] "
+                                                     "(0 of 2 trained; 2 did not train)")
     assert outcome.error_cell(runs.iloc[[3]]) == "0 of 1 trained; 1 diverged" and outcome.error_cell(runs.iloc[0:0]) == "-"
 
 
