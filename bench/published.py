@@ -32,8 +32,10 @@ METHODS = [
     dict(method="rezero", depth=56, error=6.38, note="single run, their recipe",
          source="tbachlechner/ReZero-examples README: 'ReZero - 6.38'"),
 ]
-# Not listed, for want of a source read here: Fixup's own ResNet-110 without BN (Zhang et al. 2019,
-# Table 2), SkipInit's, DiracNets' and TAT's CIFAR numbers (their nets differ from ours in width or depth).
+# Not listed, for want of a source read here: Fixup's own ResNet-110 numbers (Zhang et al. 2019, Table 2: the
+# paper could not be opened from the machines resbench is developed on; its code, hongyi-zhang/Fixup, states the
+# recipe the fixup2019 preset follows but no result), SkipInit's, DiracNets' and TAT's CIFAR numbers (their nets
+# differ from ours in width or depth). Add a number here with its source once it has been read there.
 
 # He et al. 2015, Table 2: top-1 error (%, 10-crop testing) on ImageNet validation; the ResNets with option A
 # shortcuts (identity, zero-padding where the dimensions grow), as our he2015-imagenet preset builds them.

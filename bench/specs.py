@@ -113,6 +113,15 @@ RECIPES = {
     # results/reference-smoke-cpu) and still shows the degradation (see README).
     "smoke": Recipe("smoke", batch_size=64, lr=0.05, iterations=400, milestones=(), val_size=1_000,
                     train_size=5_000, test_size=2_000, eval_every=100),
+    # Fixup's CIFAR-10 script (hongyi-zhang/Fixup, cifar/cifar_train.py, its defaults: Zhang, Dauphin, Ma 2019):
+    # batch 128, lr 0.1 (Fixup's scalar biases and multipliers at lr / 10: the family's lr_scales), momentum 0.9,
+    # weight decay 1e-4 on every parameter, 200 epochs of all 50k training images (no validation split; the
+    # script reports the test set), /10 after epochs 100 and 150, mixup with alpha 1 for every net, inputs
+    # standardized per channel, no warm-up. The script's last partial batch of each epoch (391 steps of up to
+    # 128) is dropped here (390 full batches an epoch, 78,000 steps), and its fixed normalisation constants
+    # are the training set's own per-channel mean and std here (README)
+    "fixup2019": Recipe("fixup2019", batch_size=128, lr=0.1, iterations=200, milestones=(100, 150), val_size=0,
+                        eval_every=5, normalize="standardize", mixup=1.0, warmup_iters=0, schedule_in="epochs"),
     # He et al. 2015 sec. 3.4 on ImageNet: batch 256, lr 0.1, momentum 0.9, weight decay 1e-4, the paper's
     # scale augmentation, "the standard color augmentation in [21]" (Krizhevsky et al.'s PCA lighting) and
     # 10-crop test, ImageNet's val set as the test set (no images held out). The paper divides the lr by 10
@@ -343,6 +352,8 @@ PRESETS = {
     "he2015": dict(recipe="he2015", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
     "quick": dict(recipe="quick", models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0),
     "smoke": dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5),
+    # a method paper's headline number, for a GPU: Fixup's script for ResNet, Fixup and ReZero at 56 and 110 layers
+    "fixup2019": dict(recipe="fixup2019", models=("resnet", "fixup", "rezero"), depths=(56, 110), seeds=(0,), width=1.0),
     # He et al.'s Table 2 / Figure 4: plain and residual 18 and 34 (option A shortcuts, the 7x7 stem)
     "he2015-imagenet": dict(recipe="he2015-imagenet", models=("plain", "resnet"), depths=(18, 34), seeds=(0,),
                             width=1.0, dataset="imagenet"),

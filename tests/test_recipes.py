@@ -135,3 +135,35 @@ def test_runs_of_these_settings_train_alone_and_record_them(tmp_path):
         assert all(row[k] == v for k, v in settings.items())
         saved = records.load_torch(records.paths(tmp_path, spec.run_id)["weights"])
         assert saved["in_channels"] == (4 if settings.get("normalize") == "pln" else 3)
+
+
+def test_the_fixup_preset_follows_its_script_and_its_report_puts_each_net_beside_its_papers(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+    from bench.report import build_report
+    from bench.specs import PRESETS, RECIPES
+
+    # hongyi-zhang/Fixup, cifar/cifar_train.py's defaults, by hand
+    r = RECIPES["fixup2019"]
+    assert (r.batch_size, r.lr, r.momentum, r.weight_decay, r.iterations, r.milestones, r.schedule_in) == \
+        (128, 0.1, 0.9, 1e-4, 200, (100, 150), "epochs")
+    assert (r.mixup, r.normalize, r.val_size, r.warmup_iters, r.decay_1d) == (1.0, "standardize", 0, 0, True)
+    assert PRESETS["fixup2019"]["models"] == ("resnet", "fixup", "rezero") and PRESETS["fixup2019"]["depths"] == (56, 110)
+    # the short form: three epochs of 64 images at width 0.25 (12 steps: the synthetic images' colours are learnt)
+    out = tmp_path / "f"
+    res = CliRunner().invoke(main, ["sweep", "--preset", "fixup2019", "--depths", "56", "--dataset", "synthetic",
+                                    "--width", "0.25", "--iterations", "3", "--batch-size", "16", "--train-size", "64",
+                                    "--test-size", "32", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    runs, _ = records.load(out)
+    assert sorted(runs["model"]) == ["fixup56", "resnet56", "rezero56"] and (runs["iterations_done"] == 12).all()
+    assert set(runs["method_recipe"]) == {"paper", "matched"} and (runs["mixup"] == 1.0).all()
+    rep = build_report(out, tmp_path / "rep", responses=False)
+    pub = rep.tables["published_methods"].set_index("net")
+    assert set(pub.index) == {"resnet", "fixup", "rezero"} and (pub["depth"] == 56).all()
+    assert all(v.endswith("(1)") for v in pub["ours: test err % (n)"])
+    mean = 100 * runs.loc[runs["kind"] == "rezero", "final_test_err"].iloc[0]
+    assert pub.loc["rezero", "ours - published"] == f"{mean - 6.38:+.2f}"
+    # the training errors on mixed batches are said to be so
+    assert any("mixed batches" in n for n in rep.notes)
