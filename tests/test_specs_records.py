@@ -65,7 +65,7 @@ def test_presets_are_the_documented_ones():
     q, s = RECIPES["quick"], RECIPES["smoke"]
     assert (q.iterations, q.milestones, q.eval_every, q.batch_size, q.lr) == (6_400, (3_200, 4_800), 400, 128, 0.1)
     assert (s.batch_size, s.lr, s.iterations, s.milestones, s.val_size, s.train_size, s.test_size, s.eval_every) == \
-        (64, 0.05, 400, (), 1_000, 5_000, 2_000, 100)
+        (64, 0.05, 400, (200, 300), 1_000, 5_000, 2_000, 100)
     assert PRESETS["smoke"] == dict(recipe="smoke", models=("plain", "resnet"), depths=(8, 20, 44), seeds=(0,), width=0.5)
     for name in ("he2015", "quick"):
         assert PRESETS[name] == dict(recipe=name, models=("plain", "resnet"), depths=(20, 32, 44, 56), seeds=(0,), width=1.0)
