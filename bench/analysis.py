@@ -43,14 +43,13 @@ import torch
 from torch import nn
 
 import resnet
-from bench import data, records
+from bench import checkpoints, data, records
 from bench.progress import duration
-from bench.specs import Execution, RunSpec
+from bench.specs import LESION_DRAWS, Execution, RunSpec
 
 CALIBRATION_IMAGES = 512  # training images whose batch statistics an initial net's BN layers get
 LINE_STEPS = 32  # T: points on each side of the image
 LINE_STEP = 0.002  # h, per pixel in normalised units: the line spans +-0.064, a quarter of the pixel spread
-LESION_DRAWS = 10
 TREE_IMAGES = 1000  # test images of an ImageNet-style set diagnosed when --max-images is not given
 
 
@@ -69,8 +68,8 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
         if not wpath.exists():
             continue
         try:
-            saved = records.load_torch(wpath, map_location="cpu")
-        except records.UnreadableFile as e:
+            saved = checkpoints.load_torch(wpath, map_location="cpu")
+        except checkpoints.UnreadableFile as e:
             if notes is not None:
                 notes.append(f"{what}: {run['run_id']} left out: {e}")
             continue
@@ -326,7 +325,7 @@ def diagnose(results_dir: Path, runs: pd.DataFrame, *, data_root=None, responses
     for name, rows in found.items():
         if rows:
             out[name] = pd.DataFrame(rows)
-            records.write_parquet(out[name], results_dir / "analysis" / f"{name}.parquet")
+            records.write_table(out[name], name, results_dir / "analysis" / f"{name}.parquet")
     for part in done:  # every run is in the files now
         part.unlink(missing_ok=True)
     if parts.is_dir() and not any(parts.iterdir()):

@@ -1,17 +1,19 @@
 """The resbench command line: a thin Click layer that parses, builds a spec and calls one function."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 import sys
 import tomllib
 from pathlib import Path
 
 import click
 
-import resnet
-from bench.analysis import LESION_DRAWS
-from bench.data import DATASETS, DataError
-from bench.fuse import FUSE_HELP, parse_fuse
+from bench.datasets import DATASETS
+from bench.errors import DataError, Interrupted
+from bench.progress import say
+from bench.specs import FUSE_HELP, LESION_DRAWS, parse_fuse
 
 CONTEXT = dict(help_option_names=["-h", "--help"], show_default=True, max_content_width=100)
 
@@ -157,7 +159,7 @@ def preset_defaults(field: str) -> str:
 
 def profile_defaults(key: str) -> str:
     """What `resbench profile` measures when not told, per device, as help text."""
-    from bench.profile import DEFAULTS
+    from bench.profile_tables import DEFAULTS
 
     cpu, cuda = (",".join(map(str, DEFAULTS[d][key])) if isinstance(DEFAULTS[d][key], tuple) else str(DEFAULTS[d][key])
                  for d in ("cpu", "cuda"))
@@ -224,6 +226,10 @@ def exec_options(fn):
         click.option("--decode-on", type=click.Choice(["workers", "device"]), default=None,
                      help="ImageNet-style data: decode the training JPEGs in the workers, or on the run's device "
                           "(nvJPEG on CUDA; the workers only read)  [default: workers]"),
+        click.option("--tensorboard/--no-tensorboard", default=None,
+                     help="Write each run's losses, errors, lr and img/s at every evaluation point to OUT/tb/<run_id> "
+                          "(`tensorboard --logdir OUT/tb` shows a sweep live; needs `pip install tensorboard`)  "
+                          "[default: off]"),
         click.option("--width", type=POSITIVE, default=None,
                      help=f"Channel multiplier  [default: {preset_defaults('width')}]"),
         click.option("--shortcut", type=click.Choice(["A", "B", "C"], case_sensitive=False), default="A"),
@@ -249,9 +255,14 @@ def _execution(o: dict):
 
 def _exec_overrides(o: dict) -> dict:
     """The execution options given (None: the device's default), as Execution fields."""
+    if o.get("tensorboard"):
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise click.UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     return dict(execution=o["execution"], amp=o["amp"], channels_last=o["channels_last"],
                 pad_input=None if o.get("pad_input") is None else int(o["pad_input"]), loader_workers=o["loader_workers"],
-                decode_on=o["decode_on"])
+                decode_on=o["decode_on"], tensorboard=o.get("tensorboard"))
 
 
 def _presets() -> list[str]:
@@ -290,8 +301,35 @@ def run(model, preset, seed, out, **o):
     ex = _execution(o)
     _require_data(o)
     check_writable(out)
-    run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=True, log=click.echo)
+    with _stoppable():
+        run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=True, log=say)
     _fail_if_failed([spec], out)
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """Training from the command line: Ctrl-C and SIGTERM (a scheduler's preemption, `kill`) stop it cleanly, saying
+    where it stood and how to resume (exit 130 and 143, as shells count signals); a hung-up terminal (SIGHUP,
+    a dropped SSH connection) does not stop it, and a console that went away is not written to again
+    (bench.progress.say): the training goes on recording to its folder."""
+    stopped = {}
+
+    def terminate(signum, _frame):
+        stopped["by"] = signum
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig, handler in
+                ((signal.SIGTERM, terminate), (signal.SIGHUP, signal.SIG_IGN))}
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        where = f" at step {e.step} of {e.total} ({e.what})" if isinstance(e, Interrupted) else ""
+        say(f"interrupted{where}; rerun the same command to resume (each run continues from its last checkpoint)",
+            err=True)
+        sys.exit(143 if stopped.get("by") == signal.SIGTERM else 130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _dataset(preset: str, o: dict) -> str:
@@ -373,11 +411,12 @@ def _fuse_option(ctx, param, value):
               help="TOML file of option values (keys as option names); explicit options win.")
 @PRESET
 @renamed("--kinds", "--models", "kinds", callback=csv_list(str), default=None,
-         help=f"Network kinds: {', '.join(resnet.kinds())} (and plugins': `resbench models` lists them)  "
+         help="Network kinds: resnet, plain (He et al.), preresnet, preplain (He et al. 2016), the methods (highway, "
+              "fixup, skipinit, rezero, dirac, tat) and plugins' (`resbench models --kinds all` lists them)  "
               f"[default: {preset_defaults('models')}]")
 @click.option("--depths", callback=csv_list(int), default=None,
-              help=f"Depths: 6n+2 for the CIFAR nets (8, 20, 32, ...), 18/34/50/101/152 for the ImageNet-style "
-                   f"family  [default: {preset_defaults('depths')}]")
+              help=f"Depths: 6n+2 (8, 20, 32, ...: the CIFAR family) on CIFAR-like data; 18, 34, 50, 101, 152 (the "
+                   f"ImageNet-style family) on ImageNet-style data  [default: {preset_defaults('depths')}]")
 @click.option("--seeds", callback=csv_list(int, minimum=0), default=None,
               help=f"Seeds, one run of each net per seed  [default: {preset_defaults('seeds')}]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
@@ -489,9 +528,10 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, 
     out = out or Path("results") / spec.name
     _require_data(o)
     sw.check_writable(out)
-    runs = lch.execute(spec, out, launch, data_root=o["data_root"], download=o["download"], log=click.echo)
+    with _stoppable():
+        runs = lch.execute(spec, out, launch, data_root=o["data_root"], download=o["download"], log=say)
     if launch.executor == "local" or launch.wait:
-        click.echo(sw.summary(runs, out).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        say(sw.summary(runs, out).to_string(index=False, na_rep="-"))
     if launch.executor == "local":
         _fail_if_failed(runs, out)
 
@@ -500,7 +540,7 @@ RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "schedule", "m
                   "warmup_lr", "warmup_min_depth", "normalize", "mixup", "decay_1d", "lighting", "train_size", "val_size",
                   "test_size", "eval_every"]
 DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on"]
-EXECUTION_SECTION = ["device", "amp", "channels_last", "execution"]
+EXECUTION_SECTION = ["device", "amp", "channels_last", "execution", "tensorboard"]
 sweep.sections = {
     "What to train": ["config", "preset", "kinds", "depths", "seeds", "width", "shortcut", "out", "name"],
     "Methods compared": ["lr_for", "lr_grid", "grid_seeds", "lr_grid_for", "weight_decay_for", "method_recipe"],
@@ -528,23 +568,60 @@ def _key_values(pairs) -> dict:
 
 @main.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--follow", is_flag=True, help="Keep watching: the running runs' last points, until none is left.")
+@click.option("--every", type=POSITIVE, default=10.0, show_default=True, help="--follow: seconds between looks.")
 @friendly_errors
-def status(results_dir):
-    """Counts of done / running / pending / failed / diverged runs, with Slurm job ids.
+def status(results_dir, follow, every):
+    """Counts of done / running / pending / failed / diverged runs, with Slurm job ids; with --follow, the
+    running runs' last evaluation points, again every few seconds until nothing is running or pending.
+
+    \b
+    Examples:
+      resbench status results/he2015
+      resbench status results/smoke --follow
+    """
+    import time
+
+    from bench.sweep import live_points, status as sweep_status
+
+    while True:
+        table = sweep_status(results_dir)
+        counts = table["status"].value_counts()
+        say(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
+                      ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
+        if not follow and len(table):
+            shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state", "error") if table[c].isna().all()])
+            say(shown.to_string(index=False, na_rep="-"))
+        for line in live_points(results_dir, table) if follow else ():
+            say("  " + line)
+        if not follow or not counts.get("running", 0) + counts.get("pending", 0):
+            return
+        time.sleep(every)
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--keep/--remove", default=False, show_default=True,
+              help="Keep the per-run files packed (other tools then read those runs twice; resbench reads each once).")
+@friendly_errors
+def pack(results_dir, keep):
+    """Pack a results folder: each table's finished runs into one file (runs/packed.parquet, curves/..., layers/,
+    signals/); a failed run keeps its own file (the next sweep retries it). Sweeps, report, status and
+    diagnose read packed and unpacked folders alike; rerun to pack what was recorded since.
 
     \b
     Example:
-      resbench status results/he2015
+      resbench pack results/smoke
     """
-    from bench.sweep import status as sweep_status
+    from bench.records import pack as pack_folder
 
-    table = sweep_status(results_dir)
-    counts = table["status"].value_counts()
-    click.echo(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
-                         ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
-    if len(table):
-        shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state", "error") if table[c].isna().all()])
-        click.echo(shown.to_string(index=False, na_rep="-"))
+    if not any((results_dir / d).is_dir() for d in ("runs", "profile", "analysis")):
+        raise click.ClickException(f"{results_dir} has no runs/, profile/ or analysis/: not a results folder (what "
+                                   f"`resbench sweep --out` or `resbench profile --out` writes)")
+    counts = pack_folder(results_dir, keep=keep)
+    per_run = any(name in counts for name in ("runs", "curves", "layers", "signals"))
+    click.echo((", ".join(f"{name}: {n} rows" for name, n in counts.items()) or "nothing to pack")
+               + f" in {results_dir}" + ("" if keep or not per_run else " (the per-run files packed are removed)"))
 
 
 @main.command("check-data")
@@ -611,7 +688,8 @@ def models(depths, kinds, width, imagenet):
         click.echo(f"plugin {what} failed to load: {why}", err=True)
     click.echo("")
     kinds = resnet.kinds() if kinds == ("all",) else kinds
-    names = [model_name(k, d) for d in depths for k in kinds]
+    # a depth names its family: 6n+2 the CIFAR one, 18, 34, 101 the ImageNet-style one (50, 152: --imagenet)
+    names = [model_name(k, d, "cifar" if d >= 8 and (d - 2) % 6 == 0 else "imagenet") for d in depths for k in kinds]
     if imagenet:
         names += [f"resnet{d}" for d in resnet.IMAGENET_DEPTHS]
     nets = {name: resnet.build(name, width=width) for name in names}
@@ -821,7 +899,8 @@ profile.sections = {
 
 @main.command()
 @click.argument("profile_path", metavar="PROFILE", type=click.Path(path_type=Path))
-@PRESET
+@click.option("--preset", type=click.Choice([p for p in _presets() if p != "smoke"]), default="he2015", show_default=True,
+              help="The sweep to price (smoke's narrow nets are not in a profile, which times width-1 nets).")
 @renamed("--kinds", "--models", "kinds", callback=csv_list(str), default=None,
          help="Network kinds  [default: the preset's]")
 @click.option("--depths", callback=csv_list(int), default=None, help="[default: the preset's]")
@@ -833,7 +912,8 @@ profile.sections = {
                    "the rate training would reach decoding on the GPU (both on its stream)")
 @friendly_errors
 def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_path):
-    """Estimate a sweep's GPU-hours from a saved profile (training steps only, a low estimate).
+    """Estimate a sweep's GPU-hours (device-hours for a CPU profile) from a saved profile (training steps only, a
+    low estimate).
 
     PROFILE: a parquet that `resbench profile` wrote, or a folder holding profile/*.parquet.
 
@@ -842,6 +922,10 @@ def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_pa
       resbench estimate results/reference-profile-h200 --preset he2015 --depths 20,56,110 --seeds 0,1,2,3,4
       resbench estimate results/profile-imagenet --preset he2015-imagenet --gpus-per-run 8 --decode results/decode
     """
+    import textwrap
+
+    import pandas as pd
+
     from bench import cost
     from bench.profile_tables import DECODE_KEYS, read_reference
 
@@ -849,20 +933,29 @@ def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_pa
     profile = read_reference(profile_path, "PROFILE")
     df = cost.estimate(profile, preset, models=kinds, depths=depths, seeds=seeds, gpus_per_run=gpus_per_run,
                        decode=decode)
-    shown = df.assign(img_per_s_per_gpu=df["img_per_s_per_gpu"].round().astype("Int64"))
-    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    known = df.dropna(subset=["gpu_hours"])
     device = cost.profiled_device(profile)
-    unit = "GPU-hours" if device.startswith("GPU") else "device-hours"
-    click.echo(f"total: {known['gpu_hours'].sum():.3g} {unit} for {int(known['runs'].sum())} runs "
+    per = "GPU" if device.startswith("GPU") else "device"
+    unit = f"{per}-hours"
+    timed = (df["execution"] + " " + df["precision"].fillna("") + " " + df["memory_format"].fillna("")).str.strip()
+    shown = pd.DataFrame({"net": df["net"], "runs": df["runs"], f"{per}s/run": df["gpus_per_run"],
+                          f"batch/{per}": df["batch_per_gpu"], "timed as": timed,
+                          f"img/s per {per}": df["img_per_s_per_gpu"].round().astype("Int64"),
+                          "h per run": df["hours_per_run"], unit: df["gpu_hours"]})
+    for extra, name in (("cpu_cores_per_gpu", f"CPU cores per {per}"), ("img_per_s_decoding_on_gpu",
+                                                                        f"img/s decoding on the {per}")):
+        if extra in df:
+            shown[name] = df[extra]
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
+    known = df.dropna(subset=["gpu_hours"])
+    say(textwrap.fill(f"total: {known['gpu_hours'].sum():.3g} {unit} for {int(known['runs'].sum())} runs "
                f"({len(known)} of {len(df)} nets profiled) on the profile's {device}; training steps only, at the "
-               f"profiled rates, linear over a run's devices: a low estimate")
+               f"profiled rates, linear over a run's devices: a low estimate", 100))
     missing = df.loc[df["gpu_hours"].isna(), "net"].tolist()
     if missing:
-        click.echo(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per GPU: {', '.join(missing)} "
-                   f"(resbench profile --nets {','.join(missing)} ...)")
+        say(textwrap.fill(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per {per}: {', '.join(missing)} "
+                   f"(resbench profile --nets {','.join(missing)} ...)", 100))
     decode_batch = df.attrs.get("decode_batch")
     if decode_batch is not None and decode_batch != df["batch_per_gpu"].iloc[0]:
-        click.echo(f"note: the decode profile was timed at batch {decode_batch}; each GPU of this run decodes "
+        say(textwrap.fill(f"note: the decode profile was timed at batch {decode_batch}; each GPU of this run decodes "
                    f"{df['batch_per_gpu'].iloc[0]} at a time (resbench profile --decode TREE --batch-sizes "
-                   f"{df['batch_per_gpu'].iloc[0]} times that)")
+                   f"{df['batch_per_gpu'].iloc[0]} times that)", 100))

@@ -75,7 +75,8 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
     if decode is not None and dataset not in TREES:
         raise ValueError(f"the {preset} preset's data sits decoded in memory: it has no input pipeline to feed "
                          f"(--decode is for he2015-imagenet and imagenette)")
-    nets = [model_name(kind, depth) for depth in depths or p["depths"] for kind in models or p["models"]]
+    family = "imagenet" if dataset in TREES else "cifar"
+    nets = [model_name(kind, depth, family) for depth in depths or p["depths"] for kind in models or p["models"]]
     runs = len(seeds or p["seeds"])
     batch = r.batch_size // gpus_per_run
     size = SHAPES[dataset][0][-1]  # the square input the nets see

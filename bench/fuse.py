@@ -25,13 +25,8 @@ from torch import nn
 
 import resnet
 from resnet import group as grouped
-from bench.specs import Execution, RunSpec
+from bench.specs import AUTO_GROUP, Execution, RunSpec, parse_fuse  # noqa: F401 (bench.fuse.parse_fuse)
 
-# the most runs --fuse auto puts in one group: the paper's grid has 5 seeds x plain/residual per depth
-AUTO_GROUP = 10
-FUSE_HELP = ("auto: on CUDA, runs of one shape (depth, width, recipe; plain and residual twins, any seeds) "
-             f"train as one grouped network, up to {AUTO_GROUP} at a time; on the CPU, each alone. "
-             "off: each alone. K: groups of up to K, on any device")
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -49,18 +44,6 @@ def group_key(spec: RunSpec) -> tuple | None:
     if r.mixup or r.normalize == "pln" or not r.decay_1d:
         return None
     return (a.family, a.depth, spec.width, spec.shortcut.upper(), spec.dataset, spec.recipe)
-
-
-def parse_fuse(value: str) -> int | None:
-    """``--fuse``: "auto" -> None, "off" -> 1, "K" -> K (>= 1); ValueError otherwise."""
-    v = str(value).strip().lower()
-    if v == "auto":
-        return None
-    if v == "off":
-        return 1
-    if v.isdigit() and int(v) >= 1:
-        return int(v)
-    raise ValueError(f"--fuse must be auto, off or a group size >= 1, got {value!r}")
 
 
 def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu", *, ex: Execution | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import sweep as sw
-from bench.fuse import AUTO_GROUP, parse_fuse
+from bench.specs import AUTO_GROUP, parse_fuse
 from bench.specs import Execution, RunSpec, SweepSpec
 
 

@@ -34,8 +34,6 @@ def late_val_err(runs: pd.DataFrame) -> pd.Series:
     """Per run: its late validation error (the row's ``late_val_err``, ``late`` of its curve); rows written
     before that column: the final validation error."""
     final = runs["final_val_err"].astype(float)
-    if "late_val_err" not in runs:
-        return final
     v = runs["late_val_err"].astype(float)
     return v.where(v.notna(), final)
 
@@ -49,7 +47,7 @@ def did_not_train(runs: pd.DataFrame) -> pd.Series:
     """Per run: ok, and its final training error within UNTRAINED_MARGIN of chance."""
     if not len(runs):
         return pd.Series(dtype=bool)
-    chance = runs["dataset"].map(chance_error) if "dataset" in runs else 0.9
+    chance = runs["dataset"].map(chance_error)
     return (runs["status"] == "ok") & (runs["final_train_err"] >= chance - UNTRAINED_MARGIN)
 
 

@@ -32,16 +32,15 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from bench import data, records
+from bench import data, env, records
 from resnet.group import member_major
 from bench.fuse import Members
 from bench.specs import PAD_INPUTS
 from bench.steps import TrainStep, autocast, make_optimizer, sync
 # what a profile is once measured (tables, figures, --against, reading one back) lives in bench.profile_tables
-from bench.profile_tables import MODES
+from bench.profile_tables import DEFAULTS, FORMATS, MODES
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-FORMATS = ("nchw", "channels_last")
 
 # dense peak TFLOP/s by precision (vendor datasheets; SXM parts unless named)
 PEAK_TFLOPS = {
@@ -60,16 +59,6 @@ def peak_flops(gpu_name: str | None, precision: str) -> float | None:
         if all(part in gpu_name for part in key.split()):
             return PEAK_TFLOPS[key][precision] * 1e12
     return None
-
-
-# what `resbench profile` measures when not told: small on the CPU, the interesting grid on CUDA
-DEFAULTS = {
-    "cpu": dict(models=("resnet20",), batch_sizes=(32, 128), precisions=("fp32", "bf16"), formats=FORMATS,
-                executions=("eager",), group_sizes=(1,), pad_inputs=(0,), workers=2),
-    "cuda": dict(models=("resnet20", "plain20", "resnet56", "plain56"), batch_sizes=(128, 512, 2048),
-                 precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), group_sizes=(1,),
-                 pad_inputs=(0,), workers=8),
-}
 
 
 def resolve_grid(device: str, **given) -> dict:
@@ -256,8 +245,8 @@ def profile(models, batch_sizes, precisions=("bf16",), formats=("channels_last",
                     oom.add(key)
             rows.append(row)
             log(_line(row))
-    env = records.environment(device)
-    return pd.DataFrame([r | env for r in rows])
+    machine = env.environment(device)
+    return pd.DataFrame([r | machine for r in rows])
 
 
 def _line(r: dict) -> str:
@@ -357,8 +346,8 @@ def pipeline_comparison(model: str = "resnet20", batch_size: int = 128, device: 
     df = df.assign(model=model, batch_size=batch_size, data=source, mode="train-pipeline", status="ok")
     for r in df.to_dict("records"):
         log(f"{r['pipeline']:<9} {model} bs {batch_size}: {r['img_per_s']:.0f} img/s (x{r['speedup']:.2f})  [{r['pipeline_desc']}]")
-    env = records.environment(device)
-    return pd.DataFrame([r | env for r in df.to_dict("records")])
+    machine = env.environment(device)
+    return pd.DataFrame([r | machine for r in df.to_dict("records")])
 
 
 def _time_pipeline(name, fn, dev, steps, warmup, batch_size, desc) -> dict:
@@ -442,5 +431,5 @@ def decode_profile(root, workers=(0,), seconds: float = 10.0, device: str | None
             + (f" ({per_core:.0f} per core)" if decode_on == "workers" else ""))
     log(f"on {len(items)} of the tree's {len(tree.train)} training images: {kb:.0f} KB and {mpix:.2f} megapixels "
         f"a file on average")
-    env = records.environment(device or "cpu")
-    return pd.DataFrame([r | env for r in rows])
+    machine = env.environment(device or "cpu")
+    return pd.DataFrame([r | machine for r in rows])

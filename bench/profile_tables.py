@@ -9,11 +9,21 @@ import pandas as pd
 from bench import records
 
 MODES = ("train", "infer")
+FORMATS = ("nchw", "channels_last")
+
+# what `resbench profile` measures when not told: small on the CPU, the interesting grid on CUDA
+DEFAULTS = {
+    "cpu": dict(models=("resnet20",), batch_sizes=(32, 128), precisions=("fp32", "bf16"), formats=FORMATS,
+                executions=("eager",), group_sizes=(1,), pad_inputs=(0,), workers=2),
+    "cuda": dict(models=("resnet20", "plain20", "resnet56", "plain56"), batch_sizes=(128, 512, 2048),
+                 precisions=("bf16",), formats=("channels_last",), executions=("eager", "cudagraph"), group_sizes=(1,),
+                 pad_inputs=(0,), workers=8),
+}
 
 
 def save(df: pd.DataFrame, out: Path, name: str) -> Path:
     path = Path(out) / "profile" / f"{name}.parquet"
-    records.write_parquet(df, path)
+    records.write_table(df, "profile", path)
     return path
 
 
@@ -100,16 +110,12 @@ def read_reference(path, what: str = "--against", columns=None) -> pd.DataFrame:
     else:
         raise ValueError(f"{what} {path}: no such file or folder")
     try:
-        ref = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        ref = pd.concat([records.read(f, "profile") for f in files], ignore_index=True)
     except Exception as e:  # pyarrow raises several types for a file that is not parquet
         raise ValueError(f"{what} {path}: not a readable parquet file ({type(e).__name__}: {e})") from None
-    if "group_size" not in ref.columns:  # profiles of earlier versions timed single nets only
-        ref = ref.assign(group_size=1)
-    if "pad_input" not in ref.columns:  # ... and never padded a group's input
-        ref = ref.assign(pad_input=0)
-    if "image_size" not in ref.columns:  # ... and timed 32 x 32 images
-        ref = ref.assign(image_size=32)
-    missing = [c for c in columns or CONFIG_KEYS + ["img_per_s", "status"] if c not in ref.columns]
+    # bench.schema.upgrade read earlier versions' rows in (single nets, unpadded, 32 x 32): a column with no value
+    # at all is one this kind of profile does not have
+    missing = [c for c in columns or CONFIG_KEYS + ["img_per_s", "status"] if ref[c].isna().all()]
     if missing:
         command, example = (("resbench profile --decode TREE", "results/reference-decode-cpu") if columns == DECODE_KEYS
                             else ("resbench profile", "results/reference-profile-h200"))

@@ -1,43 +1,39 @@
-"""Records: the parquet schema, atomic writes, environment metadata and load(results_dir).
+"""Records: atomic writes, the tables of a results folder (declared in bench.schema) and load(results_dir).
 
 Layout of a results folder (each worker writes only its own files):
 
     sweep.toml                the spec that made it
     runs/<run_id>.parquet     one row per finished run (status ok | diverged | failed)
     curves/<run_id>.parquet   one row per evaluation point
-    weights/<run_id>.pt       final weights (state_dict + spec)
+    weights/<run_id>.pt       final weights (state_dict + spec; bench.checkpoints)
     ckpt/<run_id>.pt          in-progress checkpoint, deleted when the run finishes
     layers/<run_id>.parquet   one row per evaluation point and weighted layer (weight, gradient norms)
     signals/<run_id>.parquet  one row per evaluation point and block (backward signal at its output)
 
-Every file is written to a temporary name in the same folder and renamed into place
-(``os.replace`` is atomic on POSIX), so a killed process never leaves a half-written table.
+`resbench pack` puts a table's finished runs into one file, ``<table>/packed.parquet`` (``pack``); readers
+take packed and per-run files alike, a per-run file winning over a packed row of the same run (a run
+recorded again after packing). Every file is written to a temporary name in the same folder and renamed
+into place (``os.replace`` is atomic on POSIX), so a killed process never leaves a half-written table.
+
+Reads and writes no torch (the reader side imports this module).
 """
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import os
-import pickle
-import platform
-import subprocess
 from pathlib import Path
 
 import pandas as pd
-import torch
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.parquet as pq
 
-import bench
+from bench import schema
 
-# columns of a curves row, in order
-CURVE_COLUMNS = ["run_id", "iteration", "epoch", "lr", "train_loss", "train_err", "val_err", "test_err",
-                 "train_time_s", "img_per_s"]
-
-
-# columns of a layers row (one per run x evaluation point x weighted layer; bench.fuse.Members.layer_rows)
-LAYER_COLUMNS = ["run_id", "iteration", "layer", "layer_name", "weight_norm", "grad_norm", "update_ratio", "grad_rms",
-                 "grad_x_weight"]
-# columns of a signals row (one per run x evaluation point x block; bench.fuse.Members.signal_rows)
-SIGNAL_COLUMNS = ["run_id", "iteration", "block", "block_name", "signal_rms", "batches"]
+# columns of a curves, layers (bench.fuse.Members.layer_rows) and signals row, in order (bench.schema declares them)
+CURVE_COLUMNS = [name for name, _, _ in schema.CURVES]
+LAYER_COLUMNS = [name for name, _, _ in schema.LAYERS]
+SIGNAL_COLUMNS = [name for name, _, _ in schema.SIGNALS]
+PACKED = "packed.parquet"  # a table's packed file, beside its per-run files
 
 
 def atomic_write(path: Path, write) -> None:
@@ -51,54 +47,46 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_table(df: pd.DataFrame, table: str, path: Path) -> None:
+    """``df`` as ``table``'s declared schema (bench.schema.conform: a column it does not declare is an error),
+    written atomically. Without per-column statistics (a one-row run file stays small: results/ is committed
+    and copied off GPU machines)."""
+    data = schema.conform(df, table)
+    atomic_write(path, lambda tmp: pq.write_table(data, tmp, write_statistics=False))
+
+
 def write_parquet(df: pd.DataFrame, path: Path) -> None:
-    # pandas' own metadata restores the frame; arrow's copy of the schema and per-column statistics would
-    # make a one-row run file 47 KB instead of 12 (results/ is committed, and copied off GPU machines)
-    def write(tmp):
-        try:
-            df.to_parquet(tmp, index=False, write_statistics=False, store_schema=False)
-        except TypeError:  # a pyarrow older than 12 has no store_schema
-            df.to_parquet(tmp, index=False)
-
-    atomic_write(path, write)
+    """A frame that is no record table (a profile's comparison with another), as pandas writes it."""
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False, write_statistics=False))
 
 
-def save_torch(obj, path: Path) -> None:
-    """Save tensors and plain containers only (what ``load_torch`` accepts)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def read_table(path: Path, table: str) -> pa.Table:
+    """One file of ``table``, of any version, in the current schema (bench.schema.upgrade)."""
+    return schema.upgrade(pq.read_table(path), table)
 
 
-class UnreadableFile(Exception):
-    """A checkpoint or weights file that is damaged, or that only a code-running load could read."""
+def read(path: Path, table: str) -> pd.DataFrame:
+    """One file of ``table`` as a frame in the current schema."""
+    return schema.lists_as_tuples(read_table(path, table).to_pandas())
 
 
-# the lines of torch's weights-only failure message around the one that says what was wrong
-_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
-def load_torch(path: Path, map_location=None):
-    """A checkpoint or weights file, read with ``weights_only=True``: tensors and plain containers only.
-
-    A .pt file is a pickle; a full load would run whatever code a crafted file names (a results
-    folder or checkpoint from someone else, say). This one never does. Raises UnreadableFile with
-    what went wrong and what to do.
-    """
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch wraps every failure of its weights-only unpickler in one long message; only a refused
-        # GLOBAL (a class or function the pickle names) means code, anything else (a bad opcode) is damage
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        if any("global" in line.lower() for line in lines):
-            raise UnreadableFile(f"{path} holds objects beyond tensors and plain containers (written by other "
-                                 f"software, or crafted to run code): refused. Delete it and rerun its run to "
-                                 f"regenerate it") from e
-        detail = next((line for line in lines if not line.startswith(_TORCH_BOILERPLATE)), lines[0] if lines else "")
-        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {detail})") from e
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # a truncated zip, an empty file, a bad header: torch raises many types
-        raise UnreadableFile(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+def table(folder: Path, name: str | None = None) -> pd.DataFrame:
+    """Every row of a table folder (runs/, curves/, ...): its packed file and its per-run files, each in the
+    current schema; a run in both is taken from its own file. An empty frame with the table's columns where
+    nothing is recorded."""
+    folder = Path(folder)
+    name = name or folder.name
+    files = sorted(f for f in folder.glob("*.parquet") if f.name != PACKED) if folder.is_dir() else []
+    parts = [read_table(f, name) for f in files]
+    if (folder / PACKED).exists():
+        packed = read_table(folder / PACKED, name)
+        own = {str(i) for part in parts for i in set(part.column("run_id").to_pylist())}
+        if own:
+            packed = packed.filter(pa.compute.invert(pa.compute.is_in(packed.column("run_id"), pa.array(sorted(own)))))
+        parts.insert(0, packed)
+    parts = [p for p in parts if p.num_rows]
+    data = pa.concat_tables(parts) if parts else schema.schema(name).empty_table()
+    return schema.lists_as_tuples(data.to_pandas())
 
 
 def paths(out: Path, run_id: str) -> dict[str, Path]:
@@ -114,108 +102,84 @@ def paths(out: Path, run_id: str) -> dict[str, Path]:
     }
 
 
-@functools.cache
-def _git() -> tuple[str | None, bool | None]:
-    """(sha, dirty) of the checkout resbench runs from, or (None, None) outside git."""
-    root = Path(bench.__file__).resolve().parent.parent
-    if os.environ.get("RESBENCH_GIT_SHA"):  # a copy of the checkout without .git (e.g. a GPU machine)
-        return os.environ["RESBENCH_GIT_SHA"], os.environ.get("RESBENCH_GIT_DIRTY", "0") == "1"
-    try:
-        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if sha.returncode:
-            return None, None
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        return sha.stdout.strip(), bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-
-
-# instruction sets whose presence changes what the CPU computes (bf16 kernels, their rounding) or how fast
-CPU_ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16",
-           "asimd", "sve", "sve2", "bf16", "i8mm")
-
-
-def cpu_info(path: str | os.PathLike = "/proc/cpuinfo") -> tuple[str, str]:
-    """(model name, the CPU_ISA flags it has, comma-separated) from Linux's cpuinfo; elsewhere what
-    ``platform`` knows and no flags. Two machines of one architecture (x86_64) can train the same
-    spec to different fp32 and bf16 numbers: the model and these flags tell them apart."""
-    model, flags = None, set()
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware", "cpu model") and model is None:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), ",".join(f for f in CPU_ISA if f in flags)
-
-
-_cpu = functools.cache(cpu_info)  # read once per process
-
-
-def environment(device: str) -> dict:
-    """Hardware and software of this process. Deliberately no hostname."""
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    sha, dirty = _git()
-    return dict(
-        device=device,
-        gpu_name=torch.cuda.get_device_name(torch.device(device)) if cuda else None,
-        cpu=_cpu()[0],
-        cpu_isa=_cpu()[1],
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to (e.g. AVX512)
-        cpu_threads=torch.get_num_threads(),
-        torch_version=torch.__version__,
-        cuda_version=torch.version.cuda,
-        cudnn_version=torch.backends.cudnn.version() if cuda else None,
-        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),  # which GPU a pinned worker had
-        python_version=platform.python_version(),
-        resbench_version=bench.__version__,
-        git_sha=sha,
-        git_dirty=dirty,
-        utc_time=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )
-
-
-def _read_folder(folder: Path) -> pd.DataFrame:
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    frames = [pd.read_parquet(f) for f in files]
-    frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def load(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) of a results folder as DataFrames (empty frames where nothing is recorded)."""
     root = Path(results_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist")
-    return _read_folder(root / "runs"), _read_folder(root / "curves")
+    return table(root / "runs"), table(root / "curves")
 
 
 DONE = ("ok", "diverged")  # a failed run is tried again when the sweep is rerun
 
 
 def recorded(out: Path, run_id: str) -> dict | None:
-    """The run's row, or None if it has none yet."""
-    path = paths(out, run_id)["run"]
-    return pd.read_parquet(path).iloc[0].to_dict() if path.exists() else None
+    """The run's row (its own file, else its packed row), or None if it has none yet."""
+    path, packed = paths(out, run_id)["run"], Path(out) / "runs" / PACKED
+    if path.exists():
+        rows = read_table(path, "runs")
+    elif packed.exists():
+        rows = read_table(packed, "runs")
+        rows = rows.filter(pa.compute.equal(rows.column("run_id"), run_id))
+    else:
+        return None
+    return schema.lists_as_tuples(rows.to_pandas()).iloc[0].to_dict() if rows.num_rows else None
 
 
 def load_layers(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The per-layer rows (weight and gradient norms at evaluation points) of a results folder."""
-    return _read_folder(Path(results_dir) / "layers")
+    return table(Path(results_dir) / "layers")
 
 
 def load_signals(results_dir: str | os.PathLike) -> pd.DataFrame:
     """The per-block rows (backward signals at evaluation points) of a results folder."""
-    return _read_folder(Path(results_dir) / "signals")
+    return table(Path(results_dir) / "signals")
 
 
 def finished(out: Path) -> dict[str, str]:
     """run_id -> status of every recorded run in ``out``."""
-    runs = _read_folder(Path(out) / "runs")
-    return dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
+    runs = table(Path(out) / "runs")
+    return dict(zip(runs["run_id"], runs["status"]))
+
+
+def pack(out: Path, keep: bool = False) -> dict[str, int]:
+    """Each per-run table of ``out`` (runs, curves, layers, signals) as one file, ``<table>/packed.parquet``:
+    the rows of every finished run (ok or diverged; a failed run keeps its own file, since the next sweep
+    retries it), in the current schema. The per-run files packed are removed unless ``keep`` (other tools
+    would then read those runs twice; resbench's readers take each once). Atomic and resumable: each packed
+    file is written whole and renamed into place before any per-run file goes, and packing again merges what
+    was recorded since. Returns the rows packed per table."""
+    out = Path(out)
+    runs = table(out / "runs")
+    done = set(runs.loc[runs["status"].isin(DONE), "run_id"])
+    counts = {}
+    for name in schema.PER_RUN:
+        folder = out / name
+        files = [f for f in folder.glob("*.parquet") if f.name != PACKED and f.stem in done] if folder.is_dir() else []
+        if not files and not (folder / PACKED).exists():
+            continue
+        rows = table(folder, name)
+        rows = rows[rows["run_id"].isin(done)]
+        write_table(rows, name, folder / PACKED)
+        if not keep:
+            for f in files:
+                f.unlink()
+        counts[name] = len(rows)
+    counts.update(_rewrite_old(out))
+    return counts
+
+
+def _rewrite_old(out: Path) -> dict[str, int]:
+    """diagnose's tables (analysis/), profile rows (profile/) and the per-run files left unpacked, of earlier
+    versions, rewritten in the current schema: then every table of the folder opens alike in any reader."""
+    done = {}
+    files = [(f, f.stem) for f in sorted((out / "analysis").glob("*.parquet")) if f.stem in schema.TABLES]
+    files += [(f, "profile") for f in sorted((out / "profile").glob("*.parquet"))]
+    # the per-run files left unpacked (a failed run's, retried by the next sweep)
+    files += [(f, name) for name in schema.PER_RUN for f in sorted((out / name).glob("*.parquet")) if f.name != PACKED]
+    for path, name in files:
+        if not pq.read_schema(path).equals(schema.schema(name), check_metadata=False):
+            data = read_table(path, name)
+            atomic_write(path, lambda tmp, d=data: pq.write_table(d, tmp, write_statistics=False))
+            done[f"{path.parent.name}/{path.name}"] = data.num_rows
+    return done

@@ -81,14 +81,14 @@ def recipe_note(runs: pd.DataFrame) -> str:
                                                       dropna=False, sort=True):
         images = "all training images" if pd.isna(size) else f"{int(size)} images"
         parts.append(f"{name}: {int(steps)} steps of batch {int(batch)} on {images}")
-    if "lr_tuning" in runs and runs["lr_tuning"].isin(["grid", "chosen"]).any():
+    if runs["lr_tuning"].isin(["grid", "chosen"]).any():
         lr = "lr tuned per net and depth (the grid's best validation error; see the lr figure)"
     elif runs["lr"].nunique() == 1:
         lr = f"lr {runs['lr'].iloc[0]:g} for every net"
     else:
         per = runs.groupby("net")["lr"].agg(lambda v: "/".join(f"{x:g}" for x in sorted(set(v))))
         lr = "lr " + ", ".join(f"{net} {v}" for net, v in per.items())
-    if "method_recipe" in runs and (runs["method_recipe"] == "paper").any():
+    if (runs["method_recipe"] == "paper").any():
         lr += "; methods with their papers' own settings (method_recipe = paper)"
     mixed = _mixup_nets(runs)
     if mixed:
@@ -98,8 +98,6 @@ def recipe_note(runs: pd.DataFrame) -> str:
 
 def _mixup_nets(runs: pd.DataFrame) -> list[str]:
     """The nets whose training error is measured on mixed batches (mixup): not comparable with the others'."""
-    if "mixup" not in runs or "net" not in runs:
-        return []
     return sorted(set(runs.loc[runs["mixup"].fillna(0) > 0, "net"]))
 
 
@@ -125,19 +123,21 @@ def recipe_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _chance_lines(axes, runs: pd.DataFrame) -> None:
     """A dotted line at chance error on each axis (what a net that did not train ends at)."""
-    chance = 100 * runs["dataset"].map(outcome.chance_error).max() if "dataset" in runs else 90.0
+    chance = 100 * runs["dataset"].map(outcome.chance_error).max()
     for ax in axes:
         ax.axhline(chance, ls=":", lw=1, color="0.5", zorder=0)
 
 
-def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | None = None):
+def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | None = None,
+                    live: pd.DataFrame | None = None):
     """He et al. Fig. 6: error (%) against iterations, train dashed, test solid; one panel per net (plain,
     residual, each method; wrapped four a row), and one row of panels per value of the compared column.
     Lines: mean +- sd over the runs that trained; runs that did not train or diverged are drawn apart, one
     thin grey line each; dotted: chance."""
     keep = ["run_id", "net", "depth", "seed", "model", "outcome"] + ([COMPARE] if compare else [])
     shown = runs[runs["outcome"] != "failed"]
-    df = curves.merge(shown[keep], on="run_id")
+    running = live[keep] if live is not None and len(live) else pd.DataFrame(columns=keep)
+    df = curves.merge(pd.concat([shown[keep], running], ignore_index=True), on="run_id")
     # ImageNet-style runs against epochs, as the paper's Figure 4; CIFAR ones against iterations (Figure 6)
     x = "epoch" if "dataset" in shown and set(shown["dataset"]) <= set(TREES) else "iteration"
     long = df.melt(id_vars=[x, "net", "depth", "seed", "run_id", "outcome"] + ([COMPARE] if compare else []),
@@ -151,18 +151,24 @@ def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | Non
                  dashes={"train": (4, 2), "test": ""}, col="net", col_order=nets, height=3.6, aspect=1.15,
                  facet_kws=dict(sharex=True, sharey=True), **layout)
     if len(good):
-        g = sns.relplot(data=good, hue="depth", errorbar="sd", palette="viridis", **lines)
+        depths = sorted(good["depth"].unique())
+        # viridis without its pale yellow end, which is faint on white
+        palette = dict(zip(depths, sns.color_palette("viridis", len(depths) + 1)[:len(depths)]))
+        g = sns.relplot(data=good, hue="depth", errorbar="sd", palette=palette, **lines)
     else:  # no run trained: every run is a grey line of its own, and nothing else is drawn
         g = sns.relplot(data=long, units="run_id", estimator=None, color="0.6", lw=0.8, **lines)
     for (run_id, split), line in long[long["outcome"] != "trained"].groupby(["run_id", "split"]) if len(good) else ():
         key = (line[COMPARE].iloc[0], line["net"].iloc[0]) if compare else line["net"].iloc[0]
-        line.sort_values(x).plot(x=x, y="error (%)", ax=g.axes_dict[key], color="0.6", lw=0.8, legend=False,
-                                 ls="--" if split == "train" else "-")
+        run = line["outcome"].iloc[0] == "running"  # not finished: its points so far, thin black
+        line.sort_values(x).plot(x=x, y="error (%)", ax=g.axes_dict[key], color="k" if run else "0.6",
+                                 lw=0.7 if run else 0.8, legend=False, ls="--" if split == "train" else "-")
     _chance_lines(g.axes.flat, shown)
     g.set_titles("{row_name}: {col_name}" if compare else "{col_name}")
     g.set_axis_labels(x, "error (%)")
+    unfinished = f"; thin black: {len(running)} run(s) not finished, their points so far" if len(running) else ""
     g.figure.suptitle(f"Training curves (dashed: training error, solid: test error; dotted: chance); "
-                      f"{_seeds_note(trained(shown), ['model'])}{_apart_note(shown)}\n{recipe_note(shown)}", y=1.05)
+                      f"{_seeds_note(trained(shown), ['model'])}{_apart_note(shown)}{unfinished}\n{recipe_note(shown)}",
+                      y=1.01, va="bottom")  # above the facets' titles, however many lines
     return g.figure
 
 
@@ -192,14 +198,15 @@ def degradation(runs: pd.DataFrame, compare: str | None = None):
         ax.set_xticks(depths)
     g.set_titles("{col_name}")
     g.figure.suptitle(f"Final error against depth; {_seeds_note(trained(done), ['model'])}"
-                      f"{_apart_note(runs[runs['status'] != 'failed'])}\n{recipe_note(done)}", y=1.07)
+                      f"{_apart_note(runs[runs['status'] != 'failed'])}\n{recipe_note(done)}", y=1.01, va="bottom")
     return g.figure
 
 
 def _device_title(runs: pd.DataFrame) -> str:
-    devs = runs["gpu_name"].dropna().unique().tolist() if "gpu_name" in runs else []
+    devs = runs["gpu_name"].dropna().unique().tolist()
     if not devs:
-        devs = [f"CPU ({runs['cpu'].iloc[0]}, {int(runs['cpu_threads'].iloc[0])} threads)"] if "cpu" in runs else ["CPU"]
+        threads = int(runs["cpu_threads"].iloc[0])
+        devs = [f"CPU ({runs['cpu'].iloc[0]}, {threads} thread{'s' if threads != 1 else ''})"]
     batch = ", ".join(map(str, sorted(runs["batch_size"].unique())))
     return f"{' / '.join(devs)}; batch {batch}; torch {runs['torch_version'].iloc[0]}"
 
@@ -233,9 +240,25 @@ def throughput(runs: pd.DataFrame, compare: str | None = None, curves: pd.DataFr
             ax.vlines(r[2], r.lo, r.hi, color=colours[r.net], lw=1, alpha=0.6)  # r[2]: the x value
         ax.set_ylabel("training img/s")
     axes[0].set_xticks(sorted(ok["depth"].unique()))
-    fig.suptitle(f"Training throughput: {_device_title(ok)}; bars: slowest to fastest timed window")
+    spread = contention(runs, curves if curves is not None else pd.DataFrame())
+    busy = (f"\ntimed on a busy machine: one net's windows differ up to {spread:.1f}x (read these as rough)"
+            if spread > CONTENDED else "")
+    fig.suptitle(f"Training throughput: {_device_title(ok)}; bars: slowest to fastest timed window{busy}")
     fig.tight_layout()
     return fig
+
+
+CONTENDED = 2.0  # one net's timed windows this many times apart: the machine was busy with something else
+
+
+def contention(runs: pd.DataFrame, curves: pd.DataFrame) -> float:
+    """The largest ratio of fastest to slowest timed window among the runs of one net at one depth (1 where
+    nothing was timed twice): above CONTENDED, something else ran on the machine meanwhile."""
+    ok = runs[runs["status"] == "ok"]
+    ranges = ok.merge(window_ranges(ok, curves), on="run_id", how="left")
+    spans = ranges.groupby(["net", "depth"]).agg(lo=("window_min", "min"), hi=("window_max", "max")).dropna()
+    spans = spans[spans["lo"] > 0]
+    return float((spans["hi"] / spans["lo"]).max()) if len(spans) else 1.0
 
 
 def response_figure(resp: pd.DataFrame, runs: pd.DataFrame, compare: str | None = None):
@@ -364,7 +387,9 @@ COMPARE = "compared"  # the column holding the compared value as text
 NOT_SETTINGS = {"run_id", "sweep", "results_dir", "model", "family", "kind", "depth", "residual", "seed", "params",
                 "macs", "status", "error", "iterations_done", "resumed_from", "utc_time", "net", COMPARE,
                 "cuda_visible_devices", "train_img_per_s", "step_time_ms", "timed_windows", "train_time_s",
-                "wall_time_s", "peak_memory_bytes"}
+                "wall_time_s", "peak_memory_bytes", "late_val_err", "schema_version",
+                # what a net is (its family's traits, and whether it can be grouped: follows from model and shortcut)
+                "net_label", "baseline", "pre_activation", "has_bn", "groupable"}
 
 
 def _style(df: pd.DataFrame, compare: str | None) -> dict:
@@ -388,15 +413,11 @@ def differing_columns(runs: pd.DataFrame) -> list[str]:
     return out
 
 
-def expected_runs(results_dir: Path, runs: pd.DataFrame | None = None) -> list | None:
-    """The runs the folder's sweep.toml asks for, given its records ``runs`` (a tuned sweep's chosen runs once
-    their grid is in: bench.tuning.expand); None without a sweep.toml."""
-    from bench.specs import SweepSpec  # data classes only
-
-    path = results_dir / "sweep.toml"
-    if not path.exists():
-        return None
-    return tuning.expand(SweepSpec.from_toml(path.read_text()), runs if runs is not None else pd.DataFrame())
+def expected_runs(results_dir: Path) -> pd.DataFrame | None:
+    """The runs the folder's sweep asks for (run_id, model, seed), as the sweep last wrote them to expected.csv
+    (bench.sweep.write_expected); None where it has none (a folder of an earlier version, or no sweep)."""
+    path = results_dir / "expected.csv"
+    return pd.read_csv(path) if path.exists() else None
 
 
 def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
@@ -407,19 +428,22 @@ def status_table(results_dir: Path, runs: pd.DataFrame) -> pd.DataFrame:
                                                                                   "error"]]
     else:
         bad = pd.DataFrame()
-    expected = expected_runs(results_dir, runs) or []
-    have = set(runs["run_id"]) if len(runs) else set()
-    missing = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, status="missing", error="")
-                            for r in expected if r.run_id not in have])
+    expected = expected_runs(results_dir)
+    curves = records.table(results_dir / "curves")
+    missing = expected[~expected["run_id"].isin(runs["run_id"])] if expected is not None else pd.DataFrame(columns=["run_id"])
+    missing = missing.assign(status=["not finished (training, or stopped: `resbench status` says which)"
+                                     if rid in set(curves["run_id"]) else "missing" for rid in missing["run_id"]],
+                             error="")[["run_id", "model", "seed", "status", "error"]] if len(missing) else pd.DataFrame()
     frames = [f for f in (bad, missing) if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "model", "seed", "status", "error"])
 
 
 def environment_table(runs: pd.DataFrame) -> pd.DataFrame:
-    cols = [c for c in ["device", "gpu_name", "cpu", "cpu_threads", "torch_version", "cuda_version", "cudnn_version",
-                        "python_version", "resbench_version", "git_sha", "git_dirty", "amp", "channels_last",
-                        "execution", "train_path", "group_size"] if c in runs]  # group_size: fused training
-    return runs[cols].astype(str).drop_duplicates().reset_index(drop=True)
+    """The hardware and software the runs came from, one row per distinct combination (a short commit)."""
+    cols = ["device", "gpu_name", "cpu", "cpu_threads", "torch_version", "cuda_version", "cudnn_version",
+            "python_version", "git_sha", "git_dirty", "amp", "channels_last", "execution", "group_size"]
+    table = runs[cols].assign(git_sha=runs["git_sha"].str[:10])
+    return table.dropna(axis=1, how="all").astype(str).drop_duplicates().reset_index(drop=True)
 
 
 def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = True,
@@ -436,7 +460,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
     if not dirs:
         raise ReportError("give at least one results folder")
     rep = Report()
-    runs, curves, profile = _load(dirs, rep.notes)
+    runs, curves, profile, live = _load(dirs, rep.notes)
     out = Path(out) if out else dirs[0] / "report"
     out.mkdir(parents=True, exist_ok=True)
     compare = None
@@ -453,10 +477,14 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
             rep.tables["tuned"] = report_tuning.tuned_table(every, runs)
         done = runs[runs["status"] != "failed"]
         if len(curves) and len(done):
-            rep.figures["training_curves"] = training_curves(runs, curves, compare)
+            rep.figures["training_curves"] = training_curves(runs, curves, compare, None if compare else live)
         if (runs["status"] == "ok").any():
             rep.figures["degradation"] = degradation(runs, compare)
             rep.figures["throughput"] = throughput(runs, compare, curves)
+            spread = contention(runs, curves)
+            if spread > CONTENDED:
+                rep.warnings.append(f"the timed windows of one net differ up to {spread:.1f}x: the machine was busy "
+                                    f"with other work while these runs trained, so their img/s are rough")
             rep.tables["comparison"] = comparison_table(trained(runs), compare)
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))
@@ -473,7 +501,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
                                  f"{100 * outcome.UNTRAINED_MARGIN:g} points of chance): drawn apart in the curves, "
                                  f"marked in the degradation figure, counted in the tables, and left out of Figure 7, "
                                  f"the gradient, lesion and shattered-gradient figures and the summary of the "
-                                 f"measures: {', '.join(untrained['run_id'])}")
+                                 f"measures (the status table lists them)")
             if responses:
                 _responses(dirs, trained(runs), rep, compare)
             _diagnostics(dirs, trained(runs), rep)
@@ -510,10 +538,12 @@ def _palette(path: Path) -> None:
     small.save(path, optimize=True)
 
 
-def _load(dirs: list[Path], notes: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """(runs, curves, profile) of several results folders. Runs get a ``results_dir`` column; a run_id
-    found in two folders is taken from the first, and a note says so."""
-    runs_frames, curve_frames, profiles, first = [], [], [], {}
+def _load(dirs: list[Path], notes: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
+    """(runs, curves, profile, live) of several results folders. Runs get a ``results_dir`` column; a run_id
+    found in two folders is taken from the first, and a note says so. ``live``: the runs a folder's sweep asks
+    for that have curve points but no record yet (training now, or stopped), one row each (bench.sweep's
+    expected.csv), their points among ``curves``."""
+    runs_frames, curve_frames, profiles, first, live_frames = [], [], [], {}, []
     for d in dirs:
         if not d.is_dir():
             raise ReportError(f"{d} is not a folder; give the folder that `resbench sweep --out` wrote")
@@ -532,10 +562,14 @@ def _load(dirs: list[Path], notes: list) -> tuple[pd.DataFrame, pd.DataFrame, pd
         runs = runs[~dup].assign(results_dir=str(d))
         first.update({rid: d for rid in runs["run_id"]})
         runs_frames.append(runs)
-        if len(curves):
-            curve_frames.append(curves[curves["run_id"].isin(runs["run_id"])])
+        expected = expected_runs(d)
+        live = (expected[~expected["run_id"].isin(first.keys()) & expected["run_id"].isin(curves["run_id"])]
+                if expected is not None else pd.DataFrame(columns=["run_id"]))
+        if len(live):
+            live_frames.append(live.assign(net=live["net_label"], outcome="running", status="running", results_dir=str(d)))
+        curve_frames.append(curves[curves["run_id"].isin(runs["run_id"]) | curves["run_id"].isin(live["run_id"])])
     cat = lambda frames: pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()  # noqa: E731
-    return cat(runs_frames), cat(curve_frames), (cat(profiles) if profiles else None)
+    return cat(runs_frames), cat(curve_frames), (cat(profiles) if profiles else None), cat(live_frames)
 
 
 def _compared(runs: pd.DataFrame, dirs: list[Path], compare_by: str | None, rep: Report) -> str | None:
@@ -588,7 +622,7 @@ def _diagnostics(dirs: list[Path], runs: pd.DataFrame, rep: Report) -> None:
 
 def _profile_frame(results_dir: Path) -> pd.DataFrame | None:
     files = sorted((results_dir / "profile").glob("*.parquet")) if (results_dir / "profile").is_dir() else []
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True) if files else None
+    return pd.concat([records.read(f, "profile") for f in files], ignore_index=True) if files else None
 
 
 def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str | None) -> None:
@@ -598,11 +632,11 @@ def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str |
         mine = runs[runs["results_dir"] == str(d)]
         path = d / "analysis" / "responses.parquet"
         ok_ids = set(mine.loc[mine["status"] == "ok", "run_id"])
-        resp = pd.read_parquet(path) if path.exists() else None
+        resp = records.read(path, "responses") if path.exists() else None
         missing = ok_ids - (set(resp["run_id"]) if resp is not None else set()) - _preact_ids(mine)
         if missing:
-            rep.notes.append(f"Figure 7 (layer responses) lacks {len(missing)} run(s) of {d} ({', '.join(sorted(missing))}): "
-                             f"`resbench diagnose {d}` measures them on the saved weights, where they can be read")
+            rep.notes.append(f"Figure 7 (layer responses) lacks {len(missing)} run(s) of {d}: `resbench diagnose {d}` "
+                             f"measures them on the saved weights")
         if resp is not None and len(resp):
             frames.append(resp[resp["run_id"].isin(ok_ids)])
     if frames:
@@ -613,8 +647,7 @@ def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str |
 
 def _preact_ids(runs: pd.DataFrame) -> set:
     """Runs without Figure 7's response (after BN, before the addition): pre-activation nets and nets without BN."""
-    no_bn = runs["normalization"] == "none" if "normalization" in runs else False
-    return set(runs.loc[runs["kind"].str.startswith("pre") | no_bn, "run_id"])
+    return set(runs.loc[runs["pre_activation"].fillna(False) | ~runs["has_bn"].fillna(True), "run_id"])
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -704,6 +737,7 @@ SECTIONS = [("Verdicts: every comparison, with its interval", "verdicts",
              "img/s: median over timed blocks after warm-up; MFU against the dense peak at that precision."),
             ("Profile: the common pipeline against ours", "pipeline", "")]
 
+FOLDED = ("environment", "status", "recipes")  # the HTML report folds these sections away
 RESULTS_FIRST = ("verdicts", "tuned", "final_errors", "recipes", "comparison", "imagenet")  # tables before the figures
 
 
@@ -734,8 +768,11 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
                 continue
             df = rep.tables[key]
             md.append(f"## {title}\n\n{text}\n\n{_md_table(df)}")
-            body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
-                        + (df.to_html(index=False, border=0, na_rep="-") if len(df) else "<p><em>none</em></p>"))
+            part = (f"<p>{html.escape(text)}</p>"
+                    + (df.to_html(index=False, border=0, na_rep="-") if len(df) else "<p><em>none</em></p>"))
+            # details a reader opens when needed: folded in the HTML
+            body.append(f"<details><summary><h2 style='display:inline'>{html.escape(title)}</h2></summary>{part}</details>"
+                        if key in FOLDED else f"<h2>{html.escape(title)}</h2>{part}")
 
     tables(RESULTS_FIRST)  # the numbers first, then the figures, then what explains and qualifies them
     for name, fig_path in ((n, out / f"{n}.{fmt}") for n in rep.figures):
@@ -750,7 +787,8 @@ def _write_documents(dirs: list[Path], out: Path, fmt: str, rep: Report, compare
         md.append("## Notes\n\n" + "\n".join(f"- {n}" for n in rep.notes) + "\n")
         body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes) + "</ul>")
     md.append(f"## Sweep spec\n\n```toml\n{spec}```\n")
-    body.append(f"<h2>Sweep spec</h2><pre>{html.escape(spec)}</pre>")
+    body.append(f"<details><summary><h2 style='display:inline'>Sweep spec</h2></summary><pre>{html.escape(spec)}</pre>"
+                f"</details>")
     md_path, html_path = out / "report.md", out / "report.html"
     records.atomic_write(md_path, lambda t: t.write_text("\n".join(md)))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>resbench report</title><style>"

@@ -11,30 +11,24 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import pyarrow.parquet as pq
 import seaborn as sns
 
 from bench import records
 
-NET = {True: "residual", False: "plain"}
-
-
 def net_labels(df: pd.DataFrame) -> pd.Series:
-    """What the figures call a run's net: plain or residual for He et al.'s kinds (pre-activation ones
-    included, as before), a method's kind for the methods and plugins (highway, fixup, ...)."""
-    import resnet
-
-    methods = set(resnet.kinds()) - set(resnet.baseline_kinds())
-    kind = df["kind"] if "kind" in df else pd.Series(None, index=df.index)
-    return pd.Series([k if k in methods else NET[bool(r)] for k, r in zip(kind, df["residual"])], index=df.index)
+    """What the figures call a run's net: its row's ``net_label`` (plain or residual for He et al.'s kinds,
+    pre-activation ones included; a method's kind for the methods and plugins), as its family said when the run
+    was recorded: a report of old records does not change with the plugins installed today."""
+    return df["net_label"]
 
 
 def net_order(labels) -> list[str]:
-    """plain, residual, then the methods in the registry's order (one colour and facet place each)."""
-    import resnet
-
-    order = ["plain", "residual"] + [k for k in resnet.kinds() if k not in resnet.baseline_kinds()]
+    """plain, residual, then the methods alphabetically (one colour and facet place each)."""
     present = set(labels)
-    return [k for k in order if k in present] + sorted(present - set(order))
+    return [k for k in ("plain", "residual") if k in present] + sorted(present - {"plain", "residual"})
+
+
 LESION_COLUMNS = {"mode", "position", "k", "draw", "blocks", "error"}
 SHATTERED_COLUMNS = {"state", "image", "k", "distance", "correlation"}
 LAYER_MEASURES = {"grad_rms", "grad_x_weight"}
@@ -54,17 +48,18 @@ def _analysis(dirs: list[Path], name: str, runs: pd.DataFrame, needs: set, notes
         path = d / "analysis" / f"{name}.parquet"
         if not path.exists():
             continue
-        df = pd.read_parquet(path)
-        if not needs <= set(df.columns):
+        written = set(pq.read_schema(path).names)  # what the file holds, before it is read into the schema
+        if not needs <= written:
             notes.append(f"{path} was written by an earlier version of `resbench diagnose` (it lacks "
-                         f"{', '.join(sorted(needs - set(df.columns)))}); left out. Rerun `resbench diagnose {d}`")
+                         f"{', '.join(sorted(needs - written))}); left out. Rerun `resbench diagnose {d}`")
             continue
+        df = records.read(path, name)
         frames.append(df)
     if not frames:
         return None
     df = pd.concat(frames, ignore_index=True)
-    df = df[df["run_id"].isin(runs["run_id"])]
-    return df.assign(net=net_labels(df)) if len(df) else None
+    df = df.merge(runs[["run_id", "net_label"]], on="run_id")  # the net's label, as its run's row says
+    return df.assign(net=df["net_label"]) if len(df) else None
 
 
 def _last_point(df: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:

@@ -12,10 +12,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import resnet
 from bench.datasets import TREES
 
 NORMALIZATIONS = ("pixel-mean", "standardize", "pln")  # Recipe.normalize (bench.data.Norm)
+
+
+def _nets():
+    """The registry of nets (resnet): imported when a run's net is named, not when a recipe is read (the CLI's
+    help, the report), since it imports torch."""
+    import resnet
+
+    return resnet
 SCHEDULES = ("step", "cosine")  # Recipe.schedule
 
 
@@ -168,7 +175,7 @@ class RunSpec:
     grid_seeds: tuple[int, ...] = ()  # a tuned sweep's seeds the grid trains on (its results: the other seeds)
 
     def __post_init__(self):
-        resnet.parse(self.model)  # ValueError with the naming rules
+        _nets().parse(self.model)  # ValueError with the naming rules
         if self.bn_batch is not None and (self.bn_batch < 1 or self.recipe.batch_size % self.bn_batch):
             raise ValueError(f"bn_batch must divide the batch of {self.recipe.batch_size}, got {self.bn_batch}")
         if self.dataset in TREES and (self.recipe.normalize != "pixel-mean" or self.recipe.mixup):
@@ -180,8 +187,14 @@ class RunSpec:
             raise ValueError(f"lr_tuning must be one of {', '.join(map(repr, LR_TUNING))}, got {self.lr_tuning!r}")
 
     @property
-    def arch(self) -> resnet.ModelName:
-        return resnet.parse(self.model)
+    def arch(self) -> "resnet.ModelName":  # noqa: F821
+        return _nets().parse(self.model)
+
+    @property
+    def net_label(self) -> str:
+        """What the report calls the net: plain or residual for He et al.'s kinds, else its kind."""
+        m = self.arch.method
+        return ("residual" if m.residual else "plain") if m.baseline else self.arch.kind
 
     def identity(self) -> dict:
         """What the run_id hashes: the spec, and for a method or plugin kind what defines it beyond its
@@ -212,14 +225,17 @@ class RunSpec:
         m, info = a.method, method_info(self.model)
         row = dict(run_id=self.run_id, sweep=self.sweep, model=self.model, family=a.family, kind=a.kind,
                    method=a.kind, normalization=m.normalization,
+                   # what a reader needs to know of the net, from its family (the report reads these, not the registry)
+                   net_label=self.net_label, baseline=m.baseline,
+                   pre_activation=m.pre_activation, has_bn=m.normalization == "bn",
+                   groupable=_nets().groupable(self.model, self.shortcut),
                    method_params=json.dumps(info.get("params", {}), sort_keys=True),
                    lr_scales=json.dumps(info.get("lr_scales", [])),
                    plugin=f"{m.package}=={m.version}" if m.package else None,
                    depth=a.depth, residual=a.residual, shortcut=self.shortcut, width=self.width,
                    dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch,
                    method_recipe=method_recipe(self.model, self.recipe), lr_tuning=self.lr_tuning,
-                   lr_grid=",".join(f"{v:g}" for v in self.lr_grid),
-                   lr_grid_seeds=",".join(map(str, self.grid_seeds)),
+                   lr_grid=list(self.lr_grid), lr_grid_seeds=list(self.grid_seeds),
                    lr_chosen_by=CHOSEN_BY if self.lr_tuning == "chosen" else "")
         for f in fields(Recipe):
             v = getattr(self.recipe, f.name)
@@ -255,14 +271,14 @@ CHOSEN_BY = ("lowest validation error, averaged over the evaluation points of th
 def method_recipe(model: str, r: Recipe) -> str:
     """'paper' where ``r`` holds every setting the net's family lists as its paper's own (Family.paper_recipe:
     Fixup's standardized input and mixup, ...), else 'matched' (the recipe every kind shares)."""
-    own = resnet.parse(model).method.paper_recipe
+    own = _nets().parse(model).method.paper_recipe
     return "paper" if own and all(getattr(r, k) == v for k, v in own.items()) else "matched"
 
 
 def method_info(model: str) -> dict:
     """A family's defining settings beyond its name (hyper-parameters, parameter groups at another lr, a plugin's
     package); {} where it has none, as He et al.'s kinds (so their run_ids are those of earlier versions)."""
-    m = resnet.parse(model).method
+    m = _nets().parse(model).method
     info = dict(params=m.params, lr_scales=[list(x) for x in m.lr_scales])
     if m.package:
         info["plugin"] = f"{m.package}=={m.version}"
@@ -286,6 +302,7 @@ class Execution:
     loader_workers: int = 4  # ImageNet-style data: processes that decode each process's batches (bench.imagefolder)
     decode_on: str = "workers"  # ImageNet-style data: "device" has the workers read and the run's device decode
     sync_bn: bool = False  # a data-parallel run's BatchNorm over the whole batch (CUDA only)
+    tensorboard: bool = False  # each run's scalars at every evaluation point into <out>/tb/<run_id> (bench.train)
 
     @classmethod
     def for_device(cls, device: str = "auto", **overrides) -> "Execution":
@@ -327,6 +344,24 @@ class Execution:
 
 
 METHOD_RECIPES = ("matched", "paper")  # SweepSpec.method_recipe
+# the most runs --fuse auto puts in one group (bench.fuse.plan): the paper's grid has 5 seeds x plain/residual per depth
+AUTO_GROUP = 10
+FUSE_HELP = ("auto: on CUDA, runs of one shape (depth, width, recipe; plain and residual twins, any seeds) "
+             f"train as one grouped network, up to {AUTO_GROUP} at a time; on the CPU, each alone. "
+             "off: each alone. K: groups of up to K, on any device")
+LESION_DRAWS = 10  # resbench diagnose: random sets of k deleted blocks per k (bench.analysis)
+
+
+def parse_fuse(value: str) -> int | None:
+    """``--fuse``: "auto" -> None, "off" -> 1, "K" -> K (>= 1); ValueError otherwise. The one parser of it."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return None
+    if v == "off":
+        return 1
+    if v.isdigit() and int(v) >= 1:
+        return int(v)
+    raise ValueError(f"--fuse must be auto, off or a group size >= 1, got {value!r}")
 EXECUTIONS = ("eager", "compile", "cudagraph")  # Execution.execution: how bench.steps runs a training step
 PAD_INPUTS = (0, 4, 8)  # 0: off; else each member's input channels, zero-padded (bench.fuse, resnet.group)
 
@@ -341,10 +376,28 @@ def _cpu_bf16() -> bool:
         return False
 
 
-def model_name(kind: str, depth: int) -> str:
-    """The CIFAR-family name of a grid cell (depths 50 and 152 need the cifar_ prefix)."""
+IMAGENET_FAMILY_DEPTHS = (18, 34, 50, 101, 152)  # resnet.IMAGENET_DEPTHS, said here for the CLI's help without torch
+
+
+def model_name(kind: str, depth: int, family: str = "cifar") -> str:
+    """The name of a grid cell's net in ``family``: "cifar" (He et al. sec. 4.2, 6n+2 layers; at 50 and 152 the
+    name needs the cifar_ prefix) or "imagenet" (ResNet-18..152). One rule for every depth: a depth outside the
+    family is a ValueError naming both families' depths, never a silent switch to the other family."""
     name = f"{kind}{depth}"
-    return f"cifar_{name}" if resnet.parse(name).family == "imagenet" and (depth - 2) % 6 == 0 else name
+    if family == "imagenet":
+        if depth not in IMAGENET_FAMILY_DEPTHS:
+            raise ValueError(f"depth {depth} is not one of the ImageNet-style family's ({', '.join(map(str, IMAGENET_FAMILY_DEPTHS))}), "
+                             f"which ImageNet-style data sets train; the CIFAR family's depths are 6n+2 (8, 14, 20, ...)")
+        family_of_kind = _nets().method(kind)
+        if family_of_kind is not None and not family_of_kind.imagenet:
+            raise ValueError(f"{kind} has no ImageNet-style nets (only He et al.'s resnet and plain do)")
+        return _nets().parse(name).name
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth {depth} is not a CIFAR-family depth (6n+2: 8, 14, 20, 32, 44, 56, 110, ...), which "
+                         f"CIFAR-like data sets train; the ImageNet-style family ({', '.join(map(str, IMAGENET_FAMILY_DEPTHS))}) "
+                         f"trains on ImageNet-style data (--dataset imagenet or imagenette); `resbench run {name}` trains "
+                         f"one such net on any data set")
+    return f"cifar_{name}" if _nets().parse(name).family == "imagenet" else name
 
 
 # The presets of `resbench sweep`: a recipe plus the grid's defaults.
@@ -395,12 +448,12 @@ class SweepSpec:
     weight_decay_for: tuple[tuple[str, float], ...] = ()  # (kind, weight decay): kinds with their own weight decay
 
     def __post_init__(self):
-        known = resnet.kinds()
+        known = _nets().kinds()
         bad = [m for m in self.models if m not in known]
         if bad:
-            plugins = ("; plugins loaded: " + ", ".join(resnet.PLUGINS.values())) if resnet.PLUGINS else ""
-            if resnet.PLUGIN_ERRORS:
-                plugins += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in resnet.PLUGIN_ERRORS.items())
+            plugins = ("; plugins loaded: " + ", ".join(_nets().PLUGINS.values())) if _nets().PLUGINS else ""
+            if _nets().PLUGIN_ERRORS:
+                plugins += "; plugins that failed to load: " + "; ".join(f"{k}: {v}" for k, v in _nets().PLUGIN_ERRORS.items())
             raise ValueError(f"unknown model kind(s) {', '.join(bad)}; choose from {', '.join(known)}{plugins}")
         if not (self.models and self.depths and self.seeds):
             raise ValueError("a sweep needs at least one model kind, one depth and one seed")
@@ -504,14 +557,14 @@ class SweepSpec:
         """The recipe ``kind`` trains with: the sweep's, with the family's own settings under --method-recipe
         paper, at ``lr`` (else its --lr-for lr, else the recipe's)."""
         r = self.recipe
-        m = resnet.method(kind)
+        m = _nets().method(kind)
         if self.method_recipe == "paper" and m is not None and m.paper_recipe:
             r = replace(r, **m.paper_recipe)
         r = replace(r, weight_decay=dict(self.weight_decay_for).get(kind, r.weight_decay))
         return replace(r, lr=lr if lr is not None else dict(self.lr_for).get(kind, r.lr))
 
     def _run(self, kind: str, depth: int, seed: int, lr: float | None = None, tuning: str = "") -> RunSpec:
-        return RunSpec(model=model_name(kind, depth), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
+        return RunSpec(model=model_name(kind, depth, "imagenet" if self.dataset in TREES else "cifar"), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
                        shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch,
                        lr_tuning=tuning, lr_grid=self.grid_for(kind) if tuning else (),
                        grid_seeds=self.seeds[:self.grid_seeds] if tuning else ())

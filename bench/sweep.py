@@ -12,6 +12,7 @@ network, or each run alone (``fuse="off"``, a group of one).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -37,9 +38,27 @@ def pending(runs: list[RunSpec], out: Path) -> list[RunSpec]:
     return [r for r in runs if done.get(r.run_id) not in DONE]
 
 
-def expand(spec: SweepSpec, out: Path) -> list[RunSpec]:
-    """The runs the sweep asks for now (bench.tuning.expand: a tuned sweep's chosen runs once its grid is in)."""
-    return tuning.expand(spec, records.load(out)[0])
+def expand(spec: SweepSpec, out: Path, recorded: pd.DataFrame | None = None) -> list[RunSpec]:
+    """The runs ``spec`` asks for now, given the folder's records (``recorded``, else read from ``out``): every run
+    of an untuned sweep; of a tuned one the grid runs (widened where a cell chose at an edge) and the chosen runs
+    of the cells that have chosen (bench.tuning)."""
+    if not spec.lr_grid:
+        return spec.runs()
+    recorded = records.load(out)[0] if recorded is None else recorded
+    return spec.runs(tuning.chosen(recorded), tuning.grids(recorded))
+
+
+EXPECTED = "expected.csv"  # the runs a folder's sweep asks for now: the report's missing runs, without the specs
+
+
+def write_expected(runs: list[RunSpec], out: Path) -> None:
+    """``out``/expected.csv: run_id, model, seed, kind, depth and net label of every run the sweep asks for now
+    (rewritten at each phase of a tuned sweep); what the report calls missing, or running, is in it without a
+    record."""
+    table = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, kind=r.arch.kind, depth=r.arch.depth,
+                               net_label=r.net_label) for r in runs],
+                         columns=["run_id", "model", "seed", "kind", "depth", "net_label"])
+    records.atomic_write(Path(out) / EXPECTED, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def next_phase(spec: SweepSpec, out: Path, tried: set[str]) -> tuple[list[RunSpec], list[RunSpec]]:
@@ -47,6 +66,7 @@ def next_phase(spec: SweepSpec, out: Path, tried: set[str]) -> tuple[list[RunSpe
     ``tried``: called until nothing is left, it trains a tuned sweep's grid, then its chosen runs, and never
     the same run twice in one command (a run that failed waits for the next sweep)."""
     runs = expand(spec, out)
+    write_expected(runs, out)
     todo = [r for r in pending(runs, out) if r.run_id not in tried]
     tried |= {r.run_id for r in todo}
     return runs, todo
@@ -126,7 +146,9 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off
               progress=True, log=print, groups: list[list[RunSpec]] | None = None) -> None:
     """One group after another in this process (``groups``: plan_groups(runs, fuse, ex) unless given)."""
     n, i, t0 = len(runs), 0, time.perf_counter()
-    for group in groups if groups is not None else plan_groups(runs, fuse, ex):
+    groups = groups if groups is not None else plan_groups(runs, fuse, ex)
+    order = [s for g in groups for s in g]  # the order they train in: done first, then what is left
+    for group in groups:
         t = time.perf_counter()
         # one group's failure never stops the sweep (it is recorded); Ctrl-C does
         results = run_recorded(group, out, ex, data_root=data_root, download=download, progress=progress)
@@ -135,14 +157,41 @@ def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: str = "off
             if isinstance(res, claims.Skip):  # another sweep trains it (or has done so)
                 log(f"[{i}/{n}] {spec.run_id}: skipped ({res})")
             else:
-                log(_line(i, n, res, time.perf_counter() - t) + _eta(i, n, time.perf_counter() - t0))
+                log(_line(i, n, res, time.perf_counter() - t) + _eta(order[:i], order[i:], time.perf_counter() - t0))
 
 
-def _eta(done: int, n: int, elapsed: float) -> str:
-    """'; the sweep: about 12 min left' (from the time per run so far), '' when it is done."""
+@functools.cache
+def _macs(model: str, width: float, dataset: str) -> float:
+    """Multiply-adds per image of a run's net (1 where it cannot be built here): a run's cost is this times its
+    images trained."""
+    import resnet
+    from bench.datasets import SHAPES
+
+    shape, classes = SHAPES.get(dataset, ((3, 32, 32), 10))
+    try:
+        return float(resnet.count_macs(resnet.build(model, classes, width=width, in_channels=shape[0]), shape))
+    except Exception:  # a net this process cannot build (a plugin gone): count it as the others' average
+        return float("nan")
+
+
+def run_cost(spec: RunSpec) -> float:
+    """What a run costs to train, in multiply-adds: its net's per image times the images it trains (steps x
+    batch; an epoch-based schedule's epochs stand in for steps, the same unit within one sweep)."""
+    return _macs(spec.model, spec.width, spec.dataset) * spec.recipe.iterations * spec.recipe.batch_size
+
+
+def _eta(done: list[RunSpec], left: list[RunSpec], elapsed: float) -> str:
+    """'; the sweep: about 12 min left': the time so far per multiply-add trained, times those left (a depth-44
+    run costs about 5 times a depth-8 one, so counting runs as equal would be 3x too low); '' when done."""
     from bench.progress import duration
 
-    return f"; the sweep: about {duration(elapsed / done * (n - done))} left" if done < n else ""
+    if not left or not done:
+        return ""
+    costs = [run_cost(s) for s in done + left]
+    known = [c for c in costs if c == c] or [1.0]
+    costs = [c if c == c else sum(known) / len(known) for c in costs]
+    spent, rest = sum(costs[:len(done)]), sum(costs[len(done):])
+    return f"; the sweep: about {duration(elapsed / spent * rest)} left"
 
 
 def _line(i: int, n: int, row: dict, seconds: float) -> str:
@@ -180,7 +229,7 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
     """Each group in its own subprocess (`python -m bench worker`), len(slots) at a time."""
     queue = plan_groups(runs, fuse, ex, in_process=False)
     active: dict[int, tuple[subprocess.Popen, list[RunSpec], Path, float]] = {}
-    n, done, t0 = len(runs), 0, time.perf_counter()
+    n, done, t0, finished = len(runs), 0, time.perf_counter(), []
     spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
     # a pinned worker sees its GPU as cuda:0
     wex = replace(ex, device="cuda" if ex.device.startswith("cuda") else ex.device)
@@ -208,7 +257,10 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
                     row = records.recorded(out, spec.run_id)
                     if row is None:  # the worker died without recording it (killed, segfault, OOM kill)
                         row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
-                    log(_line(done, n, row, time.perf_counter() - t) + _eta(done, n, time.perf_counter() - t0))
+                    finished.append(spec)
+                    log(_line(done, n, row, time.perf_counter() - t)
+                        + _eta(finished, [s for g in queue for s in g] + [s for a in active.values() for s in a[1]],
+                               time.perf_counter() - t0))
             time.sleep(poll_s)
     finally:
         for proc, _, _, _ in active.values():
@@ -228,7 +280,10 @@ def worker(spec_file: Path, out: Path) -> int:
     job = json.loads(Path(spec_file).read_text())
     specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
     place = ddp.init(ex.device.startswith("cuda"))  # one process of a data-parallel run, or alone
-    results = run_recorded(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=True)
+    try:
+        results = run_recorded(specs, out, ex, data_root=job["data_root"], download=job["download"], progress=True)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal: the parent says what to do
+        return 130
     if results is None or any(not isinstance(r, claims.Skip) and r["status"] == "failed" for r in results):
         return 1
     ddp.leave()
@@ -294,11 +349,14 @@ def summary(runs: list[RunSpec], out: Path) -> pd.DataFrame:
     recorded, _ = records.load(out)
     ids = pd.DataFrame([dict(run_id=r.run_id, model=r.model, seed=r.seed, lr=r.recipe.lr) for r in runs])
     cols = ["run_id", "status", "final_train_err", "final_val_err", "final_test_err", "train_img_per_s"]
-    if len(recorded):
-        table = ids.merge(recorded.reindex(columns=cols), on="run_id", how="left")
-    else:
-        table = ids.assign(**{c: None for c in cols[1:]})
+    table = ids.merge(recorded[cols], on="run_id", how="left")
     table["status"] = table["status"].fillna("pending")
+    # errors in %, as the progress lines print them
+    table = table.rename(columns={"final_train_err": "train err %", "final_val_err": "val err %",
+                                  "final_test_err": "test err %", "train_img_per_s": "img/s"})
+    for c in ("train err %", "val err %", "test err %"):
+        table[c] = (100 * table[c].astype(float)).round(1)
+    table["img/s"] = table["img/s"].astype(float).round(0)
     return table.drop(columns="run_id")
 
 
@@ -324,16 +382,17 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     from bench import slurm
 
     out = Path(out)
-    if not out.is_dir():
-        raise FileNotFoundError(f"{out} is not a results folder")
+    if not out.is_dir() or not ((out / "sweep.toml").exists() or (out / "runs").is_dir()):
+        raise FileNotFoundError(f"{out} holds no sweep (no sweep.toml, no runs/): not a results folder; give the folder "
+                                f"`resbench sweep --out` wrote")
     spec = read_sweep_toml(out)
     runs, _ = records.load(out)
     rows = {r.run_id: dict(run_id=r.run_id, model=r.model, seed=r.seed)
-            for r in (tuning.expand(spec, runs) if spec else [])}
+            for r in (expand(spec, out, runs) if spec else [])}
     for r in runs.to_dict("records"):
         rows.setdefault(r["run_id"], dict(run_id=r["run_id"], model=r["model"], seed=r["seed"]))
-    recorded = dict(zip(runs["run_id"], runs["status"])) if len(runs) else {}
-    errors = dict(zip(runs["run_id"], runs["error"])) if len(runs) and "error" in runs else {}
+    recorded = dict(zip(runs["run_id"], runs["status"]))
+    errors = dict(zip(runs["run_id"], runs["error"]))
     jobs = slurm.read_jobs(out)
     holders = claims.held(out)
     for rid in holders:  # a run claimed by a sweep of another grid: model and seed from its run_id
@@ -357,7 +416,10 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
         elif job_state in slurm.ALIVE:
             state = "pending"
         elif ckpt.exists():
-            state = "running" if now - ckpt.stat().st_mtime < fresh_s else "interrupted"
+            # a folder trained by a version with claims: a run with a checkpoint and no live claim has stopped
+            # (Ctrl-C, a crash); before claims existed, a fresh checkpoint was the only sign of life
+            aware = (out / "claims").is_dir()
+            state = "interrupted" if aware or now - ckpt.stat().st_mtime >= fresh_s else "running"
         else:
             state = "pending"
         row.update(status=state, held_by=claims.describe(claim, now) if claim and rid not in recorded else None,
@@ -365,3 +427,22 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
                    error=errors.get(rid) if state in ("failed", "diverged") else None)
     return pd.DataFrame(list(rows.values()),
                         columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state", "error"])
+
+
+def live_points(out: Path, table: pd.DataFrame) -> list[str]:
+    """One line per running run of ``table`` (``status``): its last evaluation point, from its curve so far."""
+    running = table[table["status"] == "running"]
+    if not len(running):
+        return []
+    curves = records.table(Path(out) / "curves")
+    lines = []
+    for r in running.itertuples():
+        mine = curves[curves["run_id"] == r.run_id]
+        if not len(mine):
+            lines.append(f"{r.model} seed {r.seed}: no evaluation point yet")
+            continue
+        p = mine.sort_values("iteration").iloc[-1]
+        pct = lambda v: "-" if pd.isna(v) else f"{100 * v:.1f} %"  # noqa: E731
+        lines.append(f"{r.model} seed {r.seed}: step {int(p['iteration'])}, train err {pct(p['train_err'])}, "
+                     f"val err {pct(p['val_err'])}, test err {pct(p['test_err'])}, {p['img_per_s']:.0f} img/s")
+    return lines

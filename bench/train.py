@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 
 import resnet
-from bench import claims, data, ddp, fuse, outcome, probes, records
+from bench import checkpoints, claims, data, ddp, env, fuse, outcome, probes, records
 from bench.fuse import Members
 from bench.imagefolder import tree_mean, tree_sets  # noqa: F401 (what a run trains and is tested on of a tree)
+from bench.errors import Interrupted
 from bench.progress import Progress
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
@@ -312,7 +313,7 @@ def _fit(specs: list[RunSpec], held: list[claims.Claim], d: _Data, out: Path, ex
         cks = [read_checkpoint(records.paths(out, s.run_id)["ckpt"], s, device) for s in specs]
     found = ddp.from_main([ck is not None for ck in cks] if place.main else None)
     if not place.main:
-        cks = [records.load_torch(records.paths(out, s.run_id)["ckpt"], map_location=device) if f else None
+        cks = [checkpoints.load_torch(records.paths(out, s.run_id)["ckpt"], map_location=device) if f else None
                for s, f in zip(specs, found)]
     starts = [ck["iteration"] if ck else 0 for ck in cks]
     results: list = [None] * len(specs)
@@ -370,6 +371,7 @@ class Member:
     attempt: int = 0  # this attempt's number (timing uses this attempt's windows only)
     train_time: float = 0.0
     result: dict | claims.Skip | None = None
+    writer: object = None  # its TensorBoard SummaryWriter (--tensorboard), opened at its first point
 
     @classmethod
     def resume(cls, spec: RunSpec, claim, ck: dict | None) -> "Member":
@@ -383,6 +385,27 @@ class Member:
     def curve(self, point: dict, loss: float, err: float, val: float, test: float) -> None:
         self.curves.append(dict(point, run_id=self.spec.run_id, train_loss=loss, train_err=err, val_err=val,
                                 test_err=test, train_time_s=self.train_time))
+
+    def scalars(self, out: Path, start: int) -> None:
+        """The last evaluation point's scalars for TensorBoard, into <out>/tb/<run_id> (a resumed run first drops
+        the events its last attempt wrote after its checkpoint: ``purge_step``)."""
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (--tensorboard checks)
+
+            self.writer = SummaryWriter(str(Path(out) / "tb" / self.spec.run_id), purge_step=start or None)
+        p = self.curves[-1]
+        for tag in TB_SCALARS:
+            if p.get(tag) is not None and p[tag] == p[tag]:  # NaN: no validation set, say
+                self.writer.add_scalar(tag, p[tag], p["iteration"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+TB_SCALARS = ("train_loss", "train_err", "val_err", "test_err", "lr", "img_per_s")  # what --tensorboard shows
 
 
 def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
@@ -440,7 +463,7 @@ class _Group:
         sync(self.device)
         self.t0 = time.perf_counter()
         self.model.train()
-        lr, recent = None, collections.deque(maxlen=SIGNAL_BATCHES)
+        lr, recent, it = None, collections.deque(maxlen=SIGNAL_BATCHES), self.start
         try:
             for it in range(self.start, r.iterations):
                 if r.lr_at(it, depth) != lr:
@@ -453,10 +476,14 @@ class _Group:
                 if ((it + 1) % r.eval_every and it + 1 != r.iterations) or self._evaluation_point(it + 1, recent):
                     continue
                 break  # no member left
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM turned into it by the CLI: say where training stood
+            raise Interrupted(desc, it, r.iterations) from e
         finally:  # also when interrupted: the bar leaves the terminal, an ImageNet-style loader's decoding
             self.bar.close()  # processes stop (left to the garbage collector, they took seconds each)
             for loader in self.loaders:
                 loader.close()
+            for m in self.runs:
+                m.close()
         for k in list(self.active):
             self.runs[k].result = self._finish(k, "ok", None)
         return [m.result for m in self.runs]
@@ -485,6 +512,8 @@ class _Group:
         test_err = self.d.evaluate(self.model, "test", self.ex, self.device, self.members)
         for k in self.active:
             self.runs[k].curve(point, losses[k], errs[k], val_err[k], test_err[k])
+        if self.place.main:
+            self._publish()
         k0 = self.active[0]
         self.bar.show(loss=f"{losses[k0]:.3f}", train_err=f"{100 * errs[k0]:.1f} %",
                       val_err=f"{100 * val_err[k0]:.1f} %", img_s=f"{seen * len(self.active) / window:.0f}")
@@ -505,6 +534,17 @@ class _Group:
         self.t0 = time.perf_counter()
         return True
 
+    def _publish(self) -> None:
+        """The evaluation point as it happens, for whoever watches the sweep: each member's curve so far
+        (curves/<run_id>.parquet, rewritten whole and atomically, so a crash keeps the points so far and a report
+        of a running sweep draws it) and, with --tensorboard, its scalars (<out>/tb/<run_id>)."""
+        for k in self.active:
+            m = self.runs[k]
+            records.write_table(pd.DataFrame(m.curves, columns=records.CURVE_COLUMNS), "curves",
+                                records.paths(self.out, m.spec.run_id)["curves"])
+            if self.ex.tensorboard:
+                m.scalars(self.out, self.start)
+
     def _measure(self, iteration: int, recent: list) -> None:
         """The gradients of the last step (the same on every rank of a data-parallel run: rank 0 records them) and
         the backward signal on the batches the last steps trained on: on every rank, whose BN may be synchronised
@@ -518,7 +558,7 @@ class _Group:
     def _checkpoint(self, iteration: int) -> None:
         for k in self.active:
             m = self.runs[k]
-            records.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k),
+            checkpoints.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k),
                                     optimizer=self.members.optimizer_state(self.opt, k), rng=_rng_state(self.device),
                                     iteration=iteration, curves=m.curves, layers=m.layers, signals=m.signals,
                                     windows=m.windows, wall_s=m.wall_before + time.perf_counter() - self.t_wall),
@@ -552,12 +592,12 @@ class _Group:
             | dict(method_derived=self.derived) | final
         if self.place.main:
             p = records.paths(self.out, m.spec.run_id)
-            records.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k), num_classes=self.d.num_classes,
+            checkpoints.save_torch(dict(spec=m.spec.to_json(), model=self.members.state(k), num_classes=self.d.num_classes,
                                     in_channels=self.d.in_channels), p["weights"])
-            records.write_parquet(pd.DataFrame(m.curves, columns=records.CURVE_COLUMNS), p["curves"])
-            records.write_parquet(pd.DataFrame(m.layers, columns=records.LAYER_COLUMNS), p["layers"])
-            records.write_parquet(pd.DataFrame(m.signals, columns=records.SIGNAL_COLUMNS), p["signals"])
-            records.write_parquet(pd.DataFrame([row]), p["run"])
+            records.write_table(pd.DataFrame(m.curves, columns=records.CURVE_COLUMNS), "curves", p["curves"])
+            records.write_table(pd.DataFrame(m.layers, columns=records.LAYER_COLUMNS), "layers", p["layers"])
+            records.write_table(pd.DataFrame(m.signals, columns=records.SIGNAL_COLUMNS), "signals", p["signals"])
+            records.write_table(pd.DataFrame([row]), "runs", p["run"])
             p["ckpt"].unlink(missing_ok=True)
         return row
 
@@ -612,7 +652,7 @@ def _row(spec: RunSpec, curves: list[dict], timed: list[dict], *, params: int, m
         train_path=f"{source.loader}+{ex.execution}", group_size=group_size, group_id=group_id,
         decode_on=source.decode_on,  # ImageNet-style data: where its JPEGs were decoded
         data_source=source.source, data_sha256=source.sha256, data_official=source.official,
-    ) | records.environment(ex.device)
+    ) | env.environment(ex.device)
 
 
 CHECKPOINT_KEYS = {"spec", "model", "optimizer", "rng", "iteration", "curves", "windows", "wall_s"}
@@ -628,10 +668,10 @@ def read_checkpoint(path: Path, spec: RunSpec, device: torch.device) -> dict | N
     if not path.exists():
         return None
     try:
-        ck = records.load_torch(path, map_location=device)
+        ck = checkpoints.load_torch(path, map_location=device)
         if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= ck.keys():
-            raise records.UnreadableFile(f"{path} is not a resbench checkpoint (keys missing)")
-    except records.UnreadableFile as e:
+            raise checkpoints.UnreadableFile(f"{path} is not a resbench checkpoint (keys missing)")
+    except checkpoints.UnreadableFile as e:
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
         warnings.warn(f"{e}; moved it to {aside} and training {spec.run_id} from scratch", stacklevel=2)
@@ -704,6 +744,6 @@ def record_unfinished(spec: RunSpec, out: Path, ex: Execution, exc: BaseExceptio
 def record_failure(spec: RunSpec, out: Path, ex: Execution, exc: BaseException) -> dict:
     """Write (and return) the row of a run that raised: its spec, the error text and the environment."""
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    row = spec.flat() | dict(status="failed", error=text) | records.environment(ex.device)
-    records.write_parquet(pd.DataFrame([row]), records.paths(Path(out), spec.run_id)["run"])
+    row = spec.flat() | dict(status="failed", error=text) | env.environment(ex.device)
+    records.write_table(pd.DataFrame([row]), "runs", records.paths(Path(out), spec.run_id)["run"])
     return row

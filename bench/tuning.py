@@ -16,7 +16,7 @@ sweep, and could change the choice). A choice at an edge of the grid widens it b
 side, up to ``MAX_WIDEN`` steps: the cell chooses again once the new lr is recorded. At the bound the
 choice is flagged as an edge.
 
-Reads records only (pandas): the sweep, status and the report share these rules.
+Reads records only (pandas; no torch): the sweep (bench.sweep.expand), status and the report share these rules.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import math
 import pandas as pd
 
 from bench import outcome
-from bench.specs import RunSpec, SweepSpec
 
 DONE = ("ok", "diverged")  # bench.records.DONE (kept here: this module needs no trainer, nor its imports)
 MAX_WIDEN = 2  # factor-2 steps a cell's grid may grow beyond each end of the sweep's grid
@@ -58,22 +57,23 @@ def choose(grid: pd.DataFrame) -> float | None:
 
 
 def _grid_rows(runs: pd.DataFrame) -> pd.DataFrame:
-    if not len(runs) or "lr_tuning" not in runs:
+    if not len(runs):
         return runs.iloc[0:0]
     return runs[runs["lr_tuning"] == "grid"]
 
 
-def _texts(values) -> list[float]:
-    return sorted({float(v) for text in values for v in str(text).split(",") if v and v != "nan"})
+def _values(cells) -> list[float]:
+    """The distinct numbers of a list column's cells (lr_grid, lr_grid_seeds), sorted."""
+    return sorted({float(v) for cell in cells if cell is not None and not isinstance(cell, float) for v in cell})
 
 
 def _cell(kind: str, depth: int, cell: pd.DataFrame) -> dict:
     """One cell's state from its grid runs: the sweep's grid for it (``lr_grid``), the lrs it has grown by,
     its grid seeds (``lr_grid_seeds``; rows of earlier versions: the seeds recorded), whether it waits for runs,
     widens at an edge, or has chosen."""
-    base = _texts(cell["lr_grid"])
-    seeds = ([int(v) for v in _texts(cell["lr_grid_seeds"])] if "lr_grid_seeds" in cell and
-             cell["lr_grid_seeds"].fillna("").astype(str).str.len().any() else sorted(set(cell["seed"].astype(int))))
+    base = _values(cell["lr_grid"])
+    # rows of version 1 have no grid seeds: the seeds their grid runs were recorded on
+    seeds = [int(v) for v in _values(cell["lr_grid_seeds"])] or sorted(set(cell["seed"].astype(int)))
     lrs = sorted(set(base) | {float(v) for v in cell["lr"]}, key=float)
     grid = [lr for i, lr in enumerate(lrs) if not any(_close(lr, o) for o in lrs[:i])]
     done = cell[cell["status"].isin(DONE)]
@@ -131,17 +131,9 @@ def at_chosen(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs a tuned folder's results are: each cell's chosen runs, on seeds that took no part in the
     choice; runs of an untuned folder, all of them. The grid runs are the tuning's cost, drawn apart (the
     report's lr figure): the grid run at the chosen lr won the choice partly by luck."""
-    if "lr_tuning" not in runs or not (runs["lr_tuning"] == "grid").any():
+    if not (runs["lr_tuning"] == "grid").any():
         return runs
     picked = chosen(runs)
     keep = [t == "chosen" and (k, int(d)) in picked and _close(lr, picked[(k, int(d))])
             for t, k, d, lr in zip(runs["lr_tuning"], runs["kind"], runs["depth"], runs["lr"])]
     return runs[keep]
-
-
-def expand(spec: SweepSpec, recorded: pd.DataFrame) -> list[RunSpec]:
-    """The runs ``spec`` asks for, given the folder's records: every run of an untuned sweep; of a tuned one,
-    the grid runs (widened where a cell chose at an edge) and the chosen runs of the cells that have chosen."""
-    if not spec.lr_grid:
-        return spec.runs()
-    return spec.runs(chosen(recorded), grids(recorded))

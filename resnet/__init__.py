@@ -81,7 +81,7 @@ class ModelName:
 
     @property
     def preact(self) -> bool:
-        return self.kind in ("preresnet", "preplain")
+        return self.method.pre_activation
 
 
 def parse(name: str) -> ModelName:
@@ -108,7 +108,7 @@ def groupable(name: str, shortcut: str | None = None) -> bool:
     """Whether ``stack`` can hold this net: the CIFAR family's post-activation basic-block nets with
     shortcut option A (the paper's Table 6 grid); the methods train alone."""
     spec = parse(name)
-    return spec.family == "cifar" and spec.kind in ("resnet", "plain") and (shortcut or "A").upper() == "A"
+    return spec.family == "cifar" and spec.method.groupable and (shortcut or "A").upper() == "A"
 
 
 def lr_scales(name: str) -> tuple[tuple[str, float], ...]:

@@ -37,4 +37,4 @@ for _kind, _residual, _preact in (("resnet", True, False), ("plain", False, Fals
                                   ("preplain", False, True)):
     register(Family(_kind, partial(he_net, residual=_residual, preact=_preact), residual=_residual,
                     normalization="bn", paper=HE2016 if _preact else HE2015, shortcuts=SHORTCUTS, baseline=True,
-                    imagenet=not _preact, options=("zero_init_residual",) if _preact else ("zero_init_residual", "stem")))
+                    imagenet=not _preact, pre_activation=_preact, groupable=not _preact, options=("zero_init_residual",) if _preact else ("zero_init_residual", "stem")))

@@ -56,6 +56,8 @@ class Family:
     # draws them as plain and residual, not under their kind
     baseline: bool = False
     imagenet: bool = False  # also built at the ImageNet-style depths 18..152 (the CIFAR family there: cifar_{kind}{d})
+    pre_activation: bool = False  # pre-activation blocks (He et al. 2016): no response after BN before the addition
+    groupable: bool = False  # resnet.stack can hold its CIFAR nets (option A): runs of it can train as one group
     options: tuple[str, ...] = ()  # build keywords beyond the shared ones it takes: "zero_init_residual", "stem"
 
     def __post_init__(self):

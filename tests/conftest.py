@@ -75,12 +75,12 @@ def tiny():
 def interrupt(monkeypatch):
     """``interrupt(spec, out, ex)`` runs ``spec`` until its first checkpoint is written, then stops it as Ctrl-C
     would. Given a list of specs, it trains them as one group (run_group) until each has written one."""
-    from bench import records
+    from bench import checkpoints, records
     from bench.train import run_group, run_one
 
     def run_until_first_checkpoint(spec, out, ex, **kw):
         specs = spec if isinstance(spec, list) else [spec]
-        real_save, saved = records.save_torch, []
+        real_save, saved = checkpoints.save_torch, []
 
         def save_then_interrupt(obj, path):
             real_save(obj, path)
@@ -90,7 +90,7 @@ def interrupt(monkeypatch):
                     raise KeyboardInterrupt
 
         with monkeypatch.context() as m:
-            m.setattr(records, "save_torch", save_then_interrupt)
+            m.setattr(checkpoints, "save_torch", save_then_interrupt)
             with pytest.raises(KeyboardInterrupt):
                 if isinstance(spec, list):
                     run_group(specs, out, ex, progress=False, **kw)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import resnet
-from bench import records
+from bench import checkpoints, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.train import evaluate
 
@@ -118,7 +118,7 @@ def test_a_two_process_run_records_the_usual_schema_and_its_evaluation(tmp_path)
     assert row["run_id"] != single.iloc[0]["run_id"]  # BN over 16 images is another experiment than over 32
     assert (single.iloc[0]["world_size"], single.iloc[0]["bn_mode"]) == (1, "whole batch")
     # the recorded test error is the saved weights' error on all 200 test images, each counted once
-    saved = records.load_torch(records.paths(tmp_path / "ddp", row["run_id"])["weights"])
+    saved = checkpoints.load_torch(records.paths(tmp_path / "ddp", row["run_id"])["weights"])
     spec = RunSpec.from_dict(saved["spec"])
     assert spec.bn_batch == 16
     net = resnet.build("resnet8", width=0.25)

@@ -21,7 +21,7 @@ import torch
 
 
 import resnet
-from bench import claims, data, fuse, probes, records
+from bench import checkpoints, claims, data, fuse, probes, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.train import run_group, run_one
 
@@ -49,7 +49,7 @@ def _science(curves):
 
 
 def _weights(out, spec):
-    return records.load_torch(records.paths(out, spec.run_id)["weights"])["model"]
+    return checkpoints.load_torch(records.paths(out, spec.run_id)["weights"])["model"]
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -417,7 +417,7 @@ def test_a_pair_of_twins_trains_and_is_evaluated_as_one_group(tmp_path, tiny, in
     specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
     interrupt(specs, tmp_path, CPU)
     for s in specs:
-        ck = records.load_torch(records.paths(tmp_path, s.run_id)["ckpt"])
+        ck = checkpoints.load_torch(records.paths(tmp_path, s.run_id)["ckpt"])
         alone = resnet.build(s.model, width=s.width)
         shapes = [tuple(p.shape) for p in alone.parameters()]
         own = {k: tuple(v.shape) for k, v in alone.state_dict().items()}

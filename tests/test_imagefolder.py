@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-from bench import imagefolder as imf, profile_tables
+from bench import checkpoints, imagefolder as imf, profile_tables
 
 
 def _jpeg(rng, h, w) -> bytes:
@@ -227,7 +227,7 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     # the preset's schedule counts epochs of the data found: 40 training images, 8 a step, 5 steps an epoch
     assert curves["epoch"].tolist()[:2] == [1.0, 2.0] and curves["iteration"].tolist()[:2] == [5, 10]
     assert (runs["iterations"] == 2).all() and (runs["schedule_in"] == "epochs").all()
-    saved = records.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
+    saved = checkpoints.load_torch(records.paths(out, runs["run_id"].iloc[0])["weights"])
     assert saved["model"]["stem.0.weight"].shape[-1] == 7  # the 7x7 stem of 224-pixel inputs
     import pandas as pd
 

@@ -106,3 +106,45 @@ def test_no_function_in_bench_or_resnet_is_over_80_lines():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                     long.append(f"{package}/{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert long == []
+
+
+# the reader side: a report, the tuning's choice and the verdicts of old records need neither torch nor the
+# registry of nets (what the report knows of a net is in its rows: net_label, baseline, pre_activation, has_bn)
+TORCH_FREE = ("report", "report_why", "report_tuning", "profile_tables", "tuning", "outcome", "verdicts", "records",
+              "schema", "published", "datasets")
+HEAVY = ("torch", "torchvision", "einops", "resnet")
+
+
+def _external(module: str) -> set[str]:
+    """The top-level packages bench/<module>.py imports (anywhere in it, functions included)."""
+    tree = ast.parse((ROOT / "bench" / f"{module}.py").read_text())
+    names = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    return names | {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+
+def test_the_reader_side_imports_neither_torch_nor_the_networks():
+    graph = _imports("bench")
+    for module in TORCH_FREE:
+        for m in {module} | _reach(graph, module):
+            assert not _external(m) & set(HEAVY), (module, m, sorted(_external(m) & set(HEAVY)))
+
+
+def test_importing_the_report_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, bench.report, bench.tuning, bench.verdicts; print(sorted(m for m in sys.modules if m.split('.')[0] in %r))"
+    res = subprocess.run([sys.executable, "-c", code % (HEAVY,)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_the_cli_and_its_help_load_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from bench.cli import main\n"
+            "for c in ([], ['sweep'], ['run'], ['profile'], ['report'], ['diagnose'], ['estimate'], ['status'], ['pack']):\n"
+            "    assert CliRunner().invoke(main, c + ['--help']).exit_code == 0, c\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))")
+    res = subprocess.run([sys.executable, "-c", code % (HEAVY,)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from bench import checkpoints
 from bench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +175,7 @@ def test_diagnose_reads_the_test_images_from_the_runs_recorded_data_source(tmp_p
     source.write_bytes(b"")
     runs = pd.DataFrame([dict(run_id="r", status="ok", data_source=str(source))])
     spec = RunSpec("resnet8", recipe("smoke"))
-    records.save_torch(dict(spec=spec.to_json(), model={}, num_classes=10, in_channels=3),
+    checkpoints.save_torch(dict(spec=spec.to_json(), model={}, num_classes=10, in_channels=3),
                        records.paths(tmp_path, "r")["weights"])
     asked = []
 

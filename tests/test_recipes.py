@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from bench import data, fuse, records
+from bench import checkpoints, data, fuse, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, make_optimizer, param_groups
 from bench.train import run_one
@@ -133,7 +133,7 @@ def test_runs_of_these_settings_train_alone_and_record_them(tmp_path):
         row = run_one(spec, tmp_path, ex, progress=False)
         assert row["status"] == "ok" and row["method_recipe"] == "paper", model
         assert all(row[k] == v for k, v in settings.items())
-        saved = records.load_torch(records.paths(tmp_path, spec.run_id)["weights"])
+        saved = checkpoints.load_torch(records.paths(tmp_path, spec.run_id)["weights"])
         assert saved["in_channels"] == (4 if settings.get("normalize") == "pln" else 3)
 
 

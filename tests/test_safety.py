@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import data, records
+from bench import checkpoints, data, records
 from bench.report import build_report
 from bench.specs import Execution, RunSpec
 from bench.train import run_one
@@ -112,12 +112,12 @@ def test_only_a_complete_checkpoint_of_this_very_run_is_resumed(tmp_path, tiny):
     full = {k: 0 for k in CHECKPOINT_KEYS} | {"spec": spec.to_json(), "model": {"w": torch.ones(2)}}
     aside = path.with_name("x.pt.corrupt")
     for partial in ({k: v for k, v in full.items() if k != "rng"}, list(full)):  # another program's .pt
-        records.save_torch(partial, path)
+        checkpoints.save_torch(partial, path)
         with pytest.warns(UserWarning, match=rf"^{path} is not a resbench checkpoint \(keys missing\); moved it to "
                                              rf"{aside} and training {spec.run_id} from scratch$"):
             assert read_checkpoint(path, spec, torch.device("cpu")) is None
         assert aside.exists() and not path.exists()
-    records.save_torch(full, path)
+    checkpoints.save_torch(full, path)
     ck = read_checkpoint(path, spec, torch.device("meta"))  # lands on the device that resumes
     assert ck.keys() == CHECKPOINT_KEYS and ck["model"]["w"].device.type == "meta"
     with pytest.raises(RuntimeError, match=rf"^checkpoint {path} belongs to another spec; delete it to start over$"):

@@ -15,7 +15,10 @@ import torch
 
 import bench
 
-from bench import records
+from click.testing import CliRunner
+
+from bench import checkpoints, env, records
+from bench.cli import main
 from bench.specs import PRESETS, RECIPES, Execution, Recipe, RunSpec, SweepSpec, model_name, recipe
 
 
@@ -81,22 +84,35 @@ def test_run_identity_and_flat_columns():
     assert {k: row[k] for k in ("run_id", "sweep", "model", "family", "kind", "depth", "residual", "shortcut", "width",
                                 "dataset", "seed", "recipe", "milestones", "batch_size")} == dict(
         run_id=spec.run_id, sweep="s", model="plain20", family="cifar", kind="plain", depth=20, residual=False,
-        shortcut="B", width=0.5, dataset="synthetic", seed=3, recipe="smoke", milestones="", batch_size=64)
+        shortcut="B", width=0.5, dataset="synthetic", seed=3, recipe="smoke", milestones="200,300", batch_size=64)
     assert RunSpec("resnet20", recipe("he2015")).flat()["milestones"] == "32000,48000"
     for other in (dict(seed=4), dict(width=0.25), dict(shortcut="A"), dict(dataset="cifar10"), dict(model="resnet20")):
         assert RunSpec(**{**dict(model="plain20", recipe=recipe("smoke"), seed=3, width=0.5, shortcut="B",
                                  dataset="synthetic"), **other}).run_id != spec.run_id, other
     assert RunSpec.from_dict(spec.to_dict()) == spec == RunSpec.from_dict(spec.to_json())
-    assert json.loads(spec.to_json()) == spec.to_dict() | {"recipe": {**spec.to_dict()["recipe"], "milestones": []},
-                                                           "lr_grid": []}
+    assert json.loads(spec.to_json()) == spec.to_dict() | {"recipe": {**spec.to_dict()["recipe"], "milestones": [200, 300]},
+                                                           "lr_grid": [], "grid_seeds": []}
     with pytest.raises(ValueError, match="6n\\+2"):
         RunSpec("plain21", recipe("smoke"))
 
 
-def test_model_names_of_grid_cells():
-    assert [model_name(k, d) for k, d in (("plain", 20), ("resnet", 50), ("resnet", 152), ("plain", 18))] == \
-        ["plain20", "cifar_resnet50", "cifar_resnet152", "plain18"]
+def test_model_names_of_grid_cells_stay_in_the_data_sets_family():
+    assert [model_name(k, d) for k, d in (("plain", 20), ("resnet", 50), ("resnet", 152))] == \
+        ["plain20", "cifar_resnet50", "cifar_resnet152"]
+    assert [model_name(k, d, "imagenet") for k, d in (("plain", 18), ("resnet", 50), ("resnet", 152))] == \
+        ["plain18", "resnet50", "resnet152"]
     assert model_name("preresnet", 56) == "preresnet56"
+    # one rule for 18, 34, 50, 101, 152: never a silent switch of family, both families named in the refusal
+    for depth in (18, 34, 101):
+        with pytest.raises(ValueError, match=rf"depth {depth} is not a CIFAR-family depth .6n\+2.*ImageNet-style family "
+                                             r".18, 34, 50, 101, 152."):
+            model_name("resnet", depth)
+    with pytest.raises(ValueError, match=r"depth 20 is not one of the ImageNet-style family's .18, 34, 50, 101, 152.*6n\+2"):
+        model_name("resnet", 20, "imagenet")
+    with pytest.raises(ValueError, match="fixup has no ImageNet-style nets"):
+        model_name("fixup", 18, "imagenet")
+    res = CliRunner().invoke(main, ["sweep", "--depths", "18", "--dataset", "synthetic"])
+    assert res.exit_code == 1 and "depth 18 is not a CIFAR-family depth" in res.output
 
 
 def test_union_grows_the_axes_merges_notes_and_names_every_other_difference():
@@ -208,17 +224,18 @@ def test_paths_and_readers(tmp_path):
                  "errors": tmp_path / "errors"}
     runs, curves = records.load(tmp_path)
     assert runs.empty and curves.empty and records.finished(tmp_path) == {} and records.recorded(tmp_path, "r1") is None
-    records.write_parquet(pd.DataFrame([dict(run_id="r1", status="ok")]), p["run"])
-    records.write_parquet(pd.DataFrame([dict(run_id="r2", status="failed")]), records.paths(tmp_path, "r2")["run"])
-    records.write_parquet(pd.DataFrame(columns=["run_id", "status"]), records.paths(tmp_path, "r3")["run"])  # empty
+    records.write_table(pd.DataFrame([dict(run_id="r1", status="ok")]), "runs", p["run"])
+    records.write_table(pd.DataFrame([dict(run_id="r2", status="failed")]), "runs", records.paths(tmp_path, "r2")["run"])
+    records.write_table(pd.DataFrame(columns=["run_id", "status"]), "runs", records.paths(tmp_path, "r3")["run"])  # empty
     assert records.finished(tmp_path) == {"r1": "ok", "r2": "failed"}
-    assert records.recorded(tmp_path, "r2") == {"run_id": "r2", "status": "failed"}
+    row = records.recorded(tmp_path, "r2")
+    assert (row["run_id"], row["status"], row["schema_version"]) == ("r2", "failed", 2) and pd.isna(row["error"])
     runs = records.load(tmp_path)[0]
     assert runs["run_id"].tolist() == ["r1", "r2"] and runs.index.tolist() == [0, 1]  # one row label per row
     assert records.DONE == ("ok", "diverged")
     # an empty table (a run's curves before its first evaluation point, say) leaves the others' types alone
-    records.write_parquet(pd.DataFrame([dict(run_id="a", iteration=8, test_err=0.25)]), tmp_path / "curves" / "a.parquet")
-    records.write_parquet(pd.DataFrame(columns=["run_id", "iteration", "test_err"]), tmp_path / "curves" / "b.parquet")
+    records.write_table(pd.DataFrame([dict(run_id="a", iteration=8, test_err=0.25)]), "curves", tmp_path / "curves" / "a.parquet")
+    records.write_table(pd.DataFrame(columns=["run_id", "iteration", "test_err"]), "curves", tmp_path / "curves" / "b.parquet")
     curves = records.load(tmp_path)[1]
     assert (curves["iteration"].dtype, curves["test_err"].dtype, len(curves)) == ("int64", "float64", 1)
     with pytest.raises(FileNotFoundError, match=f"^results folder {tmp_path / 'absent'} does not exist$"):
@@ -227,19 +244,19 @@ def test_paths_and_readers(tmp_path):
 
 def test_environment_columns(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    env = records.environment("cpu")
-    assert env["device"] == "cpu" and env["gpu_name"] is None and env["cudnn_version"] is None
-    assert env["cuda_visible_devices"] == "3" and env["torch_version"] == torch.__version__
-    assert env["cpu_threads"] == torch.get_num_threads() and env["utc_time"].endswith("+00:00")
-    assert "hostname" not in env and "host" not in env
-    assert (env["cpu"], env["cpu_isa"]) == records.cpu_info() and env["cuda_version"] == torch.version.cuda
-    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert env["python_version"] == platform.python_version() and env["resbench_version"] == bench.__version__
-    assert (env["git_sha"], env["git_dirty"]) == records._git()
-    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(env["utc_time"])
+    machine = env.environment("cpu")
+    assert machine["device"] == "cpu" and machine["gpu_name"] is None and machine["cudnn_version"] is None
+    assert machine["cuda_visible_devices"] == "3" and machine["torch_version"] == torch.__version__
+    assert machine["cpu_threads"] == torch.get_num_threads() and machine["utc_time"].endswith("+00:00")
+    assert "hostname" not in machine and "host" not in machine
+    assert (machine["cpu"], machine["cpu_isa"]) == env.cpu_info() and machine["cuda_version"] == torch.version.cuda
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["python_version"] == platform.python_version() and machine["resbench_version"] == bench.__version__
+    assert (machine["git_sha"], machine["git_dirty"]) == env._git()
+    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(machine["utc_time"])
     assert dt.timedelta(0) <= age < dt.timedelta(minutes=1)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert records.environment("cpu")["cuda_visible_devices"] is None
+    assert env.environment("cpu")["cuda_visible_devices"] is None
 
 
 def test_the_cpu_is_named_by_its_model_and_the_instruction_sets_that_change_its_numbers(tmp_path):
@@ -247,12 +264,12 @@ def test_the_cpu_is_named_by_its_model_and_the_instruction_sets_that_change_its_
     x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9554 64-Core Processor\n"
                    "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 sha_ni\n\n"
                    "processor\t: 1\nmodel name\t: AMD EPYC 9554 64-Core Processor\nflags\t\t: fpu\n")
-    assert records.cpu_info(x86) == ("AMD EPYC 9554 64-Core Processor", "avx2,fma,avx512f,avx512_bf16")
+    assert env.cpu_info(x86) == ("AMD EPYC 9554 64-Core Processor", "avx2,fma,avx512f,avx512_bf16")
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n")
-    model, isa = records.cpu_info(arm)  # no model name: what platform knows
+    model, isa = env.cpu_info(arm)  # no model name: what platform knows
     assert model == (platform.processor() or platform.machine()) and isa == "asimd,sve,bf16,i8mm"
-    assert records.cpu_info(tmp_path / "absent") == (platform.processor() or platform.machine(), "")
+    assert env.cpu_info(tmp_path / "absent") == (platform.processor() or platform.machine(), "")
 
 
 def test_environment_names_the_gpu_of_a_cuda_run_only(monkeypatch):
@@ -260,42 +277,42 @@ def test_environment_names_the_gpu_of_a_cuda_run_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"Fake GPU {d}")
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
-    assert records.environment("cuda:1")["gpu_name"] == "Fake GPU cuda:1"
-    assert records.environment("cuda:1")["cudnn_version"] == 91000
-    assert records.environment("cpu")["gpu_name"] is None and records.environment("cpu")["cudnn_version"] is None
+    assert env.environment("cuda:1")["gpu_name"] == "Fake GPU cuda:1"
+    assert env.environment("cuda:1")["cudnn_version"] == 91000
+    assert env.environment("cpu")["gpu_name"] is None and env.environment("cpu")["cudnn_version"] is None
 
 
 def test_git_sha_from_the_environment(monkeypatch):
-    records._git.cache_clear()
+    env._git.cache_clear()
     monkeypatch.setenv("RESBENCH_GIT_SHA", "abc123")
     monkeypatch.setenv("RESBENCH_GIT_DIRTY", "1")
     try:
-        assert records._git() == ("abc123", True)
-        records._git.cache_clear()
+        assert env._git() == ("abc123", True)
+        env._git.cache_clear()
         monkeypatch.setenv("RESBENCH_GIT_DIRTY", "0")
-        assert records._git() == ("abc123", False)
+        assert env._git() == ("abc123", False)
     finally:
-        records._git.cache_clear()
+        env._git.cache_clear()
 
 
 def test_load_torch_refuses_damage_and_code(tmp_path):
     good = tmp_path / "g.pt"
-    records.save_torch({"w": torch.ones(2), "n": 3}, good)
-    assert records.load_torch(good)["n"] == 3
+    checkpoints.save_torch({"w": torch.ones(2), "n": 3}, good)
+    assert checkpoints.load_torch(good)["n"] == 3
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(records.UnreadableFile, match=r"empty.pt is damaged \(EOFError: \)$"):
-        records.load_torch(tmp_path / "empty.pt")
+    with pytest.raises(checkpoints.UnreadableFile, match=r"empty.pt is damaged \(EOFError: \)$"):
+        checkpoints.load_torch(tmp_path / "empty.pt")
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:40])  # a copy cut short
-    with pytest.raises(records.UnreadableFile, match=r"cut.pt is damaged \(RuntimeError: PytorchStreamReader failed"):
-        records.load_torch(tmp_path / "cut.pt")
+    with pytest.raises(checkpoints.UnreadableFile, match=r"cut.pt is damaged \(RuntimeError: PytorchStreamReader failed"):
+        checkpoints.load_torch(tmp_path / "cut.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a pickle at all")  # torch reports it as a weights-only failure
-    with pytest.raises(records.UnreadableFile, match=r"junk.pt is damaged \(UnpicklingError: Unsupported operand"):
-        records.load_torch(tmp_path / "junk.pt")
+    with pytest.raises(checkpoints.UnreadableFile, match=r"junk.pt is damaged \(UnpicklingError: Unsupported operand"):
+        checkpoints.load_torch(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError):
-        records.load_torch(tmp_path / "absent.pt")
+        checkpoints.load_torch(tmp_path / "absent.pt")
     torch.save({"f": os.getcwd}, tmp_path / "code.pt")  # a callable: needs a full pickle load
-    with pytest.raises(records.UnreadableFile, match="beyond tensors and plain containers.*regenerate"):
-        records.load_torch(tmp_path / "code.pt")
+    with pytest.raises(checkpoints.UnreadableFile, match="beyond tensors and plain containers.*regenerate"):
+        checkpoints.load_torch(tmp_path / "code.pt")
 
 
 @pytest.mark.parametrize("message, detail", [
@@ -309,8 +326,8 @@ def test_load_torch_names_damage_even_when_torch_gives_no_reason(tmp_path, monke
         raise pickle.UnpicklingError(message)
 
     monkeypatch.setattr(torch, "load", fail)
-    with pytest.raises(records.UnreadableFile) as e:
-        records.load_torch(tmp_path / "x.pt")
+    with pytest.raises(checkpoints.UnreadableFile) as e:
+        checkpoints.load_torch(tmp_path / "x.pt")
     assert str(e.value) == f"{tmp_path / 'x.pt'} is damaged (UnpicklingError: {detail})"
 
 
@@ -319,8 +336,8 @@ def test_load_torch_stays_weights_only_and_maps_to_the_device_asked(tmp_path, mo
     # user's environment cannot turn a crafted checkpoint back into code that runs
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     torch.save({"f": os.getcwd}, tmp_path / "code.pt")
-    with pytest.raises(records.UnreadableFile, match="beyond tensors"):
-        records.load_torch(tmp_path / "code.pt")
+    with pytest.raises(checkpoints.UnreadableFile, match="beyond tensors"):
+        checkpoints.load_torch(tmp_path / "code.pt")
     # a checkpoint from another device lands where the resuming run asks ("meta" stands in for a GPU)
-    records.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
-    assert records.load_torch(tmp_path / "w.pt", map_location="meta")["w"].device.type == "meta"
+    checkpoints.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
+    assert checkpoints.load_torch(tmp_path / "w.pt", map_location="meta")["w"].device.type == "meta"

@@ -20,7 +20,7 @@ from torch import nn
 
 import resnet
 
-from bench import claims, data, records, train
+from bench import checkpoints, claims, data, env, records, train
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
 from bench.train import evaluate, run_one, timed_windows
@@ -312,8 +312,8 @@ def test_checkpoint_holds_the_random_state(tmp_path, tiny, interrupt):
 
 
 def test_a_checkpoint_at_every_evaluation_point_but_the_last(tmp_path, tiny, monkeypatch):
-    saved, real = [], records.save_torch
-    monkeypatch.setattr(records, "save_torch", lambda obj, path: saved.append((path.parent.name, obj.get("iteration")))
+    saved, real = [], checkpoints.save_torch
+    monkeypatch.setattr(checkpoints, "save_torch", lambda obj, path: saved.append((path.parent.name, obj.get("iteration")))
                         or real(obj, path))
     spec = RunSpec("plain8", replace(tiny, iterations=17), width=0.25, dataset="synthetic")  # points 8, 16, 17
     run_one(spec, tmp_path, CPU, progress=False)
@@ -527,7 +527,7 @@ def test_run_row_summary_and_columns_by_hand():
         amp=True, channels_last=True, execution="compile", cudnn_benchmark=True, train_path="stream-loader+compile",
         group_size=3, group_id="g1", data_source="/data/x.tar.gz", data_sha256="abc", data_official=False,
         device="cpu", decode_on="device")
-    assert spec.flat().items() <= row.items() and records.environment("cpu").keys() <= row.keys()
+    assert spec.flat().items() <= row.items() and env.environment("cpu").keys() <= row.keys()
     assert _row(spec, curves[:3], timed[2:], **kw)["final_train_loss"] == 1.2
     assert _row(spec, curves, [dict(seconds=0.5, steps=0, img_per_s=1.0)], **kw)["step_time_ms"] == 500.0
     empty = _row(spec, [], [], **kw)  # failed before its first evaluation point
@@ -556,7 +556,7 @@ def test_each_run_trains_the_net_its_spec_and_data_set_describe(tmp_path, monkey
         net = resnet.build("resnet8", classes, width=0.25, shortcut="B", in_channels=shape[0])
         assert row["status"] == "ok" and row["params"] == resnet.count_params(net)
         assert row["macs"] == resnet.count_macs(net, shape)  # 28x28 images cost less than 32x32 ones
-        saved = records.load_torch(records.paths(tmp_path / "out", spec.run_id)["weights"])
+        saved = checkpoints.load_torch(records.paths(tmp_path / "out", spec.run_id)["weights"])
         assert (saved["num_classes"], saved["in_channels"]) == (classes, shape[0])
         net.load_state_dict(saved["model"])  # the same layers, shortcut projections included
 
