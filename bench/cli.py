@@ -280,30 +280,47 @@ PRESET = click.option("--preset", type=click.Choice(_presets()), default="smoke"
 @PRESET
 @click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
+@click.option("--sync-bn/--no-sync-bn", default=False,
+              help="Under torchrun or srun (data-parallel): BatchNorm over the whole batch (CUDA only).")
 @recipe_options
 @exec_options
 @friendly_errors
-def run(model, preset, seed, out, **o):
+def run(model, preset, seed, out, sync_bn, **o):
     """Train one network and record it (resumes an interrupted run of the same spec).
 
+    Started by torchrun or srun (WORLD_SIZE > 1 in the environment they set), each process is one rank of a
+    data-parallel run: the same run, and the same records, as `resbench sweep --procs-per-run N` (or
+    --gpus-per-run N) trains, which resumes it and is resumed by it.
+
     \b
-    Example:
+    Examples:
       resbench run plain20 --preset smoke --seed 1 --data-root ~/data
+      torchrun --nproc-per-node 8 -m bench run resnet18 --preset he2015-imagenet --data-root /data/imagenet
     """
+    from bench import ddp
     from bench.specs import PRESETS, RunSpec
     from bench.sweep import check_writable, run_local
 
     o["dataset"] = _dataset(preset, o)
-    spec = RunSpec(model=model, recipe=_recipe(preset, o), seed=seed, dataset=o["dataset"],
+    recipe = _recipe(preset, o)
+    world = ddp.place().world  # torchrun's or srun's processes: one run over them
+    from bench.specs import Execution
+
+    ex = Execution.for_device(o["device"], **_exec_overrides(o), world_size=world, sync_bn=sync_bn)
+    spec = RunSpec(model=model, recipe=recipe, seed=seed, dataset=o["dataset"],
                    width=o["width"] if o["width"] is not None else PRESETS[preset]["width"],
-                   shortcut=o["shortcut"].upper(), sweep=preset)
+                   shortcut=o["shortcut"].upper(), sweep=preset,
+                   bn_batch=recipe.batch_size // world if world > 1 and not sync_bn else None)
     out = out or Path("results") / preset
-    ex = _execution(o)
     _require_data(o)
     check_writable(out)
+    place = ddp.init(ex.device.startswith("cuda"))
     with _stoppable():
-        run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=True, log=say)
-    _fail_if_failed([spec], out)
+        run_local([spec], out, ex, data_root=o["data_root"], download=o["download"], progress=True,
+                  log=say if place.main else lambda line: None)
+    ddp.leave()
+    if place.main:
+        _fail_if_failed([spec], out)
 
 
 @contextlib.contextmanager
@@ -553,7 +570,7 @@ sweep.sections = {
                                  "slurm_opt", "wait", "dry_run"],
 }
 run.sections = {"What to train": ["preset", "seed", "width", "shortcut", "out"], "Recipe (overrides the preset's)":
-                RECIPE_SECTION, "Data": DATA_SECTION, "Execution": EXECUTION_SECTION}
+                RECIPE_SECTION, "Data": DATA_SECTION, "Execution": EXECUTION_SECTION + ["sync_bn"]}
 
 
 def _key_values(pairs) -> dict:
@@ -588,13 +605,13 @@ def status(results_dir, follow, every):
         table = sweep_status(results_dir)
         counts = table["status"].value_counts()
         say(", ".join(f"{k}: {int(counts.get(k, 0))}" for k in
-                      ("ok", "running", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
+                      ("ok", "running", "retrying", "pending", "interrupted", "failed", "diverged")) + f" (of {len(table)})")
         if not follow and len(table):
             shown = table.drop(columns=[c for c in ("held_by", "slurm_job", "slurm_state", "error") if table[c].isna().all()])
             say(shown.to_string(index=False, na_rep="-"))
         for line in live_points(results_dir, table) if follow else ():
             say("  " + line)
-        if not follow or not counts.get("running", 0) + counts.get("pending", 0):
+        if not follow or not counts.get("running", 0) + counts.get("retrying", 0) + counts.get("pending", 0):
             return
         time.sleep(every)
 
@@ -954,6 +971,8 @@ def estimate(profile_path, preset, kinds, depths, seeds, gpus_per_run, decode_pa
     if missing:
         say(textwrap.fill(f"not profiled at batch {df['batch_per_gpu'].iloc[0]} per {per}: {', '.join(missing)} "
                    f"(resbench profile --nets {','.join(missing)} ...)", 100))
+    for line in cost.decode_source(decode, profile) if decode is not None else ():
+        say(textwrap.fill(line, 100))
     decode_batch = df.attrs.get("decode_batch")
     if decode_batch is not None and decode_batch != df["batch_per_gpu"].iloc[0]:
         say(textwrap.fill(f"note: the decode profile was timed at batch {decode_batch}; each GPU of this run decodes "

@@ -43,6 +43,28 @@ def profiled_device(profile: pd.DataFrame) -> str:
     return f"CPU ({', '.join(map(str, cpu)) or 'unnamed'}, not a GPU)"
 
 
+def decode_source(decode: pd.DataFrame, profile: pd.DataFrame) -> list[str]:
+    """Where a decode profile's rates came from, in words: the machine and the images it timed, and a warning
+    where that machine is not the one the training profile timed (each rate is of its own machine)."""
+    rows = decode[decode["mode"] == "decode"]
+    cpu = ", ".join(map(str, rows["cpu"].dropna().unique())) or "an unnamed CPU"
+    kb, mp = rows["mean_file_kb"].dropna(), rows["mean_megapixels"].dropna()
+    images = (f"{int(rows['sampled_images'].dropna().iloc[0]):,} images of {rows['data'].iloc[0]}" if
+              rows["sampled_images"].notna().any() else f"images of {rows['data'].iloc[0]}")
+    sizes = f", {kb.iloc[0]:.0f} KiB and {mp.iloc[0]:.2f} megapixels on average" if len(kb) and len(mp) else ""
+    lines = [f"decode rates: from {images}{sizes}, timed on {cpu} (commit {str(rows['git_sha'].iloc[0])[:7]})"]
+    trained = set(profile["gpu_name"].dropna()) or set(profile["cpu"].dropna())
+    decoded_on = set(rows["cpu"].dropna())
+    if trained and decoded_on and not (decoded_on & set(profile["cpu"].dropna())):
+        lines.append(f"note: the decode profile's machine ({cpu}) is not the training profile's "
+                     f"({', '.join(map(str, sorted(trained)))}): the cores per GPU assume the training machine's "
+                     f"cores decode as fast as those timed")
+    if not (rows["decode_on"] == "device").any():
+        lines.append("img/s decoding on the GPU: '-': the decode profile has no --decode-on device row (`resbench "
+                     "profile --decode TREE --device cuda` times one)")
+    return lines
+
+
 def decode_rates(decode: pd.DataFrame) -> dict:
     """From a decode profile: images per second per CPU core (the setting with the most workers), if timed
     the rate decoding on the device (None if not), and the batch it was timed at."""

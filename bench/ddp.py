@@ -117,13 +117,21 @@ def launch(args: list[str], world: int, env: dict, *, cuda: bool) -> list[subpro
     return procs
 
 
-def wait(procs: list[subprocess.Popen], poll_s: float = 0.2) -> list[int | None]:
+GRACE_S = float(os.environ.get("RESBENCH_DDP_GRACE", "20"))  # how long the others may take to stop on their own
+
+
+def wait(procs: list[subprocess.Popen], poll_s: float = 0.2, grace_s: float | None = None) -> list[int | None]:
     """Wait for a run's processes. Returns each rank's exit code as it ended on its own: all 0 when all
-    succeed; once one fails, the codes seen at that moment, None for the ranks still running, which are
-    then ended (a rank that died leaves its peers blocked in a collective until its timeout)."""
+    succeed; once one fails, the codes seen at that moment, None for the ranks still running. Those get
+    ``grace_s`` to end on their own (rank 0 sees its peer go away and writes the run's record, naming the
+    rank that failed first), then they are ended (a rank can sit in a collective until its timeout)."""
+    grace_s = GRACE_S if grace_s is None else grace_s
     while True:
         codes = [p.poll() for p in procs]
         if any(c not in (None, 0) for c in codes):
+            deadline = time.monotonic() + grace_s
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                time.sleep(poll_s)
             for p in procs:
                 if p.poll() is None:
                     p.terminate()

@@ -68,8 +68,12 @@ class Items:
     ``items[i]`` is an Item; ``items[a:b]``, ``items.take(indices)`` are Items; iterating yields Items.
     """
 
-    def __init__(self, root: str, rel: np.ndarray, labels: np.ndarray, archive: bool = False):
+    def __init__(self, root: str, rel: np.ndarray, labels: np.ndarray, archive: bool = False,
+                 spans: np.ndarray | None = None):
         self.root, self.rel, self.labels, self.archive = root, rel, labels, archive
+        # an uncompressed tar's members: (offset of the data, size) each, from the scan (cached with it), so an image
+        # is one pread of its bytes; tarfile's own lookup searched the member list (ms an image at 100k members)
+        self.spans = spans
 
     def __len__(self) -> int:
         return len(self.rel)
@@ -78,13 +82,24 @@ class Items:
         rel = self.rel[i].decode()
         return f"{self.root}::{rel}" if self.archive else os.path.join(self.root, rel)
 
+    def read(self, i: int) -> bytes:
+        """Image i's file, as bytes: one pread from this process's own handle of an uncompressed tar (no shared
+        file offset, whichever process opened it first), else the file (bench.imagefolder.read_bytes)."""
+        if self.spans is None:
+            return read_bytes(self.path(i))
+        offset, size = (int(v) for v in self.spans[i])
+        data = os.pread(_handle(self.root), size, offset)
+        if len(data) != size:
+            raise ImageFolderError(f"{self.path(i)}: the archive ends inside this member (truncated?)")
+        return data
+
     def take(self, indices) -> "Items":
         idx = np.asarray(indices, dtype=np.int64)
-        return Items(self.root, self.rel[idx], self.labels[idx], self.archive)
+        return Items(self.root, self.rel[idx], self.labels[idx], self.archive, None if self.spans is None else self.spans[idx])
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return Items(self.root, self.rel[i], self.labels[i], self.archive)
+            return Items(self.root, self.rel[i], self.labels[i], self.archive, None if self.spans is None else self.spans[i])
         return Item(self.path(i), int(self.labels[i]))
 
     def __iter__(self):
@@ -93,8 +108,19 @@ class Items:
     def __add__(self, other: "Items") -> "Items":
         if (other.root, other.archive) != (self.root, self.archive):
             raise ValueError("only Items of one tree join")
+        spans = None if self.spans is None or other.spans is None else np.concatenate([self.spans, other.spans])
         return Items(self.root, np.concatenate([self.rel, other.rel]), np.concatenate([self.labels, other.labels]),
-                     self.archive)
+                     self.archive, spans)
+
+
+_handles: dict[tuple[int, str], int] = {}  # (process, archive) -> its file descriptor: every worker opens its own
+
+
+def _handle(archive: str) -> int:
+    key = (os.getpid(), archive)
+    if key not in _handles:
+        _handles[key] = os.open(archive, os.O_RDONLY)
+    return _handles[key]
 
 
 @dataclass(frozen=True)
@@ -107,8 +133,9 @@ class Tree:
     val: Items
 
 
-def _items(root: str, rel: list[str], labels: list[int], archive: bool = False) -> Items:
-    return Items(root, np.array([r.encode() for r in rel], dtype=bytes), np.array(labels, dtype=np.int32), archive)
+def _items(root: str, rel: list[str], labels: list[int], archive: bool = False, spans=None) -> Items:
+    return Items(root, np.array([r.encode() for r in rel], dtype=bytes), np.array(labels, dtype=np.int32), archive,
+                 None if spans is None else np.array(spans, dtype=np.int64).reshape(-1, 2))
 
 
 def scan(root: str | os.PathLike) -> Tree:
@@ -149,21 +176,51 @@ def _scan_folder(base: Path) -> Tree:
     return Tree(str(base), classes, splits["train"], splits["val"])
 
 
+def _stamp(root: Path, watched: list[Path]) -> str:
+    """A key for what is known of a tree while none of ``watched`` (its class folders, or its archive) changed."""
+    stamp = "\n".join(f"{p}|{p.stat().st_mtime_ns}" for p in sorted(watched))
+    return hashlib.sha1(f"{root.resolve()}\n{stamp}".encode()).hexdigest()[:16]
+
+
+def watched(root: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """(the tree's base, what its listing depends on): an archive itself; a folder's train/, val/ and class folders
+    (adding or removing an image changes its class folder's modification time)."""
+    root = Path(root)
+    if root.is_file():
+        return root, [root]
+    folders = [root / s for s in ("train", "val")]
+    return root, folders + [c for f in folders if f.is_dir() for c in f.iterdir()]
+
+
+def cached(tree: Tree, name: str, compute) -> str:
+    """``compute()`` (text) for ``tree``, kept in the cache while its listing holds (``watched``): ImageNet's 1.33M
+    file sizes are stat'ed once, not at every start of every run while the other ranks wait."""
+    from bench.datasets import cache_dir
+    from bench.records import atomic_write
+
+    path = cache_dir() / f"{name}-{_stamp(*watched(tree.root))}.txt"
+    if path.exists():
+        return path.read_text()
+    value = compute()
+    atomic_write(path, lambda tmp: tmp.write_text(value))
+    return value
+
+
 def _cached_scan(root: Path, watched: list[Path], scan_now) -> Tree:
     """``scan_now()``, or its result from the cache when none of ``watched`` changed since (adding or removing
     an image changes its class folder's modification time; an archive's own)."""
     from bench.datasets import cache_dir
     from bench.records import atomic_write
 
-    stamp = "\n".join(f"{p}|{p.stat().st_mtime_ns}" for p in sorted(watched))
-    key = hashlib.sha1(f"{root.resolve()}\n{stamp}".encode()).hexdigest()[:16]
+    key = _stamp(root, watched)
     path = cache_dir() / f"tree-{key}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = z["meta"].tolist()  # root, archive flag, classes (one str per line)
                 root_s, archive, *classes = meta
-                split = {s: Items(root_s, z[f"{s}_rel"], z[f"{s}_labels"], archive == "archive") for s in ("train", "val")}
+                split = {s: Items(root_s, z[f"{s}_rel"], z[f"{s}_labels"], archive == "archive",
+                                  z[f"{s}_spans"] if f"{s}_spans" in z.files else None) for s in ("train", "val")}
             return Tree(root_s, tuple(classes), split["train"], split["val"])
         except (OSError, ValueError, KeyError):  # a damaged cache entry: scan again
             pass
@@ -172,8 +229,10 @@ def _cached_scan(root: Path, watched: list[Path], scan_now) -> Tree:
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
+            spans = {f"{s}_spans": items.spans for s, items in (("train", tree.train), ("val", tree.val))
+                     if items.spans is not None}
             np.savez(f, meta=meta, train_rel=tree.train.rel, train_labels=tree.train.labels, val_rel=tree.val.rel,
-                     val_labels=tree.val.labels)
+                     val_labels=tree.val.labels, **spans)
 
     atomic_write(path, write)
     return tree
@@ -181,10 +240,14 @@ def _cached_scan(root: Path, watched: list[Path], scan_now) -> Tree:
 
 def _scan_archive(path: Path) -> Tree:
     try:
+        compressed = _compressed(path)
         with tarfile.open(path, "r:*") as tar:
-            names = [m.name for m in tar if m.isfile()]
+            members = [m for m in tar if m.isfile()]
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ImageFolderError(f"{path} is not a readable tar archive ({type(e).__name__}: {e})") from e
+    names = [m.name for m in members]
+    # where each member's bytes lie: random access needs an uncompressed tar (a .tar.gz is read through)
+    where = None if compressed else {m.name: (m.offset_data, m.size) for m in members}
     found: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
     for name in names:
         parts = name.split("/")
@@ -197,22 +260,73 @@ def _scan_archive(path: Path) -> Tree:
     missing = sorted(set(found["val"]) - set(index))
     if missing:
         raise ImageFolderError(f"{path}: val/ classes that train/ does not have: {', '.join(missing)}")
-    split = {s: _items(str(path), [n for c in sorted(found[s]) for n in sorted(found[s][c])],
-                       [index[c] for c in sorted(found[s]) for _ in found[s][c]], archive=True) for s in found}
+    split = {}
+    for s in found:
+        rel = [n for c in sorted(found[s]) for n in sorted(found[s][c])]
+        split[s] = _items(str(path), rel, [index[c] for c in sorted(found[s]) for _ in found[s][c]], archive=True,
+                          spans=None if where is None else [where[n] for n in rel])
     return Tree(str(path), classes, split["train"], split["val"])
+
+
+def _compressed(path: Path) -> bool:
+    """Whether ``path`` is a compressed archive (gzip, bzip2, xz: no random access), by its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
 
 # -- decoding ---------------------------------------------------------------------------------------
 
-_archives: dict[str, tarfile.TarFile] = {}  # per process (each worker opens its own)
+_archives: dict[tuple[int, str], tarfile.TarFile] = {}  # per process: a forked worker never shares its parent's offset
+LOADER_TIMEOUT_S = float(os.environ.get("RESBENCH_LOADER_TIMEOUT", "600"))  # a worker silent this long has stalled
+
+
+def loader_options(workers: int) -> dict:
+    """How every DataLoader of image files starts its workers: from a fork server, never by forking this
+    (threaded) process, where a child can deadlock as it starts (CPython issue 112275, seen in a run here), and
+    with a timeout, so a stalled worker becomes an error (``stalled``) instead of a hang of every rank."""
+    return dict(num_workers=workers, multiprocessing_context="forkserver", timeout=LOADER_TIMEOUT_S) if workers else {}
+
+
+def batches(loader):
+    """A DataLoader's batches; its timeout (a stalled worker) raised as ``stalled`` says."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            err = stalled(e)
+            if err is e:
+                raise
+            _shutdown(it)  # the stalled workers are ended now, not left behind
+            raise err from e
+        yield batch
+
+
+def _shutdown(it) -> None:
+    """End a DataLoader iterator's workers (those that do not stop when asked are terminated)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def stalled(e: RuntimeError) -> Exception:
+    """A DataLoader's timeout as the error a user can act on; other errors as they are."""
+    if "timed out" not in str(e):
+        return e
+    return ImageFolderError(f"the image-decoding workers delivered nothing for {LOADER_TIMEOUT_S:g} s (a worker stalled: "
+                            f"a hung file system or a deadlock); the run stops here and resumes from its checkpoint "
+                            f"when rerun (RESBENCH_LOADER_TIMEOUT sets the limit)")
 
 
 def read_bytes(path: str) -> bytes:
     if "::" in path:
         archive, member = path.split("::", 1)
-        tar = _archives.get(archive)
+        tar = _archives.get((os.getpid(), archive))
         if tar is None:
-            tar = _archives[archive] = tarfile.open(archive, "r:*")
+            tar = _archives[(os.getpid(), archive)] = tarfile.open(archive, "r:*")
         f = tar.extractfile(member)
         if f is None:
             raise ImageFolderError(f"{path}: not a file in the archive")
@@ -345,7 +459,8 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key  # the sampler hands (epoch, image index)
-        return self.augment(decode(self.items[index].path), epoch, index), self.items[index].label
+        img = decode_data(self.items.read(index), self.items.path(index))
+        return self.augment(img, epoch, index), int(self.items.labels[index])
 
     def augment(self, img: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
         """Image ``index`` of ``epoch``, decoded (on any device), augmented by its own generator."""
@@ -357,7 +472,7 @@ class RawSet(TrainSet):
 
     def __getitem__(self, key):
         epoch, index = key
-        return read_bytes(self.items[index].path), self.items[index].label, epoch, index
+        return self.items.read(index), int(self.items.labels[index]), epoch, index
 
 
 def _as_columns(batch):  # a DataLoader collate: [(bytes, label, epoch, index), ...] -> four lists
@@ -372,8 +487,8 @@ class EvalSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        img = decode(self.items[i].path)
-        return (ten_crops(img) if self.ten else centre_crop(img)), self.items[i].label
+        img = decode_data(self.items.read(i), self.items.path(i))
+        return (ten_crops(img) if self.ten else centre_crop(img)), int(self.items.labels[i])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -423,9 +538,7 @@ class StreamLoader:
 
     def close(self) -> None:
         """Stop the worker processes now (a dropped iterator stops them only when it is collected)."""
-        shutdown = getattr(self._iter, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        _shutdown(self._iter)
         self._iter, self._next = None, None
 
     def _start(self, it: int) -> None:
@@ -433,18 +546,23 @@ class StreamLoader:
         sampler = _Keys(self._keys(it))
         raw = self.decode_on == "device"
         self._iter = iter(torch.utils.data.DataLoader(self.set, batch_size=self.local, sampler=sampler,
-                                                      num_workers=self.workers, collate_fn=_as_columns if raw else None,
+                                                      collate_fn=_as_columns if raw else None,
                                                       pin_memory=self.device.type == "cuda" and not raw,
-                                                      persistent_workers=False, prefetch_factor=4 if self.workers else None))
+                                                      persistent_workers=False, prefetch_factor=4 if self.workers else None,
+                                                      **loader_options(self.workers)))
         self._next = it
 
     def batch(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None or it != self._next:
             self._start(it)
-        if self.decode_on == "device":
-            x, y = self._decoded(*next(self._iter))
-        else:
-            x, y = next(self._iter)
+        try:
+            x, y = self._decoded(*next(self._iter)) if self.decode_on == "device" else next(self._iter)
+        except RuntimeError as e:
+            err = stalled(e)
+            if err is e:
+                raise
+            self.close()  # the stalled workers are ended now, not left behind
+            raise err from e
         self._next = it + 1
         x = x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean)
         if self.channels_last:
@@ -481,10 +599,14 @@ class _CheckSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            decode(self.items.path(i))
+            decode_data(self.items.read(i), self.items.path(i))
             return i, ""
         except (ImageFolderError, OSError) as e:
             return i, str(e)
+
+
+def _rows(rows):  # a DataLoader collate that keeps the rows (a function: a fork server's workers unpickle it)
+    return rows
 
 
 def check_files(tree: Tree, workers: int = 4, progress: bool = False) -> list[tuple[str, str]]:
@@ -494,8 +616,7 @@ def check_files(tree: Tree, workers: int = 4, progress: bool = False) -> list[tu
 
     bad = []
     for items in (tree.train, tree.val):
-        loader = torch.utils.data.DataLoader(_CheckSet(items), batch_size=64, num_workers=workers,
-                                             collate_fn=lambda rows: rows)
+        loader = torch.utils.data.DataLoader(_CheckSet(items), batch_size=64, collate_fn=_rows, **loader_options(workers))
         for rows in tqdm(loader, desc="check", unit="batch", disable=None if progress else True, leave=False):
             bad += [(items.path(i), why) for i, why in rows if why]
     return bad
@@ -506,7 +627,7 @@ def mean_image(items, images: int = MEAN_IMAGES, workers: int = 4) -> torch.Tens
     spaced sample of the tree), each at the evaluation's scale and centre crop."""
     step = max(1, len(items) // images)
     sample = items[::step][:images]
-    loader = torch.utils.data.DataLoader(EvalSet(sample, ten=False), batch_size=64, num_workers=workers)
+    loader = torch.utils.data.DataLoader(EvalSet(sample, ten=False), batch_size=64, **loader_options(workers))
     total, n = torch.zeros(3, CROP, CROP, dtype=torch.float64), 0
     for x, _ in loader:
         total += x.double().sum(0)
@@ -527,17 +648,19 @@ def tree_sets(tree, r) -> dict:
 
 def tree_mean(tree, items, workers: int = 4) -> torch.Tensor:
     """The training set's per-pixel mean image (mean_image, decoded by ``workers`` processes),
-    cached by the tree's list of files. In a data-parallel run rank 0 computes it; the others read its file."""
+    cached by the tree's list of files. In a data-parallel run rank 0 computes (or reads) it and sends it to the
+    others, wherever they run (a node-local cache on another node does not hold rank 0's file)."""
     from bench import ddp
+    from bench.checkpoints import save_torch
     from bench.datasets import cache_dir
-    from bench.records import save_torch
 
+    if not ddp.place().main:  # rank 0's mean, sent: another node's cache may not hold its file
+        return ddp.from_main(None)
     key = hashlib.sha1(b"\n".join([tree.root.encode(), *items.rel.tolist()])).hexdigest()[:16]
     path = cache_dir() / f"mean-{key}-{MEAN_IMAGES}.pt"
-    if ddp.place().main and not path.exists():
+    if not path.exists():
         save_torch(mean_image(items, workers=workers), path)
-    ddp.from_main(None)  # the others wait for rank 0's file
-    return torch.load(path, weights_only=True)
+    return ddp.from_main(torch.load(path, weights_only=True))
 
 
 def write_sample(images: torch.Tensor, labels: torch.Tensor, classes, out: str | os.PathLike, *, size=(375, 500),

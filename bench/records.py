@@ -183,3 +183,23 @@ def _rewrite_old(out: Path) -> dict[str, int]:
             atomic_write(path, lambda tmp, d=data: pq.write_table(d, tmp, write_statistics=False))
             done[f"{path.parent.name}/{path.name}"] = data.num_rows
     return done
+
+
+def start_attempt(out: Path, run_id: str) -> None:
+    """A new attempt at a run that is not done: the earlier attempt's tracebacks (errors/<run_id>.rank*.err) and
+    failed row go, so this attempt's record can only name this attempt's failure; the earlier error is kept in
+    errors/<run_id>.previous (status shows it while the run is retried)."""
+    p = paths(out, run_id)
+    row = recorded(out, run_id)
+    if row is not None and row["status"] == "failed":
+        text = str(row["error"])
+        atomic_write(p["errors"] / f"{run_id}.previous", lambda tmp: tmp.write_text(text))
+        p["run"].unlink(missing_ok=True)
+    for f in p["errors"].glob(f"{run_id}.rank*.err") if p["errors"].is_dir() else ():
+        f.unlink(missing_ok=True)
+
+
+def previous_error(out: Path, run_id: str) -> str | None:
+    """The error of a run's last failed attempt while it is retried (``start_attempt``), else None."""
+    f = paths(out, run_id)["errors"] / f"{run_id}.previous"
+    return f.read_text() if f.exists() else None

@@ -256,7 +256,8 @@ def contention(runs: pd.DataFrame, curves: pd.DataFrame) -> float:
     nothing was timed twice): above CONTENDED, something else ran on the machine meanwhile."""
     ok = runs[runs["status"] == "ok"]
     ranges = ok.merge(window_ranges(ok, curves), on="run_id", how="left")
-    spans = ranges.groupby(["net", "depth"]).agg(lo=("window_min", "min"), hi=("window_max", "max")).dropna()
+    keys = [COMPARE, "net", "depth"] if COMPARE in ranges else ["net", "depth"]  # never across compared settings
+    spans = ranges.groupby(keys).agg(lo=("window_min", "min"), hi=("window_max", "max")).dropna()
     spans = spans[spans["lo"] > 0]
     return float((spans["hi"] / spans["lo"]).max()) if len(spans) else 1.0
 
@@ -483,8 +484,8 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
             rep.figures["throughput"] = throughput(runs, compare, curves)
             spread = contention(runs, curves)
             if spread > CONTENDED:
-                rep.warnings.append(f"the timed windows of one net differ up to {spread:.1f}x: the machine was busy "
-                                    f"with other work while these runs trained, so their img/s are rough")
+                rep.notes.append(f"throughput: the timed windows of one net differ up to {spread:.1f}x: the machine was "
+                                 f"busy with other work while these runs trained, so their img/s are rough")
             rep.tables["comparison"] = comparison_table(trained(runs), compare)
             if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))

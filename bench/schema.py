@@ -142,6 +142,8 @@ CURVES = [
     ("test_err", F, "test error"),
     ("train_time_s", F, "seconds of training steps so far"),
     ("img_per_s", F, "training images per second since the point before"),
+    ("data_wait_s", F, "seconds the steps waited for their batches since the point before (reading, decoding, "
+                       "augmenting: a run whose input bounds it waits most of its window)"),
 ]
 LAYERS = [
     ("run_id", S, "the run"), ("iteration", I, "optimizer steps done"), ("layer", I, "weighted layer, input first"),

@@ -312,6 +312,8 @@ def run_distributed(runs: list[RunSpec], out: Path, ex: Execution, *, data_root=
             f.write_text(json.dumps(dict(specs=[spec.to_dict()], execution=asdict(wex),
                                          data_root=str(data_root) if data_root else None, download=download)))
             t = time.perf_counter()
+            if records.finished(out).get(spec.run_id) not in DONE and not claims.held(out).get(spec.run_id):
+                records.start_attempt(out, spec.run_id)  # before any rank can write this attempt's traceback
             codes = ddp.wait(ddp.launch(["worker", str(f), "--out", str(out)], ex.world_size, {},
                                         cuda=ex.device.startswith("cuda")))
             if next((c for c in codes if c), 0) == EXIT_SKIPPED:  # every rank skips a run another trainer holds
@@ -382,9 +384,9 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
     from bench import slurm
 
     out = Path(out)
-    if not out.is_dir() or not ((out / "sweep.toml").exists() or (out / "runs").is_dir()):
-        raise FileNotFoundError(f"{out} holds no sweep (no sweep.toml, no runs/): not a results folder; give the folder "
-                                f"`resbench sweep --out` wrote")
+    if not out.is_dir() or not any((out / p).exists() for p in ("sweep.toml", "runs", "claims", "ckpt", "curves")):
+        raise FileNotFoundError(f"{out} holds no sweep (no sweep.toml, runs/ or claims/): not a results folder; give "
+                                f"the folder `resbench sweep --out` wrote")
     spec = read_sweep_toml(out)
     runs, _ = records.load(out)
     rows = {r.run_id: dict(run_id=r.run_id, model=r.model, seed=r.seed)
@@ -422,9 +424,13 @@ def status(out: Path, fresh_s: float = 600) -> pd.DataFrame:
             state = "interrupted" if aware or now - ckpt.stat().st_mtime >= fresh_s else "running"
         else:
             state = "pending"
+        previous = records.previous_error(out, rid) if state == "running" else None
+        if previous is not None:  # an attempt after a failed one
+            state = "retrying"
         row.update(status=state, held_by=claims.describe(claim, now) if claim and rid not in recorded else None,
                    slurm_job=jobs.get(rid), slurm_state=job_state,
-                   error=errors.get(rid) if state in ("failed", "diverged") else None)
+                   error=errors.get(rid) if state in ("failed", "diverged") else
+                   f"last attempt: {previous}" if previous is not None else None)
     return pd.DataFrame(list(rows.values()),
                         columns=["run_id", "model", "seed", "status", "held_by", "slurm_job", "slurm_state", "error"])
 

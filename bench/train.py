@@ -27,7 +27,7 @@ from bench import checkpoints, claims, data, ddp, env, fuse, outcome, probes, re
 from bench.fuse import Members
 from bench.imagefolder import tree_mean, tree_sets  # noqa: F401 (what a run trains and is tested on of a tree)
 from bench.errors import Interrupted
-from bench.progress import Progress
+from bench.progress import Progress, say
 from bench.specs import Execution, RunSpec
 from bench.steps import TrainStep, autocast, current_lr, make_optimizer, peak_memory, reset_peak_memory, set_lr, sync
 
@@ -128,6 +128,7 @@ def run_group(specs: list[RunSpec], out: Path, ex: Execution, *, data_root=None,
             if done is not None and done["status"] in records.DONE:
                 results[i] = claims.Skip(f"{spec.run_id} is already recorded ({done['status']})")
             else:
+                records.start_attempt(out, spec.run_id)  # ours now: an earlier attempt's failure is no longer news
                 todo.append((i, claim))
         if place.world > 1:
             ddp.from_main("train" if todo else str(results[0]))
@@ -211,7 +212,8 @@ class _TreeData:
         self.num_classes, self.image_shape = len(tree.classes), (3, imf.CROP, imf.CROP)
         self.in_channels = 3
         # rank 0 writes the records: the others need no fingerprint (a stat per file)
-        self.source, self.sha256, self.official = tree.root, _tree_fingerprint(tree) if ddp.place().main else None, None
+        self.source, self.official = tree.root, None
+        self.sha256 = imf.cached(tree, "fingerprint", lambda: _tree_fingerprint(tree)) if ddp.place().main else None
         self.workers, self.decode_on = ex.loader_workers, ex.decode_on
 
     def loaders(self, specs: list[RunSpec], ex: Execution, device: torch.device, place: ddp.Place) -> list:
@@ -231,11 +233,11 @@ class _TreeData:
         place = ddp.place()
         mine = items[place.rank::place.world] if ddp.active() else items
         loader = torch.utils.data.DataLoader(self.imf.EvalSet(mine, ten=ten), batch_size=32 if ten else 128,
-                                             num_workers=self.workers, pin_memory=device.type == "cuda")
+                                             pin_memory=device.type == "cuda", **self.imf.loader_options(self.workers))
         mean = self.mean.to(device)
         wrong = torch.zeros((), device=device, dtype=torch.long)
         model.eval()
-        for x, y in loader:
+        for x, y in self.imf.batches(loader):
             x = x.to(device, non_blocking=True).float().div_(255).sub_(mean)
             if ten:  # (B, 10, C, H, W): the ten crops' softmax outputs averaged, as in the paper's 10-crop test
                 b = len(x)
@@ -405,7 +407,8 @@ class Member:
             self.writer = None
 
 
-TB_SCALARS = ("train_loss", "train_err", "val_err", "test_err", "lr", "img_per_s")  # what --tensorboard shows
+TB_SCALARS = ("train_loss", "train_err", "val_err", "test_err", "lr", "img_per_s", "data_wait_s")  # --tensorboard
+INPUT_BOUND = 0.5  # a window whose steps waited this much of it for their batches: the input pipeline bounds the run
 
 
 def _lockstep(specs: list[RunSpec], held: list[claims.Claim], cks: list[dict | None], d: _Data, out: Path,
@@ -461,7 +464,7 @@ class _Group:
         desc = f"{first.model} seed {first.seed}" if len(self.runs) == 1 else f"{len(self.runs)} x {depth} layers"
         self.bar = Progress(r.iterations, self.start, desc, progress and self.place.main)
         sync(self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.data_wait, self.input_bound = time.perf_counter(), 0.0, False
         self.model.train()
         lr, recent, it = None, collections.deque(maxlen=SIGNAL_BATCHES), self.start
         try:
@@ -469,7 +472,9 @@ class _Group:
                 if r.lr_at(it, depth) != lr:
                     lr = r.lr_at(it, depth)
                     set_lr(self.opt, lr)
+                t = time.perf_counter()
                 batch = self.d.batch(self.loaders, it)
+                self.data_wait += time.perf_counter() - t  # the step waited for its batch (decoding, augmentation)
                 self.step(*batch)
                 recent.append(batch)  # the backward signals are measured on the last batches trained (each rank's)
                 self.bar.step()
@@ -495,7 +500,7 @@ class _Group:
         window = time.perf_counter() - self.t0
         losses, errs, seen = self.step.read_members()
         point = dict(iteration=iteration, epoch=iteration / self.loaders[0].steps_per_epoch, lr=current_lr(self.opt),
-                     img_per_s=seen / window)
+                     img_per_s=seen / window, data_wait_s=self.data_wait)
         for k in self.active:
             m = self.runs[k]
             m.train_time += window
@@ -512,11 +517,16 @@ class _Group:
         test_err = self.d.evaluate(self.model, "test", self.ex, self.device, self.members)
         for k in self.active:
             self.runs[k].curve(point, losses[k], errs[k], val_err[k], test_err[k])
-        if self.place.main:
-            self._publish()
         k0 = self.active[0]
+        waited = self.data_wait / window
         self.bar.show(loss=f"{losses[k0]:.3f}", train_err=f"{100 * errs[k0]:.1f} %",
-                      val_err=f"{100 * val_err[k0]:.1f} %", img_s=f"{seen * len(self.active) / window:.0f}")
+                      val_err=f"{100 * val_err[k0]:.1f} %", img_s=f"{seen * len(self.active) / window:.0f}",
+                      data_wait=f"{100 * waited:.0f} %")
+        if waited > INPUT_BOUND and not self.input_bound and self.place.main and self.d.loader == "stream-loader":
+            self.input_bound = True  # said once a run
+            say(f"warning: {self.bar.desc} waited for its input {100 * waited:.0f} % of the last window: input-bound "
+                f"(more --loader-workers, or --decode-on device; `resbench profile --decode TREE` times the decoding)",
+                err=True)
         lost = {}
         for k in list(self.active) if self.place.main else []:
             try:
@@ -528,10 +538,12 @@ class _Group:
         if not self.active:
             return False
         self.t_beat = time.perf_counter()
+        if self.place.main:  # the runs still ours (their claims beat): their points so far, for whoever watches
+            self._publish()
         if iteration < self.r.iterations and self.place.main:
             self._checkpoint(iteration)
         sync(self.device)
-        self.t0 = time.perf_counter()
+        self.t0, self.data_wait = time.perf_counter(), 0.0
         return True
 
     def _publish(self) -> None:

@@ -44,3 +44,15 @@ def idx_file(path, arr):
     header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + arr.astype(np.uint8).tobytes())
+
+
+class Stalling:
+    """A dataset whose items never come (a worker stuck on a hung file system): for the loaders' timeout."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(3600)

@@ -94,7 +94,10 @@ def test_estimate_reads_the_committed_decode_profile_and_refuses_a_grid_profile_
     res = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode",
                                     str(decode / "profile" / "decode-cpu-torch2.14.1.parquet")])
     assert res.exit_code == 0, res.output
-    assert "cpu_cores_per_gpu" in res.output and "not profiled at batch 256 per GPU" in res.output
+    assert "CPU cores per GPU" in res.output and "not profiled at batch 256 per GPU" in res.output
+    text = " ".join(res.output.split())  # wrapped at 100 columns
+    assert "decode rates: from images of results/decode-sample, timed on Intel(R) Xeon(R) Processor" in text
+    assert "is not the training profile's (NVIDIA H200)" in text and "has no --decode-on device row" in text
     both = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(decode)])
     assert both.exit_code == 1 and "measurements of 2 commits (1d9e505, 31f8426); give one parquet file" in both.output
     bad = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015-imagenet", "--decode", str(H200)])
@@ -107,9 +110,13 @@ def test_estimate_names_the_profiles_device_and_prices_a_cpu_profile_in_device_h
     res = CliRunner().invoke(main, ["estimate", str(cpu), "--preset", "he2015", "--kinds", "resnet", "--depths", "20,32"])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
-    total = next(ln for ln in lines if ln.startswith("total: "))
+    assert max(map(len, lines)) <= 100  # fits a terminal of 100 columns
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("total: "))
+    end = next(i for i in range(start, len(lines)) if lines[i].endswith("estimate"))
+    total = " ".join(lines[start:end + 1])
     assert "device-hours" in total and "GPU-hours" not in total and "on the profile's CPU (" in total
-    assert total.endswith("a low estimate")  # the next line ("not profiled ...") starts a line of its own
-    assert any(ln.startswith("not profiled at batch 128 per GPU: resnet32") for ln in lines)
+    # the next line ("not profiled ...") starts a line of its own; a CPU profile's unit is a device
+    assert lines[end + 1].startswith("not profiled at batch 128 per device: resnet32")
+    assert "img/s per device" in lines[0] and "GPU" not in lines[0]
     gpu = CliRunner().invoke(main, ["estimate", str(H200), "--preset", "he2015", "--depths", "20"])
     assert "GPU-hours" in gpu.output and "on the profile's GPU (NVIDIA H200" in gpu.output

@@ -250,10 +250,27 @@ def test_each_process_of_a_data_parallel_run_gets_its_share_of_the_batch():
 
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
-def test_a_bad_file_only_rank_1_reads_is_named_in_the_record_and_in_status(tmp_path):
-    """Rank 1's first image is a truncated JPEG; rank 0 only sees its peer go away. The run's record and
-    `resbench status` must name the file (the error of the rank that failed first), and every rank that
-    raised leaves its traceback in errors/."""
+def _rank_pid(out: Path, rank: int) -> int | None:
+    """The pid of rank ``rank``'s worker process training into ``out`` (from /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
+    """Four attempts at one 2-process run: a bad file rank 1 reads, rank 1 killed from outside, a bad file rank 0
+    reads (the first fixed), all fixed. Each record names this attempt's rank and cause, never an earlier
+    attempt's; status says a run is being retried, with the last attempt's error; every rank that raised
+    leaves its traceback."""
     import io
 
     import numpy as np
@@ -274,22 +291,82 @@ def test_a_bad_file_only_rank_1_reads_is_named_in_the_record_and_in_status(tmp_p
     tree = imf.scan(root)
     items = train.tree_sets(tree, recipe("imagenette"))["train"]
     train.tree_mean(tree, items)  # the mean image made before the damage (rank 0 would meet the file there)
-    order = imf.epoch_order(len(items), 0, 0)  # seed 0, epoch 0: batch 0 of 8 is order[:8], rank 1's half order[4:8]
-    bad = Path(items.path(int(order[4])))
-    bad.write_bytes(bad.read_bytes()[:300])
+
+    def damage(epoch, position):  # the image at ``position`` of ``epoch``'s order (seed 0): batch of 8, 4 a rank
+        path = Path(items.path(int(imf.epoch_order(len(items), 0, epoch)[position])))
+        good = path.read_bytes()
+        path.write_bytes(good[:300])
+        return path, good
+
     out = tmp_path / "out"
-    env = os.environ | {"PYTHONPATH": str(ROOT), "RESBENCH_DDP_TIMEOUT": "60"}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "RESBENCH_DDP_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(root), "--models",
-            "resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "1", "--loader-workers",
-            "0", "--procs-per-run", "2", "--device", "cpu", "--out", str(out)]
+            "resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "12", "--eval-every",
+            "1", "--loader-workers", "0", "--procs-per-run", "2", "--device", "cpu", "--out", str(out)]
+
+    def row():
+        return records.load(out)[0].iloc[0]
+
+    def status():
+        return subprocess.run([sys.executable, "-m", "bench", "status", str(out)], env=env, capture_output=True,
+                              text=True).stdout
+
+    # 1: rank 1's first image (batch 0 is order[:8], rank 1's half order[4:8]) is a truncated JPEG
+    bad, good = damage(0, 4)
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0, res.stdout + res.stderr
-    row = records.load(out)[0].iloc[0]
-    assert row["status"] == "failed" and "rank 1 of 2 failed first" in row["error"] and str(bad) in row["error"], row["error"]
-    status = subprocess.run([sys.executable, "-m", "bench", "status", str(out)], env=env, capture_output=True, text=True)
-    assert "failed: 1" in status.stdout and str(bad) in status.stdout
+    assert res.returncode != 0 and row()["status"] == "failed", res.stdout + res.stderr
+    assert "rank 1 of 2 failed first" in row()["error"] and str(bad) in row()["error"], row()["error"]
+    assert "failed: 1" in status() and str(bad) in status()
     errors = sorted(p.name for p in (out / "errors").iterdir())
-    assert f"{row['run_id']}.rank1.err" in errors and "cannot decode" in (out / "errors" / errors[-1]).read_text()
+    assert f"{row()['run_id']}.rank1.err" in errors
+    # 2: fixed; rank 1 killed from outside once the run has a checkpoint
+    bad.write_bytes(good)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "ckpt").glob("*.pt")):
+        time.sleep(0.05)
+    assert "retrying" in status()  # an attempt after a failed one, with the failure it retries
+    pid = _rank_pid(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert "rank 1 of 2 was killed by SIGKILL" in row()["error"] and str(bad) not in row()["error"], row()["error"]
+    # 3: rank 0's first image of the step the run resumes at is bad (rank 1's is fine again)
+    resume = int(checkpoints.load_torch(next((out / "ckpt").glob("*.pt")))["iteration"])
+    bad0, good0 = damage(resume // 5, (resume % 5) * 8)  # 40 images of 8: 5 steps an epoch
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    error = row()["error"]
+    assert "rank 0 of 2 failed first" in error and str(bad0) in error and "SIGKILL" not in error, error
+    assert str(bad) not in error  # no earlier attempt's traceback is left to name attempt 1's file
+    assert not any(str(bad) in f.read_text() for f in (out / "errors").glob("*.rank*.err"))
+    # 4: all fixed: the run ends ok, resumed from its checkpoint, and status has nothing to retry
+    bad0.write_bytes(good0)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and row()["status"] == "ok" and row()["resumed_from"] > 0, res.stdout + res.stderr
+    assert "ok: 1" in status() and "retrying" not in status()
+
+
+@pytest.mark.slow
+def test_a_run_torchrun_started_resumes_under_resbenchs_own_launcher(tmp_path):
+    out = tmp_path / "tr"
+    common = ["--dataset", "synthetic", "--width", "0.25", "--batch-size", "16", "--train-size", "64", "--val-size",
+              "32", "--test-size", "32", "--iterations", "400", "--eval-every", "20", "--device", "cpu", "--out", str(out)]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 "-m", "bench", "run", "resnet8", *common], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "ckpt").glob("*.pt")):
+        time.sleep(0.05)
+    os.killpg(torchrun.pid, signal.SIGTERM)  # torchrun and its two ranks: a preempted job
+    torchrun.communicate(timeout=120)
+    assert list((out / "ckpt").glob("*.pt")) and not (out / "runs").exists() or not list((out / "runs").iterdir())
+    res = subprocess.run([sys.executable, "-m", "bench", "sweep", "--kinds", "resnet", "--depths", "8",
+                          "--procs-per-run", "2", *common], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = records.load(out)[0].iloc[0]
+    assert (row["status"], row["world_size"], row["bn_batch"]) == ("ok", 2, 8) and row["resumed_from"] > 0
 
 
 _COLLECTIVE_BN = """
@@ -339,3 +416,37 @@ def test_with_synchronised_bn_every_rank_takes_part_in_the_signal_probe(tmp_path
     _ranks(_COLLECTIVE_BN, [str(tmp_path / "out")], timeout=120)
     signals = records.load_signals(tmp_path / "out")
     assert sorted(signals["iteration"].unique()) == [2, 4] and (signals["batches"] == 2).all()
+
+
+_MEAN = """
+import os, sys, torch
+rank = int(os.environ["RANK"])
+os.environ["RESBENCH_CACHE"] = os.path.join(sys.argv[2], f"node{rank}")  # each rank on a node of its own
+from bench import ddp, imagefolder as imf
+ddp.init(cuda=False)
+tree = imf.scan(sys.argv[1])
+mean = imf.tree_mean(tree, tree.train, workers=0)
+torch.save(mean, os.path.join(sys.argv[2], f"mean{rank}.pt"))
+ddp.leave()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_gets_rank_0s_mean_image_though_its_nodes_cache_has_none(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "tree" / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+                (tmp_path / "tree" / split / f"c{c}" / f"{i}.png").write_bytes(buf.getvalue())
+    _ranks(_MEAN, [str(tmp_path / "tree"), str(tmp_path)])
+    m0, m1 = (torch.load(tmp_path / f"mean{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(m0, m1) and m0.shape == (3, 224, 224)
+    assert list((tmp_path / "node0").glob("mean-*.pt")) and not list((tmp_path / "node1").glob("mean-*.pt"))

@@ -2,7 +2,9 @@
 order, the paper's crops and flips, the 10 crops of evaluation, batches as a pure function of (seed,
 step) split over processes, and a corrupt file named."""
 import io
+import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +54,40 @@ def test_an_archive_of_the_tree_holds_the_same_images(tree, tmp_path):
     assert a.classes == t.classes and [i.label for i in a.train] == [i.label for i in t.train]
     for x, y in zip(a.val, t.val):
         assert torch.equal(imf.decode(x.path), imf.decode(y.path))
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_an_archive_read_by_workers_after_the_parent_read_it_gives_every_image(tree, tmp_path, mode):
+    # the parent reads (and opens the archive) first; then two worker processes read the same archive: each must
+    # read its own members (a shared file offset gave 'two SOI markers' on good images)
+    archive = tmp_path / ("imagenet.tar" if mode == "w" else "imagenet.tar.gz")
+    with tarfile.open(archive, mode) as tar:
+        tar.add(tree / "train", arcname="imagenet/train")
+        tar.add(tree / "val", arcname="imagenet/val")
+    t, loose = imf.scan(archive), imf.scan(tree)
+    assert (t.train.spans is None) == (mode == "w:gz")  # random access into an uncompressed tar only
+    assert imf.scan(archive).train.spans is None or (imf.scan(archive).train.spans == t.train.spans).all()  # cached
+    items = t.train + t.val
+    want = [imf.decode(p.path) for p in loose.train + loose.val]
+    assert torch.equal(imf.decode_data(items.read(0), items.path(0)), want[0])
+    loader = torch.utils.data.DataLoader(imf.EvalSet(items, ten=False), batch_size=4, **imf.loader_options(2))
+    got = torch.cat([x for x, _ in imf.batches(loader)])
+    assert torch.equal(got, torch.stack([imf.centre_crop(img) for img in want]))
+
+
+def test_a_stalled_worker_ends_with_an_error_and_leaves_no_process_behind(monkeypatch):
+    import multiprocessing
+
+    from tests.fakes import Stalling
+
+    monkeypatch.setattr(imf, "LOADER_TIMEOUT_S", 3.0)
+    loader = torch.utils.data.DataLoader(Stalling(), batch_size=2, **imf.loader_options(2))
+    with pytest.raises(imf.ImageFolderError, match="workers delivered nothing for 3 s .a worker stalled"):
+        list(imf.batches(loader))
+    deadline = time.time() + 30
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not multiprocessing.active_children()
 
 
 def test_a_training_crop_is_a_224_window_of_the_image_at_a_random_scale_perhaps_mirrored():
@@ -467,3 +503,22 @@ def test_on_cuda_decoding_waits_for_the_kernels_still_queued_on_the_stream(tree)
         torch.cuda.synchronize()
         assert [int(s) for s in sums] == [7 * n for n in sizes]
         assert all(img.is_cuda for img in imgs)
+
+
+def test_the_trees_fingerprint_is_stated_once_while_its_folders_are_unchanged(tree, tmp_path, monkeypatch):
+    from bench import train
+
+    monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
+    t = imf.scan(tree)
+    calls = []
+    real = os.path.getsize
+    monkeypatch.setattr(os.path, "getsize", lambda p: calls.append(p) or real(p))
+    first = imf.cached(t, "fingerprint", lambda: train._tree_fingerprint(t))
+    assert len(calls) == len(t.train) + len(t.val)  # one stat per file, the first time
+    assert imf.cached(t, "fingerprint", lambda: train._tree_fingerprint(t)) == first and len(calls) == len(t.train) + len(t.val)
+    (tree / "train" / "n0100" / "new.JPEG").write_bytes((tree / "train" / "n0100" / "n0100_0.JPEG").read_bytes())
+    try:
+        again = imf.scan(tree)
+        assert imf.cached(again, "fingerprint", lambda: train._tree_fingerprint(again)) != first  # an image more
+    finally:
+        (tree / "train" / "n0100" / "new.JPEG").unlink()

@@ -178,3 +178,29 @@ def test_an_interrupted_pack_leaves_every_run_readable_once(mixed, tmp_path, mon
 def test_the_readme_lists_every_run_column_with_the_schemas_words():
     text = (ROOT / "README.md").read_text()
     assert schema.markdown("runs") in text and schema.markdown("curves") in text
+
+
+def test_a_new_attempt_clears_the_last_ones_failure_and_status_says_it_retries(tmp_path):
+    from bench import claims
+    from bench.sweep import status
+
+    rid = "resnet8-synthetic-smoke-s0-0123456789"
+    records.write_table(pd.DataFrame([dict(run_id=rid, model="resnet8", seed=0, status="failed",
+                                           error="RuntimeError: rank 1 of 2 failed first: bad.JPEG")]), "runs",
+                        records.paths(tmp_path, rid)["run"])
+    errors = records.paths(tmp_path, rid)["errors"]
+    errors.mkdir()
+    for r in (0, 1):
+        (errors / f"{rid}.rank{r}.err").write_text("Traceback ... bad.JPEG")
+    claim = claims.Claim(tmp_path, rid)
+    claim.acquire()  # this attempt's trainer
+    records.start_attempt(tmp_path, rid)
+    assert records.recorded(tmp_path, rid) is None and not list(errors.glob("*.rank*.err"))
+    assert records.previous_error(tmp_path, rid) == "RuntimeError: rank 1 of 2 failed first: bad.JPEG"
+    row = status(tmp_path).set_index("run_id").loc[rid]
+    assert row["status"] == "retrying" and row["error"] == "last attempt: RuntimeError: rank 1 of 2 failed first: bad.JPEG"
+    claim.release()
+    # a run already done is left alone
+    records.write_table(pd.DataFrame([dict(run_id=rid, status="ok")]), "runs", records.paths(tmp_path, rid)["run"])
+    records.start_attempt(tmp_path, rid)
+    assert records.recorded(tmp_path, rid)["status"] == "ok"

@@ -122,7 +122,7 @@ def test_tensorboard_event_files_hold_each_evaluation_points_scalars(tmp_path):
     run_id = runs["run_id"].iloc[0]
     events = EventAccumulator(str(tmp_path / "tb" / run_id))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"train_loss", "train_err", "val_err", "test_err", "lr", "img_per_s"}
+    assert set(events.Tags()["scalars"]) == {"train_loss", "train_err", "val_err", "test_err", "lr", "img_per_s", "data_wait_s"}
     for tag in ("train_err", "test_err", "lr"):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert got == [(i, pytest.approx(v, rel=1e-6)) for i, v in zip(curves["iteration"], curves[tag])], tag
