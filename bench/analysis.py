@@ -79,9 +79,9 @@ def _saved_nets(results_dir: Path, runs: pd.DataFrame, data_root, notes: list | 
             source = data_root
             if source is None and isinstance(run.get("data_source"), str) and Path(run["data_source"]).exists():
                 source = run["data_source"]
-            load = data.load_tree if spec.dataset in data.TREES else data.load
+            load = data.load_tree if data.TABLE[spec.dataset].streams else data.load
             arrays_by_set[spec.dataset] = load(spec.dataset, source)
-        if spec.dataset in data.TREES:
+        if data.TABLE[spec.dataset].streams:
             from bench.imagefolder import tree_mean, tree_sets
 
             tree = arrays_by_set[spec.dataset]

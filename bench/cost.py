@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.datasets import SHAPES, TRAIN_IMAGES, TREES
+from bench.datasets import SHAPES, TABLE, TRAIN_IMAGES
 from bench.specs import PRESETS, RECIPES, model_name
 
 COLUMNS = ["net", "runs", "gpus_per_run", "batch_per_gpu", "execution", "precision", "memory_format", "img_per_s_per_gpu",
@@ -94,10 +94,10 @@ def estimate(profile: pd.DataFrame, preset: str, *, models=None, depths=None, se
     if r.batch_size % gpus_per_run:
         raise ValueError(f"the batch of {r.batch_size} does not split over {gpus_per_run} GPUs")
     dataset = p.get("dataset", "cifar10")
-    if decode is not None and dataset not in TREES:
+    if decode is not None and not TABLE[dataset].streams:
         raise ValueError(f"the {preset} preset's data sits decoded in memory: it has no input pipeline to feed "
                          f"(--decode is for he2015-imagenet and imagenette)")
-    family = "imagenet" if dataset in TREES else "cifar"
+    family = TABLE[dataset].family
     nets = [model_name(kind, depth, family) for depth in depths or p["depths"] for kind in models or p["models"]]
     runs = len(seeds or p["seeds"])
     batch = r.batch_size // gpus_per_run

@@ -85,13 +85,13 @@ def stem(dataset: str, model: str) -> str:
     ImageNet-style family; everything else the 3x3 stem of 32 px inputs (the CIFAR family has no other)."""
     import resnet
 
-    return "imagenet" if dataset in TREES and resnet.parse(model).family == "imagenet" else "cifar"
+    return "imagenet" if TABLE[dataset].streams and resnet.parse(model).family == "imagenet" else "cifar"
 
 
 def check(dataset: str, root: str | os.PathLike | None = None, download: bool = False) -> None:
     """Find (and for CIFAR-like sets decode and cache) ``dataset``, or raise DataError: what a command does
     before it writes anything."""
-    if dataset in TREES:
+    if TABLE[dataset].streams:
         load_tree(dataset, root, download)
     else:
         load(dataset, root, download)
@@ -136,7 +136,7 @@ def load(dataset: str, root: str | os.PathLike | None = None, download: bool = F
     """Find, decode (once; then cached) and return a data set."""
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset in TREES:
+    if TABLE[dataset].streams:
         raise DataError(f"{dataset} is decoded batch by batch, never held in memory: bench.data.load_tree reads it")
     if TABLE[dataset].layout == "synthetic":
         return synthetic()
@@ -191,8 +191,19 @@ def _tar_kind(path: Path) -> str | None:
     return None
 
 
+def _source(dataset: str):
+    """The module that handles a data set of a layout of its own (DataSet.module: bench.svhn), or None."""
+    import importlib
+
+    module = TABLE[dataset].module
+    return importlib.import_module(module) if module else None
+
+
 def find(dataset: str, base: Path | None) -> tuple[str, Path] | None:
     """(layout, path) of the first usable source under ``base``, or None."""
+    src = _source(dataset)
+    if src is not None:
+        return src.find(base)
     if TABLE[dataset].layout == "idx":
         for folder in [p for p in (base, base / "fashion-mnist" if base else None, base / "FashionMNIST" / "raw" if base else None) if p] + [DEBIAN_FASHION]:
             if folder.is_dir() and all((folder / f).exists() for f in FASHION_FILES):
@@ -239,9 +250,11 @@ def _missing_message(dataset: str, base: Path | None) -> str:
 def _download(dataset: str, root: Path) -> tuple[str, Path] | None:
     import torchvision.datasets as tvd
 
+    src = _source(dataset)
     cls = getattr(tvd, TABLE[dataset].torchvision)
     try:
-        cls(str(root), train=True, download=True)
+        for kw in getattr(src, "DOWNLOADS", ({"train": True},)):  # a layout of its own says how torchvision fetches it
+            cls(str(root), download=True, **kw)
     except Exception as e:  # network errors come in many types
         raise DataError(f"--download of {dataset} into {root} failed ({e}); pass --data-root or RESBENCH_DATA instead") from e
     return find(dataset, root)
@@ -282,6 +295,11 @@ def _cached(dataset: str, source: tuple[str, Path]) -> Arrays:
 def _source_files(layout: str, path: Path) -> list[Path]:
     if path.is_file():
         return [path]
+    own = next((d.module for d in TABLE.values() if d.layout == layout and d.module), None)
+    if own is not None:  # a layout of its own: its module says which files
+        import importlib
+
+        return importlib.import_module(own).files(path)
     if layout == "idx":
         return [path / f for f in FASHION_FILES]
     if layout == "folderdir":
@@ -306,9 +324,18 @@ def fingerprint(layout: str, path: Path) -> tuple[str, bool | None]:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 sha.update(chunk)
                 md5.update(chunk)
-        if f.name in PUBLISHED_MD5:
-            verdicts.append(md5.hexdigest() == PUBLISHED_MD5[f.name])
+        published = PUBLISHED_MD5.get(f.name) or _module_md5(layout).get(f.name)
+        if published:
+            verdicts.append(md5.hexdigest() == published)
     return sha.hexdigest(), (all(verdicts) if verdicts else None)
+
+
+def _module_md5(layout: str) -> dict:
+    """A layout of its own's published md5 sums (its module's MD5), if it has any."""
+    import importlib
+
+    own = next((d.module for d in TABLE.values() if d.layout == layout and d.module), None)
+    return getattr(importlib.import_module(own), "MD5", {}) if own else {}
 
 
 def _check(a: Arrays, dataset: str, path: Path) -> None:
@@ -326,6 +353,11 @@ def _check(a: Arrays, dataset: str, path: Path) -> None:
 
 
 def _decode(dataset: str, layout: str, path: Path) -> Arrays:
+    src = _source(dataset)
+    if src is not None:  # numpy arrays and class names, as tensors
+        d = src.decode(path)
+        t = {k: torch.from_numpy(d[k]) for k in ("train_x", "train_y", "test_x", "test_y")}
+        return Arrays(t["train_x"], t["train_y"].long(), t["test_x"], t["test_y"].long(), tuple(d["classes"]), str(path))
     if layout in ("python10", "python100", "pydir"):
         return _decode_python(dataset, path)
     if layout in ("folder", "folderdir"):

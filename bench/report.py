@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from bench import outcome, published, records, tuning, verdicts  # noqa: E402
-from bench.datasets import TREES  # noqa: E402
+from bench.datasets import TABLE  # noqa: E402
 from bench import report_why as why  # noqa: E402
 from bench.report_why import _model, net_labels, net_order  # noqa: E402
 
@@ -139,7 +139,7 @@ def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | Non
     running = live[keep] if live is not None and len(live) else pd.DataFrame(columns=keep)
     df = curves.merge(pd.concat([shown[keep], running], ignore_index=True), on="run_id")
     # ImageNet-style runs against epochs, as the paper's Figure 4; CIFAR ones against iterations (Figure 6)
-    x = "epoch" if "dataset" in shown and set(shown["dataset"]) <= set(TREES) else "iteration"
+    x = "epoch" if all(TABLE[d].streams for d in set(shown["dataset"]) if d in TABLE) and len(shown) else "iteration"
     long = df.melt(id_vars=[x, "net", "depth", "seed", "run_id", "outcome"] + ([COMPARE] if compare else []),
                    value_vars=["train_err", "test_err"], var_name="split", value_name="error (%)")
     long["split"] = long["split"].str.replace("_err", "")
@@ -487,7 +487,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
                 rep.notes.append(f"throughput: the timed windows of one net differ up to {spread:.1f}x: the machine was "
                                  f"busy with other work while these runs trained, so their img/s are rough")
             rep.tables["comparison"] = comparison_table(trained(runs), compare)
-            if (runs["family"] == "imagenet").any() and set(runs["dataset"]) & set(TREES):
+            if (runs["family"] == "imagenet").any() and any(TABLE[d].streams for d in set(runs["dataset"]) if d in TABLE):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))
             rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
             rep.tables["recipes"] = recipe_table(runs)

@@ -101,9 +101,9 @@ def resources(dataset: str, loader_workers: int, world: int = 1) -> dict:
     decoding worker of ImageNet-style data (those run in the task too), and memory for the process (CUDA's
     context, the CIFAR set held decoded) plus its workers' decoding. Per task: a data-parallel run has one
     task per process."""
-    from bench.datasets import TREES
+    from bench.datasets import TABLE
 
-    workers = loader_workers if dataset in TREES else 0
+    workers = loader_workers if TABLE[dataset].streams else 0
     return dict(cpus_per_task=1 + workers, mem_gb=MEM_GB_TASK + MEM_GB_WORKER * workers)
 
 

@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from bench.datasets import TREES
+from bench.datasets import TABLE
 
 NORMALIZATIONS = ("pixel-mean", "standardize", "pln")  # Recipe.normalize (bench.data.Norm)
 
@@ -178,10 +178,10 @@ class RunSpec:
         _nets().parse(self.model)  # ValueError with the naming rules
         if self.bn_batch is not None and (self.bn_batch < 1 or self.recipe.batch_size % self.bn_batch):
             raise ValueError(f"bn_batch must divide the batch of {self.recipe.batch_size}, got {self.bn_batch}")
-        if self.dataset in TREES and (self.recipe.normalize != "pixel-mean" or self.recipe.mixup):
+        if TABLE[self.dataset].streams and (self.recipe.normalize != "pixel-mean" or self.recipe.mixup):
             raise ValueError(f"{self.dataset}: ImageNet-style data takes the paper's per-pixel mean (normalize "
                              f"pixel-mean) without mixup; --normalize and --mixup are for CIFAR-like data sets")
-        if self.dataset not in TREES and (self.recipe.lighting or self.recipe.ten_crop):
+        if not TABLE[self.dataset].streams and (self.recipe.lighting or self.recipe.ten_crop):
             raise ValueError(f"{self.dataset}: lighting and ten_crop are for ImageNet-style data (imagenet, imagenette)")
         if self.lr_tuning not in LR_TUNING:
             raise ValueError(f"lr_tuning must be one of {', '.join(map(repr, LR_TUNING))}, got {self.lr_tuning!r}")
@@ -564,7 +564,7 @@ class SweepSpec:
         return replace(r, lr=lr if lr is not None else dict(self.lr_for).get(kind, r.lr))
 
     def _run(self, kind: str, depth: int, seed: int, lr: float | None = None, tuning: str = "") -> RunSpec:
-        return RunSpec(model=model_name(kind, depth, "imagenet" if self.dataset in TREES else "cifar"), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
+        return RunSpec(model=model_name(kind, depth, TABLE[self.dataset].family), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
                        shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch,
                        lr_tuning=tuning, lr_grid=self.grid_for(kind) if tuning else (),
                        grid_seeds=self.seeds[:self.grid_seeds] if tuning else ())

@@ -276,7 +276,7 @@ def _tree_fingerprint(tree) -> str:
 
 def _load_data(specs: list[RunSpec], ex: Execution, device: torch.device, data_root, download: bool):
     r = specs[0].recipe
-    if specs[0].dataset in data.TREES:
+    if data.TABLE[specs[0].dataset].streams:
         # rank 0 scans the tree (and caches the scan); the others then read its cache instead of listing it again
         main = ddp.place().main
         tree = data.load_tree(specs[0].dataset, data_root, download) if main else None

@@ -148,3 +148,14 @@ def test_the_cli_and_its_help_load_no_torch():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in %r))")
     res = subprocess.run([sys.executable, "-c", code % (HEAVY,)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_no_branch_on_a_data_set_or_a_kind_by_name_outside_their_registries():
+    """What a data set is (streams, its family of nets) and what a kind is (pre-activation, group-able) are
+    attributes, stated once in bench/datasets.py and the families: no `dataset in TREES`, no `kind in (...)`."""
+    import re
+
+    pattern = re.compile(r"in TREES\b|\bdataset in \(|\bkind in \(")
+    found = [f"{p.relative_to(ROOT)}:{i}" for package in ("bench", "resnet") for p in sorted((ROOT / package).glob("*.py"))
+             if p.name != "datasets.py" for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -28,7 +28,7 @@ from bench.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = re.compile(r"^<!--\s*(runnable|needs:)\s*(.*?)\s*-->\s*$")
-COMMAND = re.compile(r"^\s*(\$ )?(\.venv/bin/)?(resbench|python3? -m (pytest|bench|venv)|pytest|pip|bash \.ci)\b")
+COMMAND = re.compile(r"^\s*(\$ )?(\.venv/bin/)?(resbench|python3? -m (pytest|bench|venv|torch\.distributed\.run)|python3? -c|pytest|pip|bash \.ci)\b")
 
 
 def command_blocks(path: Path) -> list[dict]:
