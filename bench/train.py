@@ -720,7 +720,7 @@ def run_recorded(specs: list[RunSpec], out: Path, ex: Execution, **kw) -> list[d
 def _rank_failure(specs: list[RunSpec], out: Path, exc: BaseException) -> BaseException:
     """Write this process's traceback for each of ``specs``; on rank 0, the exception to record: its own, or,
     in a data-parallel run, the one of the rank whose error file came first (a broken peer's, not the
-    'connection closed' it left behind), naming the rank."""
+    'connection closed' it left behind; rank 0's own where it failed first), naming the rank."""
     place = ddp.place()
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     folder = records.paths(out, specs[0].run_id)["errors"]
@@ -731,7 +731,7 @@ def _rank_failure(specs: list[RunSpec], out: Path, exc: BaseException) -> BaseEx
         return exc
     # a peer that raised wrote its file before its process ended, which is what ended ours
     first = first_rank_error(out, specs[0].run_id, place.world)
-    return exc if first is None or first.startswith(f"rank {place.rank} ") else RuntimeError(first)
+    return exc if first is None else RuntimeError(first)  # which rank, its error, where each traceback is
 
 
 def first_rank_error(out: Path, run_id: str, world: int) -> str | None:

@@ -270,7 +270,7 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     """Four attempts at one 2-process run: a bad file rank 1 reads, rank 1 killed from outside, a bad file rank 0
     reads (the first fixed), all fixed. Each record names this attempt's rank and cause, never an earlier
     attempt's; status says a run is being retried, with the last attempt's error; every rank that raised
-    leaves its traceback."""
+    leaves its traceback. (status's "retrying" while a retry runs: tests/test_records.py.)"""
     import io
 
     import numpy as np
@@ -301,7 +301,7 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     out = tmp_path / "out"
     env = os.environ | {"PYTHONPATH": str(ROOT), "RESBENCH_DDP_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(root), "--models",
-            "resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "12", "--eval-every",
+            "resnet", "--depths", "18", "--width", "0.125", "--batch-size", "8", "--iterations", "40", "--eval-every",
             "1", "--loader-workers", "0", "--procs-per-run", "2", "--device", "cpu", "--out", str(out)]
 
     def row():
@@ -325,7 +325,6 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "ckpt").glob("*.pt")):
         time.sleep(0.05)
-    assert "retrying" in status()  # an attempt after a failed one, with the failure it retries
     pid = _rank_pid(out, 1)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -344,7 +343,7 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     bad0.write_bytes(good0)
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and row()["status"] == "ok" and row()["resumed_from"] > 0, res.stdout + res.stderr
-    assert "ok: 1" in status() and "retrying" not in status()
+    assert "ok: 1" in status() and "retrying: 0" in status()
 
 
 @pytest.mark.slow
