@@ -151,10 +151,7 @@ def training_curves(runs: pd.DataFrame, curves: pd.DataFrame, compare: str | Non
                  dashes={"train": (4, 2), "test": ""}, col="net", col_order=nets, height=3.6, aspect=1.15,
                  facet_kws=dict(sharex=True, sharey=True), **layout)
     if len(good):
-        depths = sorted(good["depth"].unique())
-        # viridis without its pale yellow end, which is faint on white
-        palette = dict(zip(depths, sns.color_palette("viridis", len(depths) + 1)[:len(depths)]))
-        g = sns.relplot(data=good, hue="depth", errorbar="sd", palette=palette, **lines)
+        g = sns.relplot(data=good, hue="depth", errorbar="sd", palette=why.depth_palette(good["depth"]), **lines)
     else:  # no run trained: every run is a grey line of its own, and nothing else is drawn
         g = sns.relplot(data=long, units="run_id", estimator=None, color="0.6", lw=0.8, **lines)
     for (run_id, split), line in long[long["outcome"] != "trained"].groupby(["run_id", "split"]) if len(good) else ():
@@ -486,7 +483,10 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
             if spread > CONTENDED:
                 rep.notes.append(f"throughput: the timed windows of one net differ up to {spread:.1f}x: the machine was "
                                  f"busy with other work while these runs trained, so their img/s are rough")
-            rep.tables["comparison"] = comparison_table(trained(runs), compare)
+            table6 = comparison_table(trained(runs), compare)
+            # a comparison with the paper where some row compares (its recipe, width and data): else no section
+            if compare or (len(table6) and table6["difference"].str.match(r"^[+-]\d").any()):
+                rep.tables["comparison"] = table6
             if (runs["family"] == "imagenet").any() and any(TABLE[d].streams for d in set(runs["dataset"]) if d in TABLE):
                 rep.tables["imagenet"] = imagenet_table(trained(runs))
             rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)

@@ -23,6 +23,12 @@ def net_labels(df: pd.DataFrame) -> pd.Series:
     return df["net_label"]
 
 
+def depth_palette(depths) -> dict:
+    """A colour per depth, shallow to deep: viridis without its pale yellow end, which is faint on white."""
+    depths = sorted(set(depths))
+    return dict(zip(depths, sns.color_palette("viridis", len(depths) + 1)[:len(depths)]))
+
+
 def net_order(labels) -> list[str]:
     """plain, residual, then the methods alphabetically (one colour and facet place each)."""
     present = set(labels)
@@ -109,7 +115,7 @@ def gradient_figure(layers: pd.DataFrame | None, signals: pd.DataFrame | None):
         parts.append(signals.assign(measure="backward signal RMS", position=signals["block"],
                                     value=signals["signal_rms"]))
     df = pd.concat(parts, ignore_index=True)
-    g = sns.relplot(data=df, kind="line", x="position", y="value", hue="depth", palette="viridis", row="measure",
+    g = sns.relplot(data=df, kind="line", x="position", y="value", hue="depth", palette=depth_palette(df["depth"]), row="measure",
                     col="net", col_order=net_order(df["net"]), errorbar="sd", height=2.6, aspect=1.3,
                     facet_kws=dict(sharey="row", sharex=False))
     g.set(yscale="log")
@@ -126,7 +132,7 @@ def lesion_figure(les: pd.DataFrame):
     les = les.assign(**{"test error (%)": 100 * les["error"]})
     nets = net_order(les["net"])
     depths = sorted(les["depth"].unique())
-    colours = dict(zip(depths, sns.color_palette("viridis", len(depths))))
+    colours = depth_palette(depths)
     fig, axes = plt.subplots(2, len(nets), figsize=(3.4 * len(nets) + 1.2, 6.2), squeeze=False, sharey="row")
     for col, net in enumerate(nets):
         mine = les[les["net"] == net]
@@ -161,7 +167,7 @@ def shattered_figure(sha: pd.DataFrame):
     at initialisation and trained; one column per net; colour: depth; mean +- sd over seeds (each seed:
     mean over images)."""
     per_seed = sha.groupby(["net", "depth", "seed", "state", "distance"], as_index=False)["correlation"].mean()
-    g = sns.relplot(data=per_seed, kind="line", x="distance", y="correlation", hue="depth", palette="viridis",
+    g = sns.relplot(data=per_seed, kind="line", x="distance", y="correlation", hue="depth", palette=depth_palette(per_seed["depth"]),
                     col="net", col_order=net_order(per_seed["net"]), row="state",
                     row_order=[c for c in ("init", "trained") if c in set(sha["state"])], errorbar="sd",
                     height=2.8, aspect=1.2)

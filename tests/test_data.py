@@ -561,5 +561,5 @@ def test_synthetic_data_has_cifar10s_shape_and_classes_a_net_can_learn():
 
 def test_an_unknown_data_set_names_the_known_ones():
     with pytest.raises(data.DataError, match=r"^unknown dataset 'mnist'; choose one of cifar10, cifar100, "
-                                             r"fashion-mnist, synthetic, imagenet, imagenette$"):
+                                             r"fashion-mnist, synthetic, imagenet, imagenette, svhn$"):
         data.load("mnist")
