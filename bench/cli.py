@@ -447,6 +447,8 @@ def _fuse_option(ctx, param, value):
 @click.option("--grid-seeds", type=COUNT, default=1, show_default=True,
               help="A tuned sweep: how many of the first --seeds train the lr grid; the results are the other seeds "
                    "(never a seed that took part in the choice).")
+@click.option("--lr-grid-widen", type=click.IntRange(min=0), default=2, show_default=True,
+              help="A tuned sweep: factor-2 steps a cell's grid may grow at an end where its choice sits (0: never).")
 @click.option("--lr-grid-for", callback=_lr_grid_for, default=None, metavar="KIND=LR:LR:...,...",
               help="Kinds tuned on a grid of their own, e.g. tat=0.0005:0.001:0.002 (the others on --lr-grid).")
 @click.option("--weight-decay-for", callback=_lr_for, default=None, metavar="KIND=WD,...",
@@ -490,7 +492,7 @@ def _fuse_option(ctx, param, value):
               help="Slurm: memory per task, GB  [default: 8, plus 2 per loader worker for ImageNet-style data]")
 @click.option("--dry-run", is_flag=True,
               help="Slurm: print the job array (resources per task, one line per task) and submit nothing.")
-def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, lr_grid_for, weight_decay_for,
+def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, lr_grid_widen, lr_grid_for, weight_decay_for,
           method_recipe, executor, jobs, runs_per_gpu, fuse,
           partition, gpus_per_run, procs_per_run, nodes, sync_bn, time_min, max_parallel, slurm_opt, wait,
           cpus_per_task, mem_gb, dry_run, **o):
@@ -535,7 +537,7 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, 
                      depths=depths or p["depths"], seeds=seeds if seeds is not None else p["seeds"],
                      width=o["width"] if o["width"] is not None else p["width"], shortcut=o["shortcut"].upper(),
                      dataset=o["dataset"], bn_batch=launch.bn_batch(recipe.batch_size), lr_for=lr_for or (),
-                     lr_grid=lr_grid or (), method_recipe=method_recipe, grid_seeds=grid_seeds,
+                     lr_grid=lr_grid or (), method_recipe=method_recipe, grid_seeds=grid_seeds, grid_widen=lr_grid_widen,
                      lr_grid_for=lr_grid_for or (), weight_decay_for=weight_decay_for or ())
     runs = spec.runs()  # validates every model name before anything is written
     if dry_run:  # what would go to Slurm: no data, folder or sbatch needed
@@ -560,7 +562,8 @@ DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on
 EXECUTION_SECTION = ["device", "amp", "channels_last", "execution", "tensorboard"]
 sweep.sections = {
     "What to train": ["config", "preset", "kinds", "depths", "seeds", "width", "shortcut", "out", "name"],
-    "Methods compared": ["lr_for", "lr_grid", "grid_seeds", "lr_grid_for", "weight_decay_for", "method_recipe"],
+    "Methods compared": ["lr_for", "lr_grid", "grid_seeds", "lr_grid_widen", "lr_grid_for", "weight_decay_for",
+                         "method_recipe"],
     "Recipe (overrides the preset's)": RECIPE_SECTION,
     "Data": DATA_SECTION,
     "Execution": EXECUTION_SECTION,
@@ -694,6 +697,7 @@ def models(depths, kinds, width, imagenet):
       resbench models --depths 20,32,44,56,110,1202
       resbench models --kinds all --depths 20,56 --no-imagenet
     """
+    import resnet
     from bench.specs import model_name
 
     click.echo(f"{'kind':<11}{'shortcut':<10}{'norm':<6}source")

@@ -483,19 +483,7 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
             if spread > CONTENDED:
                 rep.notes.append(f"throughput: the timed windows of one net differ up to {spread:.1f}x: the machine was "
                                  f"busy with other work while these runs trained, so their img/s are rough")
-            table6 = comparison_table(trained(runs), compare)
-            # a comparison with the paper where some row compares (its recipe, width and data): else no section
-            if compare or (len(table6) and table6["difference"].str.match(r"^[+-]\d").any()):
-                rep.tables["comparison"] = table6
-            if (runs["family"] == "imagenet").any() and any(TABLE[d].streams for d in set(runs["dataset"]) if d in TABLE):
-                rep.tables["imagenet"] = imagenet_table(trained(runs))
-            rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
-            rep.tables["recipes"] = recipe_table(runs)
-            _verdicts(trained(runs), rep, compare)
-            if not compare:
-                published_rows = published_methods_table(runs)
-                if len(published_rows) and runs["kind"].nunique() > 2:
-                    rep.tables["published_methods"] = published_rows
+            _result_tables(runs, rep, compare)
             untrained = runs[runs["outcome"] == "did not train"]
             if len(untrained):
                 rep.notes.append(f"{len(untrained)} run(s) did not train (final training error within "
@@ -527,6 +515,24 @@ def build_report(results_dirs, out=None, fmt: str = "png", *, responses: bool = 
         rep.files.append(path)
     rep.files += _write_documents(dirs, out, fmt, rep, compare)
     return rep
+
+
+def _result_tables(runs: pd.DataFrame, rep: Report, compare: str | None) -> None:
+    """The tables of results: the papers' numbers where some row compares, the final errors, each net's recipe,
+    the verdicts."""
+    table6 = comparison_table(trained(runs), compare)
+    # a comparison with the paper where some row compares (its recipe, width and data): else no section
+    if compare or (len(table6) and table6["difference"].str.match(r"^[+-]\d").any()):
+        rep.tables["comparison"] = table6
+    if (runs["family"] == "imagenet").any() and any(TABLE[d].streams for d in set(runs["dataset"]) if d in TABLE):
+        rep.tables["imagenet"] = imagenet_table(trained(runs))
+    rep.tables["final_errors"] = by_compared(final_errors_table, runs, compare)
+    rep.tables["recipes"] = recipe_table(runs)
+    _verdicts(trained(runs), rep, compare)
+    if not compare:
+        published_rows = published_methods_table(runs)
+        if len(published_rows) and runs["kind"].nunique() > 2:
+            rep.tables["published_methods"] = published_rows
 
 
 def _palette(path: Path) -> None:
@@ -636,8 +642,10 @@ def _responses(dirs: list[Path], runs: pd.DataFrame, rep: Report, compare: str |
         resp = records.read(path, "responses") if path.exists() else None
         missing = ok_ids - (set(resp["run_id"]) if resp is not None else set()) - _preact_ids(mine)
         if missing:
-            rep.notes.append(f"Figure 7 (layer responses) lacks {len(missing)} run(s) of {d}: `resbench diagnose {d}` "
-                             f"measures them on the saved weights")
+            # every run missing: diagnose has not run (a count says it); some: those runs, by name
+            which = "" if missing == ok_ids - _preact_ids(mine) else f" ({', '.join(sorted(missing))})"
+            rep.notes.append(f"Figure 7 (layer responses) lacks {len(missing)} run(s) of {d}{which}: `resbench diagnose "
+                             f"{d}` measures them on the saved weights")
         if resp is not None and len(resp):
             frames.append(resp[resp["run_id"].isin(ok_ids)])
     if frames:

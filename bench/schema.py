@@ -66,6 +66,7 @@ RUNS = [
     ("lr_tuning", S, "'' (lr given), grid (one lr of a tuned sweep's grid) or chosen (the grid's choice)"),
     ("lr_grid", LIST_F, "a tuned run's grid of lrs (the sweep's, or its kind's own)"),
     ("lr_grid_seeds", LIST_I, "a tuned run's grid seeds (its sweep's results are the other seeds)"),
+    ("lr_grid_widen", I, "a tuned run's bound: factor-2 steps its cell's grid may grow at each end"),
     ("lr_chosen_by", S, "the rule a chosen run's lr was chosen by"),
     ("recipe", S, "the recipe's name: he2015, quick, smoke, fixup2019, he2015-imagenet, imagenette"),
     ("batch_size", I, "training batch (global, over every process of a data-parallel run)"),

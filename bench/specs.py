@@ -173,6 +173,7 @@ class RunSpec:
     lr_tuning: str = ""
     lr_grid: tuple[float, ...] = ()
     grid_seeds: tuple[int, ...] = ()  # a tuned sweep's seeds the grid trains on (its results: the other seeds)
+    grid_widen: int = 2  # a tuned sweep: factor-2 steps its grid may grow at each end (bench.tuning)
 
     def __post_init__(self):
         _nets().parse(self.model)  # ValueError with the naming rules
@@ -236,6 +237,7 @@ class RunSpec:
                    dataset=self.dataset, seed=self.seed, bn_batch=self.bn_batch,
                    method_recipe=method_recipe(self.model, self.recipe), lr_tuning=self.lr_tuning,
                    lr_grid=list(self.lr_grid), lr_grid_seeds=list(self.grid_seeds),
+                   lr_grid_widen=self.grid_widen if self.lr_tuning else None,
                    lr_chosen_by=CHOSEN_BY if self.lr_tuning == "chosen" else "")
         for f in fields(Recipe):
             v = getattr(self.recipe, f.name)
@@ -257,10 +259,10 @@ class RunSpec:
         r = dict(d["recipe"])
         r["milestones"] = tuple(r["milestones"])
         return cls(**{**d, "recipe": Recipe(**r), "lr_grid": tuple(d.get("lr_grid", ())),
-                      "grid_seeds": tuple(d.get("grid_seeds", ()))})
+                      "grid_seeds": tuple(d.get("grid_seeds", ())), "grid_widen": d.get("grid_widen", 2)})
 
 
-NOT_IDENTITY = ("sweep", "lr_tuning", "lr_grid", "grid_seeds")  # RunSpec fields recorded in rows, not hashed into the run_id
+NOT_IDENTITY = ("sweep", "lr_tuning", "lr_grid", "grid_seeds", "grid_widen")  # RunSpec fields recorded in rows, not hashed into the run_id
 LR_TUNING = ("", "grid", "chosen")
 # how a tuned sweep chooses (bench.tuning.choose): the rule, in every "chosen" row
 CHOSEN_BY = ("lowest validation error, averaged over the evaluation points of the last quarter of the steps and over the "
@@ -444,6 +446,7 @@ class SweepSpec:
     lr_grid: tuple[float, ...] = ()
     method_recipe: str = "matched"  # "paper": each kind with its family's own recipe settings (Family.paper_recipe)
     grid_seeds: int = 1  # a tuned sweep: how many of the first seeds train the grid (the results: the seeds after them)
+    grid_widen: int = 2  # a tuned sweep: factor-2 steps a cell's grid may grow at each end when its choice sits there
     lr_grid_for: tuple[tuple[str, tuple[float, ...]], ...] = ()  # (kind, grid): kinds tuned on a grid of their own
     weight_decay_for: tuple[tuple[str, float], ...] = ()  # (kind, weight decay): kinds with their own weight decay
 
@@ -487,6 +490,8 @@ class SweepSpec:
             if len(set(grid)) < 2 or any(lr <= 0 for lr in grid):
                 raise ValueError(f"--lr-grid-for {kind}: a grid needs at least two positive learning rates, got "
                                  f"{', '.join(map(str, grid)) or 'none'}")
+        if self.grid_widen < 0:
+            raise ValueError("--lr-grid-widen must be >= 0 (0: the grid never grows)")
         if self.lr_grid and not 1 <= self.grid_seeds < len(self.seeds):
             raise ValueError(f"a tuned sweep reports only seeds that took no part in choosing the lr: --seeds gives "
                              f"{len(self.seeds)} seed(s) and --grid-seeds {self.grid_seeds} of them train the grid; give "
@@ -567,7 +572,7 @@ class SweepSpec:
         return RunSpec(model=model_name(kind, depth, TABLE[self.dataset].family), recipe=self.recipe_for(kind, lr), seed=seed, width=self.width,
                        shortcut=self.shortcut, dataset=self.dataset, sweep=self.name, bn_batch=self.bn_batch,
                        lr_tuning=tuning, lr_grid=self.grid_for(kind) if tuning else (),
-                       grid_seeds=self.seeds[:self.grid_seeds] if tuning else ())
+                       grid_seeds=self.seeds[:self.grid_seeds] if tuning else (), grid_widen=self.grid_widen)
 
     def runs(self, chosen: dict[tuple[str, int], float] | None = None,
              grids: dict[tuple[str, int], tuple[float, ...]] | None = None) -> list[RunSpec]:

@@ -13,7 +13,8 @@ evaluation points of the last quarter of its steps, ``outcome.late``): one snaps
 batches. An lr with a diverged grid run is never chosen, nor one without a validation error. A cell chooses
 once every lr of its grid is recorded ok or diverged on every grid seed (a failed run is retried by the next
 sweep, and could change the choice). A choice at an edge of the grid widens it by one factor-2 step on that
-side, up to ``MAX_WIDEN`` steps: the cell chooses again once the new lr is recorded. At the bound the
+side, up to ``--lr-grid-widen`` steps (``lr_grid_widen``, 2 by default): the cell chooses again once the new
+lr is recorded. At the bound the
 choice is flagged as an edge.
 
 Reads records only (pandas; no torch): the sweep (bench.sweep.expand), status and the report share these rules.
@@ -27,7 +28,7 @@ import pandas as pd
 from bench import outcome
 
 DONE = ("ok", "diverged")  # bench.records.DONE (kept here: this module needs no trainer, nor its imports)
-MAX_WIDEN = 2  # factor-2 steps a cell's grid may grow beyond each end of the sweep's grid
+MAX_WIDEN = 2  # factor-2 steps a cell's grid may grow beyond each end of the sweep's grid (rows of v1: no column)
 CELL_COLUMNS = ["kind", "depth", "grid", "grid_seeds", "grid_runs", "recorded", "diverged", "failed", "did_not_train",
                 "widened", "state", "chosen_lr", "edge", "val_err"]
 
@@ -83,10 +84,11 @@ def _cell(kind: str, depth: int, cell: pd.DataFrame) -> dict:
     above = sum(v > base[-1] and not _close(v, base[-1]) for v in grid)
     below = sum(v < base[0] and not _close(v, base[0]) for v in grid)
     edge = "" if lr is None else ("low edge" if _close(lr, grid[0]) else "high edge" if _close(lr, grid[-1]) else "")
+    bound = int(cell["lr_grid_widen"].dropna().max()) if cell["lr_grid_widen"].notna().any() else MAX_WIDEN
     widen = None
-    if edge == "high edge" and above < MAX_WIDEN:
+    if edge == "high edge" and above < bound:
         widen = lr * 2
-    elif edge == "low edge" and below < MAX_WIDEN:
+    elif edge == "low edge" and below < bound:
         widen = lr / 2
     state = "waiting" if not complete else "widening" if widen is not None else "chosen" if lr is not None else "none"
     s = scores(done)

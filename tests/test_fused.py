@@ -45,7 +45,7 @@ def _curves(out, spec):
 
 
 def _science(curves):
-    return curves.drop(columns=["train_time_s", "img_per_s"])  # what was learned, not how fast
+    return curves.drop(columns=["train_time_s", "img_per_s", "data_wait_s"])  # what was learned, not how fast
 
 
 def _weights(out, spec):

@@ -233,7 +233,8 @@ def test_without_a_terminal_a_run_says_where_it_is_at_each_evaluation_point_and_
     lines = res.output.splitlines()
     steps = [ln for ln in lines if ln.startswith("plain8 seed 0: step ")]
     assert [ln.split(",")[0] for ln in steps] == ["plain8 seed 0: step 2/4", "plain8 seed 0: step 4/4"]
-    assert re.search(r"train_err \d+\.\d %, val_err \d+\.\d %, img_s \d+, \d+ s so far, about \d+ s left", steps[0])
+    assert re.search(r"train_err \d+\.\d %, val_err \d+\.\d %, img_s \d+, data_wait \d+ %, \d+ s so far, about \d+ s left",
+                     steps[0])
     first = next(ln for ln in lines if ln.startswith("[1/2] plain8"))
     assert re.search(r"train err \d+\.\d %, test err \d+\.\d %", first) and "the sweep: about" in first
     assert "the sweep" not in next(ln for ln in lines if ln.startswith("[2/2]"))

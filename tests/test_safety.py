@@ -89,7 +89,7 @@ def _interrupted(tmp_path, tiny, interrupt):
 
 def _uninterrupted_curves(tmp_path, spec):
     run_one(spec, tmp_path / "ref", CPU, progress=False)
-    return records.load(tmp_path / "ref")[1].drop(columns=["train_time_s", "img_per_s"])
+    return records.load(tmp_path / "ref")[1].drop(columns=["train_time_s", "img_per_s", "data_wait_s"])
 
 
 def test_a_truncated_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path, tiny, interrupt):
@@ -99,7 +99,7 @@ def test_a_truncated_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path,
         row = run_one(spec, tmp_path / "cut", CPU, progress=False)
     assert row["status"] == "ok" and row["resumed_from"] == 0
     assert ckpt.with_name(ckpt.name + ".corrupt").exists() and not ckpt.exists()
-    got = records.load(tmp_path / "cut")[1].drop(columns=["train_time_s", "img_per_s"])
+    got = records.load(tmp_path / "cut")[1].drop(columns=["train_time_s", "img_per_s", "data_wait_s"])
     pd.testing.assert_frame_equal(got, _uninterrupted_curves(tmp_path, spec))
 
 

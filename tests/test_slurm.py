@@ -169,7 +169,8 @@ def test_a_two_task_data_parallel_run_through_slurm(slurm, tmp_path):
 def test_a_tuned_sweep_submits_its_grid_then_the_chosen_lr_as_two_job_arrays(slurm, tmp_path):
     """The chosen runs are knowable only once the grid is recorded: one array per phase, the grid's runs fused
     in groups like any sweep's; with --no-wait the chosen runs are submitted by the next call."""
-    args = ["--seeds", "0,1", "--iterations", "8", "--models", "plain,resnet", "--lr-grid", "0.01,0.1", "--fuse", "2"]
+    args = ["--seeds", "0,1", "--iterations", "8", "--models", "plain,resnet", "--lr-grid", "0.01,0.1", "--fuse", "2",
+            "--lr-grid-widen", "0"]  # a grid that never grows: two phases exactly
     first = _sweep(tmp_path, *args, "--no-wait")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "4 submitted to Slurm" in first.stdout and "once its grid runs are recorded" in first.stdout
@@ -187,7 +188,7 @@ def test_a_tuned_sweep_submits_its_grid_then_the_chosen_lr_as_two_job_arrays(slu
     # a task per group: the grid's two (one per lr), then the chosen runs, together where their lrs agree
     assert len(set(read_jobs(tmp_path).values())) == 2 + chosen["lr"].nunique()
     for kind, lr in zip(chosen["kind"], chosen["lr"]):  # each net at the lr of its best grid run (validation)
-        best = grid[grid["kind"] == kind].sort_values(["final_val_err", "lr"]).iloc[0]
+        best = grid[grid["kind"] == kind].sort_values(["late_val_err", "lr"]).iloc[0]
         assert lr == best["lr"]
 
 

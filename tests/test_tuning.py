@@ -15,10 +15,10 @@ from bench.specs import LR_GRIDS, RunSpec, SweepSpec, recipe
 
 
 def _grid_row(kind, depth, lr, val, test=0.5, status="ok", train=0.5, grid=(0.01, 0.1, 1.0), seed=0, late=None,
-              seeds=(0,)):
+              seeds=(0,), widen=2):
     return dict(kind=kind, depth=depth, lr=lr, final_val_err=val, late_val_err=val if late is None else late,
                 final_test_err=test, status=status, final_train_err=train, lr_tuning="grid", seed=seed,
-                lr_grid=tuple(grid), lr_grid_seeds=tuple(seeds), dataset="cifar10")
+                lr_grid=tuple(grid), lr_grid_seeds=tuple(seeds), lr_grid_widen=widen, dataset="cifar10")
 
 
 def test_the_lr_is_chosen_on_validation_error_never_on_test_error():
@@ -87,6 +87,9 @@ def test_a_choice_at_an_edge_widens_the_grid_by_factors_of_two_up_to_the_bound()
     low = pd.DataFrame([_grid_row("tat", 20, lr, val={0.01: 0.2, 0.1: 0.3, 1.0: 0.4}[lr]) for lr in base])
     assert tuning.grids(low)[("tat", 20)] == (0.005, 0.01, 0.1, 1.0)
     assert tuning.MAX_WIDEN == 2
+    # --lr-grid-widen 0: the grid never grows, the edge is flagged at once
+    never = pd.DataFrame([_grid_row("tat", 20, lr, val={0.01: 0.2, 0.1: 0.3, 1.0: 0.4}[lr], widen=0) for lr in base])
+    assert tuning.chosen(never) == {("tat", 20): 0.01} and tuning.cells(never).iloc[0]["edge"] == "low edge"
 
 
 def test_the_results_of_a_tuned_folder_are_its_chosen_runs_never_a_grid_seed():
@@ -183,7 +186,8 @@ def test_sweep_settings_are_checked_and_kept_in_sweep_toml():
                       weight_decay_for=(("tat", 0.0), ("fixup", 5e-4)))
     assert tomllib.loads(tuned.to_toml())["lr_grid_for"] == {"tat": [0.001, 0.002]}
     assert SweepSpec.from_toml(tuned.to_toml()) == tuned
-    for other in (dict(lr_grid=(0.01, 0.2)), dict(grid_seeds=1), dict(lr_grid_for=()), dict(weight_decay_for=())):
+    for other in (dict(lr_grid=(0.01, 0.2)), dict(grid_seeds=1), dict(lr_grid_for=()), dict(weight_decay_for=()),
+                  dict(grid_widen=0)):
         with pytest.raises(ValueError, match="other settings"):  # another grid in the same folder: another experiment
             tuned.union(replace(tuned, **other))
 
