@@ -193,6 +193,12 @@ RECIPE_OPTIONS = [  # (option, Recipe field, type, help): each overrides the pre
 ]
 
 
+RECIPE_FLAGS = ("decay_1d", "lighting")  # recipe fields set by on/off flags (recipe_options)
+# Recipe fields no option sets: the recipe's name (the preset's), the decay factor (always /10 in the presets) and what
+# a preset fixes for its data (ImageNet's 10-crop test, epochs as the schedule's unit)
+RECIPE_FIXED = ("name", "lr_decay", "ten_crop", "schedule_in")
+
+
 def recipe_options(fn):
     """Options that override fields of the preset's recipe (unset = the preset's value, stated in the help)."""
     fn = click.option("--decay-1d/--no-decay-1d", default=None,
@@ -241,7 +247,7 @@ def exec_options(fn):
 def _recipe(preset: str, o: dict):
     from bench.specs import PRESETS, recipe
 
-    given = {field: o[field] for _, field, _, _ in RECIPE_OPTIONS} | dict(decay_1d=o["decay_1d"], lighting=o["lighting"])
+    given = {field: o[field] for _, field, _, _ in RECIPE_OPTIONS} | {f: o[f] for f in RECIPE_FLAGS}
     if given["milestones"] is not None:
         given["milestones"] = csv_list(int)(None, None, given["milestones"]) or ()
     return recipe(PRESETS[preset]["recipe"], **given)
@@ -555,9 +561,8 @@ def sweep(preset, kinds, depths, seeds, out, name, lr_for, lr_grid, grid_seeds, 
         _fail_if_failed(runs, out)
 
 
-RECIPE_SECTION = ["iterations", "batch_size", "lr", "milestones", "schedule", "momentum", "weight_decay", "warmup_iters",
-                  "warmup_lr", "warmup_min_depth", "normalize", "mixup", "decay_1d", "lighting", "train_size", "val_size",
-                  "test_size", "eval_every"]
+# the recipe's options as help lists them: RECIPE_OPTIONS in order, then the two on/off flags (declared once, there)
+RECIPE_SECTION = [field for _, field, _, _ in RECIPE_OPTIONS] + list(RECIPE_FLAGS)
 DATA_SECTION = ["dataset", "data_root", "download", "loader_workers", "decode_on"]
 EXECUTION_SECTION = ["device", "amp", "channels_last", "execution", "tensorboard"]
 sweep.sections = {

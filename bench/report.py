@@ -77,10 +77,15 @@ def recipe_note(runs: pd.DataFrame) -> str:
     """The recipe, budget and learning rates the runs show, for a figure's title: 'smoke: 400 steps of batch 64
     on 5000 images; lr 0.05 for every net' (or tuned per net and depth, or per kind)."""
     parts = []
-    for (name, steps, batch, size), _ in runs.groupby(["recipe", "iterations", "batch_size", "train_size"],
-                                                      dropna=False, sort=True):
+    for (name, steps, batch, size, schedule, milestones, decay, unit), _ in runs.groupby(
+            ["recipe", "iterations", "batch_size", "train_size", "schedule", "milestones", "lr_decay", "schedule_in"],
+            dropna=False, sort=True):
         images = "all training images" if pd.isna(size) else f"{int(size)} images"
-        parts.append(f"{name}: {int(steps)} steps of batch {int(batch)} on {images}")
+        unit = "epochs" if unit == "epochs" else "steps"
+        lr = (", the lr to 0 by a cosine" if schedule == "cosine" else
+              f", the lr x{decay:g} at {unit} {milestones.replace(',', ', ')}" if isinstance(milestones, str) and milestones
+              else ", a constant lr")
+        parts.append(f"{name}: {int(steps)} {unit} of batch {int(batch)} on {images}{lr}")
     if runs["lr_tuning"].isin(["grid", "chosen"]).any():
         lr = "lr tuned per net and depth (the grid's best validation error; see the lr figure)"
     elif runs["lr"].nunique() == 1:
