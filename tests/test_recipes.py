@@ -150,20 +150,26 @@ def test_the_fixup_preset_follows_its_script_and_its_report_puts_each_net_beside
         (128, 0.1, 0.9, 1e-4, 200, (100, 150), "epochs")
     assert (r.mixup, r.normalize, r.val_size, r.warmup_iters, r.decay_1d) == (1.0, "standardize", 0, 0, True)
     assert PRESETS["fixup2019"]["models"] == ("resnet", "fixup", "rezero") and PRESETS["fixup2019"]["depths"] == (56, 110)
-    # the short form: three epochs of 64 images at width 0.25 (12 steps: the synthetic images' colours are learnt)
+    # the short form: three epochs of 64 images at width 0.25 (12 steps: the synthetic images' colours are learnt),
+    # at depth 8 (the preset's 56 and 110 are a GPU's work)
     out = tmp_path / "f"
-    res = CliRunner().invoke(main, ["sweep", "--preset", "fixup2019", "--depths", "56", "--dataset", "synthetic",
+    res = CliRunner().invoke(main, ["sweep", "--preset", "fixup2019", "--depths", "8", "--dataset", "synthetic",
                                     "--width", "0.25", "--iterations", "3", "--batch-size", "16", "--train-size", "64",
                                     "--test-size", "32", "--out", str(out)])
     assert res.exit_code == 0, res.output
     runs, _ = records.load(out)
-    assert sorted(runs["model"]) == ["fixup56", "resnet56", "rezero56"] and (runs["iterations_done"] == 12).all()
+    assert sorted(runs["model"]) == ["fixup8", "resnet8", "rezero8"] and (runs["iterations_done"] == 12).all()
     assert set(runs["method_recipe"]) == {"paper", "matched"} and (runs["mixup"] == 1.0).all()
     rep = build_report(out, tmp_path / "rep", responses=False)
-    pub = rep.tables["published_methods"].set_index("net")
+    assert any("mixed batches" in n for n in rep.notes)  # the training errors on mixed batches are said to be so
+    # beside the papers: the runs at the published depth (56), as the preset trains them, moved there by hand
+    from bench.report import _runs_frame, published_methods_table
+
+    at56 = _runs_frame(runs.assign(depth=56))
+    pub = published_methods_table(at56).set_index("net")
     assert set(pub.index) == {"resnet", "fixup", "rezero"} and (pub["depth"] == 56).all()
-    assert all(v.endswith("(1)") for v in pub["ours: test err % (n)"])
-    mean = 100 * runs.loc[runs["kind"] == "rezero", "final_test_err"].iloc[0]
-    assert pub.loc["rezero", "ours - published"] == f"{mean - 6.38:+.2f}"
-    # the training errors on mixed batches are said to be so
-    assert any("mixed batches" in n for n in rep.notes)
+    trained = at56.set_index("kind")["outcome"] == "trained"
+    for kind in pub.index:
+        mean = 100 * runs.loc[runs["kind"] == kind, "final_test_err"].iloc[0]
+        assert pub.loc[kind, "ours - published"] == (f"{mean - pub.loc[kind, 'published test err %']:+.2f}"
+                                                      if trained[kind] else "-")
