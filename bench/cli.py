@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import signal
 import sys
 import tomllib
@@ -93,16 +94,25 @@ def friendly_errors(fn):
     return wrapper
 
 
-def csv_list(cast, minimum=None):
-    """A comma-separated option; with ``minimum``, every item must be at least that."""
+def csv_list(cast, minimum=None, example: str = "20,32,44", ranges: bool = False):
+    """A comma-separated option; with ``minimum``, every item must be at least that; with ``ranges``, "0-4"
+    stands for 0,1,2,3,4 (seeds)."""
+
+    def item(v: str):
+        if ranges and re.fullmatch(r"\d+-\d+", v):
+            lo, hi = map(int, v.split("-"))
+            if hi < lo:
+                raise ValueError(v)
+            return tuple(range(lo, hi + 1))
+        return (cast(v),)
 
     def callback(_ctx, param, value):
         if value is None:
             return None
         try:
-            items = tuple(cast(v.strip()) for v in str(value).split(",") if v.strip())
+            items = tuple(x for v in str(value).split(",") if v.strip() for x in item(v.strip()))
         except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list such as 20,32,44, got {value!r}") from None
+            raise click.BadParameter(f"expected a comma-separated list such as {example}, got {value!r}") from None
         low = [v for v in items if minimum is not None and v < minimum]
         if low:
             raise click.BadParameter(f"every value must be >= {minimum}, got {', '.join(map(str, low))}")
@@ -440,8 +450,8 @@ def _fuse_option(ctx, param, value):
 @click.option("--depths", callback=csv_list(int), default=None,
               help=f"Depths: 6n+2 (8, 20, 32, ...: the CIFAR family) on CIFAR-like data; 18, 34, 50, 101, 152 (the "
                    f"ImageNet-style family) on ImageNet-style data  [default: {preset_defaults('depths')}]")
-@click.option("--seeds", callback=csv_list(int, minimum=0), default=None,
-              help=f"Seeds, one run of each net per seed  [default: {preset_defaults('seeds')}]")
+@click.option("--seeds", callback=csv_list(int, minimum=0, example="0,1,2 or 0-4", ranges=True), default=None,
+              help=f"Seeds, one run of each net per seed: 0,1,2 or 0-4  [default: {preset_defaults('seeds')}]")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: results/<preset>]")
 @click.option("--name", default=None, help="Sweep name in the records  [default: the preset]")
 @click.option("--lr-for", callback=_lr_for, default=None, metavar="KIND=LR,...",

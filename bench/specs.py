@@ -552,7 +552,11 @@ class SweepSpec:
         mine, theirs = asdict(self), asdict(other)
         differ = [k for k in mine if k not in self.AXES + ("extra",) and mine[k] != theirs[k]]
         if differ:
-            what = "; ".join(f"{k}: {mine[k]!r} recorded, {theirs[k]!r} asked for" for k in differ)
+            # a table of settings (the recipe) names only its keys that differ, not both whole tables
+            what = "; ".join(
+                "; ".join(f"{k}.{f}: {mine[k][f]!r} recorded, {theirs[k][f]!r} asked for" for f in mine[k]
+                          if mine[k][f] != theirs[k].get(f)) if isinstance(mine[k], dict)
+                else f"{k}: {mine[k]!r} recorded, {theirs[k]!r} asked for" for k in differ)
             raise ValueError(f"this folder holds sweep {self.name!r} with other settings ({what}). A sweep can be "
                              f"extended only along models, depths and seeds; use another --out for another experiment")
         grown = {k: tuple(dict.fromkeys(getattr(self, k) + getattr(other, k))) for k in self.AXES}

@@ -341,3 +341,16 @@ def test_load_torch_stays_weights_only_and_maps_to_the_device_asked(tmp_path, mo
     # a checkpoint from another device lands where the resuming run asks ("meta" stands in for a GPU)
     checkpoints.save_torch({"w": torch.ones(2)}, tmp_path / "w.pt")
     assert checkpoints.load_torch(tmp_path / "w.pt", map_location="meta")["w"].device.type == "meta"
+
+
+def test_seeds_take_a_range_and_a_refused_list_gives_an_example_of_its_own_kind(tmp_path):
+    res = CliRunner().invoke(main, ["sweep", "--seeds", "0-2", "--executor", "slurm", "--dry-run", "--depths", "8",
+                                    "--kinds", "resnet"])
+    assert res.exit_code == 0 and "dry run: 3 runs" in res.output and "-s2-" in res.output, res.output  # seeds 0, 1, 2
+    bad = CliRunner().invoke(main, ["sweep", "--seeds", "0..2"])
+    assert bad.exit_code == 2 and "such as 0,1,2 or 0-4" in bad.output
+    # another recipe in the folder: the error names the recipe's fields that differ, not both whole recipes
+    a = SweepSpec("s", recipe("smoke"))
+    with pytest.raises(ValueError) as e:
+        a.union(SweepSpec("s", recipe("smoke", lr=0.1)))
+    assert "recipe.lr: 0.05 recorded, 0.1 asked for" in str(e.value) and "momentum" not in str(e.value)
