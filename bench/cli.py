@@ -476,7 +476,8 @@ def _fuse_option(ctx, param, value):
                    "per-location normalisation).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
 @click.option("--jobs", type=COUNT, default=None,
-              help="CPU: runs at a time, each in its own process  [default: 1, in this process]")
+              help="CPU: runs at a time, each in its own process of cores/N threads  [default: one per core, up to the "
+                   "runs to train; RESBENCH_JOBS sets it]")
 @click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
 @click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
               help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "

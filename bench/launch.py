@@ -8,6 +8,8 @@ default, since DDP's gradient hooks cannot be captured in a CUDA graph (an expli
 """
 from __future__ import annotations
 
+import os
+
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,11 +112,14 @@ def execute(spec: SweepSpec, out: Path, launch: Launch, *, data_root=None, downl
 def _here(spec, runs, todo, done, out, launch, *, data_root, download, log) -> bool:
     """One phase on this machine: in this process, in worker processes, or as data-parallel runs."""
     ex = launch.execution()
-    slots = sw.worker_slots(ex.device, launch.jobs, launch.runs_per_gpu)
+    jobs = launch.jobs if launch.jobs is not None else cpu_jobs(ex, len(todo))
+    slots = sw.worker_slots(ex.device, jobs, launch.runs_per_gpu)
     groups = sw.plan_groups(todo, launch.fuse, ex, in_process=len(slots) == 1)
     fused = sw.describe_groups(groups)
+    where = (f" in {len(slots)} processes of {slots[0]['OMP_NUM_THREADS']} thread(s)" if len(slots) > 1 and
+             ex.device == "cpu" else "")
     log(f"sweep {spec.name}: {sw.describe_runs(spec, runs)}, {done} already recorded, {len(todo)} to train on "
-        f"{ex.device}{' as ' + fused if fused else ''} -> {out}")
+        f"{ex.device}{where}{' as ' + fused if fused else ''} -> {out}")
     if not todo:
         return False
     hint = group_hint(groups, launch.fuse, ex, launch.runs_per_gpu)
@@ -128,6 +133,16 @@ def _here(spec, runs, todo, done, out, launch, *, data_root, download, log) -> b
     else:
         sw.run_local(todo, out, ex, fuse=launch.fuse, progress=True, groups=groups, **kw)  # a bar, or lines
     return True
+
+
+def cpu_jobs(ex: Execution, todo: int) -> int | None:
+    """The CPU's default runs at a time (no --jobs given): one process of one thread per core, up to the runs to
+    train: small nets use two cores better as two runs than as one run of two threads (README, "What they take").
+    ``RESBENCH_JOBS`` sets it (the tests set 1: every run in their own process). None on CUDA (a process per GPU)."""
+    if ex.device != "cpu":
+        return None
+    given = os.environ.get("RESBENCH_JOBS")
+    return max(1, int(given)) if given else max(1, min(os.cpu_count() or 1, todo))
 
 
 def _on_slurm(spec, runs, todo, done, out, launch, *, data_root, download, log) -> bool:

@@ -2,6 +2,10 @@
 import os
 from pathlib import Path
 
+# a sweep's default on the CPU trains a run per core in worker processes (bench.launch.cpu_jobs); the tests train in
+# their own process (they watch, interrupt and patch the trainer there), unless a test asks for workers
+os.environ.setdefault("RESBENCH_JOBS", "1")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent

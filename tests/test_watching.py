@@ -126,3 +126,24 @@ def test_tensorboard_event_files_hold_each_evaluation_points_scalars(tmp_path):
     for tag in ("train_err", "test_err", "lr"):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert got == [(i, pytest.approx(v, rel=1e-6)) for i, v in zip(curves["iteration"], curves[tag])], tag
+
+
+@pytest.mark.slow  # worker processes
+def test_on_the_cpu_a_sweep_trains_a_run_per_core_by_default(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bench.cli import main
+    from bench.launch import cpu_jobs
+    from bench.specs import Execution
+
+    monkeypatch.delenv("RESBENCH_JOBS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_jobs(Execution(device="cpu"), 6) == 2 and cpu_jobs(Execution(device="cpu"), 1) == 1
+    assert cpu_jobs(Execution(device="cuda"), 6) is None
+    monkeypatch.setenv("RESBENCH_JOBS", "3")
+    assert cpu_jobs(Execution(device="cpu"), 6) == 3
+    monkeypatch.delenv("RESBENCH_JOBS")
+    res = CliRunner().invoke(main, SWEEP + ["--kinds", "plain,resnet", "--out", str(tmp_path)])
+    assert res.exit_code == 0 and "to train on cpu in 2 processes of 1 thread(s)" in res.output, res.output
+    runs = records.load(tmp_path)[0]
+    assert (runs["status"] == "ok").all() and (runs["cpu_threads"] == 1).all() and len(runs) == 2
