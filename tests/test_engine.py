@@ -239,5 +239,5 @@ def test_extending_a_sweep_keeps_the_union_of_its_grids(tmp_path):
     assert len(st) == 8 and (st["status"] == "ok").sum() == 3 and (st["status"] == "pending").sum() == 5
     before = (tmp_path / "sweep.toml").read_text()
     other = CliRunner().invoke(main, SWEEP_ARGS + ["--iterations", "8", "--eval-every", "4", "--out", str(tmp_path)])
-    assert other.exit_code == 1 and "other settings (recipe:" in other.output and "another --out" in other.output
+    assert other.exit_code == 1 and "other settings (recipe.iterations: 4 recorded, 8 asked for)" in other.output and "another --out" in other.output
     assert (tmp_path / "sweep.toml").read_text() == before and len(records.load(tmp_path)[0]) == 3

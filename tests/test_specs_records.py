@@ -122,7 +122,7 @@ def test_union_grows_the_axes_merges_notes_and_names_every_other_difference():
     assert (u.models, u.depths, u.seeds) == (("plain", "resnet"), (8, 20), (0, 1))
     assert u.extra == {"by": "b", "gpu": "x"}
     c = SweepSpec("n", recipe("smoke", lr=0.1), width=0.5)
-    with pytest.raises(ValueError, match=r"recipe: .* recorded, .* asked for; width: 1.0 recorded, 0.5 asked for"):
+    with pytest.raises(ValueError, match=r"recipe.lr: 0.05 recorded, 0.1 asked for; width: 1.0 recorded, 0.5 asked for"):
         a.union(c)
 
 
