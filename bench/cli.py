@@ -476,8 +476,8 @@ def _fuse_option(ctx, param, value):
                    "per-location normalisation).")
 @click.option("--executor", type=click.Choice(["local", "slurm"]), default="local")
 @click.option("--jobs", type=COUNT, default=None,
-              help="CPU: runs at a time, each in its own process of cores/N threads  [default: one per core, up to the "
-                   "runs to train; RESBENCH_JOBS sets it]")
+              help="CPU: runs at a time, in N processes of cores/N threads, each training one run after another  "
+                   "[default: one per core, up to the runs to train; RESBENCH_JOBS sets it]")
 @click.option("--runs-per-gpu", type=COUNT, default=1, help="CUDA: runs packed onto each GPU at a time.")
 @click.option("--pad-input", type=click.Choice(["0", "4", "8"]), default=None,
               help="Run groups: zero-pad each member's input to 4 or 8 channels for cuDNN's NHWC kernels "
@@ -695,6 +695,15 @@ def worker(spec_file, out):
     from bench.sweep import worker as run_worker
 
     sys.exit(run_worker(spec_file, out))
+
+
+@main.command(hidden=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def serve(out):
+    """Train the groups whose spec files a parallel sweep names on stdin, one after another (internal)."""
+    from bench.sweep import serve as serve_groups
+
+    sys.exit(serve_groups(out))
 
 
 @main.command()

@@ -138,7 +138,7 @@ def _here(spec, runs, todo, done, out, launch, *, data_root, download, log) -> b
 def cpu_jobs(ex: Execution, todo: int) -> int | None:
     """The CPU's default runs at a time (no --jobs given): one process of one thread per core, up to the runs to
     train: small nets use two cores better as two runs than as one run of two threads (README, "What they take").
-    ``RESBENCH_JOBS`` sets it (the tests set 1: every run in their own process). None on CUDA (a process per GPU)."""
+    ``RESBENCH_JOBS`` sets it (the tests set 1: the runs in their own process). None on CUDA (a process per GPU)."""
     if ex.device != "cpu":
         return None
     given = os.environ.get("RESBENCH_JOBS")

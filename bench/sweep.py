@@ -3,8 +3,8 @@
 Executors:
   local, one slot   in this process, one group after another (a failing run is recorded and the
                     sweep goes on)
-  local, N slots    one subprocess per group, N at a time; on GPUs each slot is pinned to one
-                    device with CUDA_VISIBLE_DEVICES (``runs_per_gpu`` slots per device)
+  local, N slots    N worker processes, each training one group after another; on GPUs each slot is
+                    pinned to one device with CUDA_VISIBLE_DEVICES (``runs_per_gpu`` slots per device)
   slurm             one array task per group, see bench.slurm
 
 A group is what ``fuse`` asks for (bench.fuse.plan): runs of one shape trained as one grouped
@@ -226,13 +226,27 @@ def worker_slots(device: str, jobs: int | None, runs_per_gpu: int, visible: list
 
 def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, fuse: str = "off",
                  data_root=None, download=False, log=print, poll_s: float = 0.2) -> None:
-    """Each group in its own subprocess (`python -m bench worker`), len(slots) at a time."""
+    """The groups over len(slots) worker processes (`python -m bench serve`), one group at a time each.
+
+    A slot keeps its process from group to group, so torch, the trainer and the data are imported and loaded
+    once per slot, not once per run (about 5 s a run on a 2-core CPU, a fifth of a smoke run at depth 8). A
+    group that fails ends its process (a failure may leave state behind: CUDA's, a stuck loader) and the slot's
+    next group starts a fresh one; a process that dies (killed, segfault, OOM kill) has its group recorded
+    failed, as before."""
     queue = plan_groups(runs, fuse, ex, in_process=False)
-    active: dict[int, tuple[subprocess.Popen, list[RunSpec], Path, float]] = {}
+    procs: dict[int, subprocess.Popen] = {}
+    active: dict[int, tuple[list[RunSpec], Path, float]] = {}
     n, done, t0, finished = len(runs), 0, time.perf_counter(), []
     spec_dir = Path(tempfile.mkdtemp(prefix="resbench-specs-"))
     # a pinned worker sees its GPU as cuda:0
     wex = replace(ex, device="cuda" if ex.device.startswith("cuda") else ex.device)
+
+    def close(slot: int) -> None:
+        proc = procs.pop(slot, None)
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()  # end of input: the process exits
+            proc.wait()
+
     try:
         while queue or active:
             for slot, env in enumerate(slots):
@@ -242,29 +256,46 @@ def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict
                 f = spec_dir / f"{group[0].run_id}.json"
                 f.write_text(json.dumps(dict(specs=[s.to_dict() for s in group], execution=asdict(wex),
                                              data_root=str(data_root) if data_root else None, download=download)))
-                cmd = [sys.executable, "-m", "bench", "worker", str(f), "--out", str(out)]
-                active[slot] = (subprocess.Popen(cmd, env=os.environ | env), group, f, time.perf_counter())
-            for slot, (proc, group, f, t) in list(active.items()):
-                if proc.poll() is None:
+                if slot in procs and procs[slot].poll() is not None:  # ended between groups
+                    procs.pop(slot)
+                if slot not in procs:
+                    procs[slot] = subprocess.Popen([sys.executable, "-m", "bench", "serve", "--out", str(out)],
+                                                   env=os.environ | env, stdin=subprocess.PIPE, text=True)
+                procs[slot].stdin.write(f"{f}\n")
+                procs[slot].stdin.flush()
+                active[slot] = (group, f, time.perf_counter())
+            for slot, (group, f, t) in list(active.items()):
+                reply, proc = _done_file(f), procs[slot]
+                if reply.exists():
+                    code = json.loads(reply.read_text())["code"]
+                    if code not in (0, EXIT_SKIPPED):
+                        close(slot)  # it exits by itself after a failure
+                elif proc.poll() is not None:
+                    code = proc.returncode
+                    procs.pop(slot)
+                else:
                     continue
                 del active[slot]
                 skipped = set(json.loads(_skipped_file(f).read_text())) if _skipped_file(f).exists() else set()
                 for spec in group:
                     done += 1
-                    if spec.run_id in skipped or proc.returncode == EXIT_SKIPPED:
+                    if spec.run_id in skipped or code == EXIT_SKIPPED:
                         log(f"[{done}/{n}] {spec.run_id}: skipped (another trainer holds or finished it)")
                         continue
                     row = records.recorded(out, spec.run_id)
                     if row is None:  # the worker died without recording it (killed, segfault, OOM kill)
-                        row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {proc.returncode}"))
+                        row = record_failure(spec, out, ex, RuntimeError(f"worker exited with code {code}"))
                     finished.append(spec)
                     log(_line(done, n, row, time.perf_counter() - t)
-                        + _eta(finished, [s for g in queue for s in g] + [s for a in active.values() for s in a[1]],
+                        + _eta(finished, [s for g in queue for s in g] + [s for a in active.values() for s in a[0]],
                                time.perf_counter() - t0))
             time.sleep(poll_s)
+        for slot in list(procs):
+            close(slot)
     finally:
-        for proc, _, _, _ in active.values():
-            proc.terminate()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
         for f in spec_dir.iterdir():
             f.unlink()
         spec_dir.rmdir()
@@ -274,9 +305,29 @@ def _skipped_file(spec_file: Path) -> Path:
     return spec_file.with_name(spec_file.stem + ".skipped.json")
 
 
+def _done_file(spec_file: Path) -> Path:
+    return spec_file.with_name(spec_file.stem + ".done.json")
+
+
+def serve(out: Path, requests=None) -> int:
+    """Entry point of a parallel sweep's worker process: train the group of each spec file named on a line of
+    ``requests`` (stdin), one after another, answering each with ``<spec>.done.json`` ({"code": worker's exit
+    code}); ends at the end of input, or after a group whose code is a failure (the sweep starts a fresh process
+    for the slot's next group)."""
+    requests = requests or sys.stdin
+    while line := requests.readline():
+        f = Path(line.strip())
+        code = worker(f, out)
+        records.atomic_write(_done_file(f), lambda tmp: tmp.write_text(json.dumps(dict(code=code))))
+        if code not in (0, EXIT_SKIPPED):
+            return code
+    return 0
+
+
 def worker(spec_file: Path, out: Path) -> int:
-    """Entry point of one subprocess: train one group and record it (failed rows included). Writes
-    the run_ids it skipped beside the spec file; exits with EXIT_SKIPPED if it skipped them all."""
+    """Train one group and record it (failed rows included): a worker process's group, or one rank's part of a
+    data-parallel run. Writes the run_ids it skipped beside the spec file; returns EXIT_SKIPPED if it skipped
+    them all."""
     job = json.loads(Path(spec_file).read_text())
     specs, ex = [RunSpec.from_dict(d) for d in job["specs"]], Execution(**job["execution"])
     place = ddp.init(ex.device.startswith("cuda"))  # one process of a data-parallel run, or alone

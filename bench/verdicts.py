@@ -27,7 +27,6 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 ALPHA = 0.05  # each verdict's level, after Holm's correction over the report's comparisons
 POWER = 0.8  # the power "seeds that would resolve it" aims at
@@ -35,6 +34,14 @@ MAX_SEEDS = 1000  # beyond this, "more than 1000 seeds"
 COLUMNS = ["question", "claim", "metric", "compared", "a", "b", "n_a", "n_b", "pairing", "mean_a", "mean_b",
            "difference", "ci_low", "ci_high", "p", "p_holm", "verdict", "seeds_needed"]
 METRICS = {"final_train_err": "training error", "final_test_err": "test error"}
+
+
+def _stats():
+    """scipy.stats, imported at first use: the training path imports this module (through bench.outcome) and
+    each worker process would otherwise pay scipy's import (about 1 s) for nothing."""
+    from scipy import stats
+
+    return stats
 
 
 def interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -47,7 +54,7 @@ def interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
         return mean, math.nan, math.nan
     if np.ptp(v) == 0:
         return mean, mean, mean
-    low, high = stats.ttest_1samp(v, 0.0).confidence_interval(confidence)
+    low, high = _stats().ttest_1samp(v, 0.0).confidence_interval(confidence)
     return mean, float(low), float(high)
 
 
@@ -80,7 +87,7 @@ def seeds_needed(difference: float, sd: float, paired: bool, alpha: float = ALPH
     spread."""
     if not (sd > 0) or difference == 0 or math.isnan(difference):
         return None
-    d = abs(difference) / sd
+    d, stats = abs(difference) / sd, _stats()
     for n in range(2, MAX_SEEDS + 1):
         df, ncp = (n - 1, d * math.sqrt(n)) if paired else (2 * n - 2, d * math.sqrt(n / 2))
         crit = stats.t.ppf(1 - alpha / 2, df)
@@ -106,13 +113,13 @@ def difference(a: pd.Series, b: pd.Series) -> dict:
         if sd == 0:  # every seed the same difference (bit-identical runs, say): no spread to test against
             return out | dict(ci_low=out["difference"], ci_high=out["difference"], p=0.0 if out["difference"] else 1.0,
                               sd=0.0)
-        res = stats.ttest_rel(a, b.reindex(a.index))
+        res = _stats().ttest_rel(a, b.reindex(a.index))
     else:
         sd = float(math.sqrt((a.var() + b.var()) / 2))
         if a.var() == 0 and b.var() == 0:
             return out | dict(ci_low=out["difference"], ci_high=out["difference"], p=0.0 if out["difference"] else 1.0,
                               sd=0.0)
-        res = stats.ttest_ind(a, b, equal_var=False)
+        res = _stats().ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(0.95)
     return out | dict(ci_low=float(ci.low), ci_high=float(ci.high), p=float(res.pvalue), sd=sd)
 
@@ -123,6 +130,7 @@ def trend(runs: pd.DataFrame, metric: str) -> dict:
     x, y = runs["depth"].astype(float).to_numpy(), 100 * runs[metric].astype(float).to_numpy()
     if len(set(x)) < 3 or len(x) < 4:
         return dict(difference=math.nan, ci_low=math.nan, ci_high=math.nan, p=math.nan)
+    stats = _stats()
     res = stats.linregress(x, y)
     half = stats.t.ppf(0.975, len(x) - 2) * res.stderr
     return dict(difference=10 * res.slope, ci_low=10 * (res.slope - half), ci_high=10 * (res.slope + half),

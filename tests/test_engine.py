@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -105,12 +106,43 @@ def test_sweep_cli_skips_finished_runs(tmp_path):
 
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
-def test_sweep_in_parallel_processes(tmp_path):
+def test_sweep_in_parallel_processes(tmp_path, monkeypatch):
+    """Two slots, four runs: two worker processes, each training two runs (torch imported once a slot)."""
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or popen(cmd, **kw))
     args = SWEEP_ARGS + ["--iterations", "4", "--eval-every", "4", "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     runs, curves = records.load(tmp_path)
     assert sorted(runs["status"]) == ["ok"] * 4 and runs["run_id"].is_unique and len(curves) == 4
+    assert len(started) == 2 and all(cmd[3] == "serve" for cmd in started)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow  # subprocesses: left out of mutation runs
+def test_a_killed_worker_fails_its_run_and_the_slot_goes_on_in_a_fresh_process(tmp_path):
+    """kill -9 of a parallel sweep's worker: its run is recorded failed with the signal's code, and the
+    slot's next run trains in a new process; the sweep ends with exit 1 naming the failed run."""
+    args = SWEEP_ARGS + ["--iterations", "200", "--eval-every", "20", "--models", "plain", "--batch-size", "64",
+                         "--seeds", "0,1,2", "--jobs", "2", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any((tmp_path / "ckpt").glob("*.pt")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    victim = _children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    runs = records.load(tmp_path)[0].set_index("seed")
+    assert sorted(runs["status"]) == ["failed", "ok", "ok"], runs["status"]
+    assert runs.loc[runs["status"] == "failed", "error"].iloc[0] == "RuntimeError: worker exited with code -9"
+    assert "1 run(s) failed" in err
 
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
