@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from bench import data, env, records
+from bench import data, env
 from resnet.group import member_major
 from bench.fuse import Members
 from bench.specs import PAD_INPUTS

@@ -14,7 +14,7 @@ import torch
 import resnet
 from bench import checkpoints, records
 from bench.specs import Execution, RunSpec, recipe
-from bench.train import evaluate
+from bench.sources import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--models", "resnet", "--depths", "8", "--width", "0.25", "--batch-size", "32",
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import resnet
 from bench import ddp, data
 from bench.specs import Execution
-from bench.train import evaluate
+from bench.sources import evaluate
 
 out = sys.argv[1]
 place = ddp.init(cuda=False)
@@ -277,7 +277,6 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     from PIL import Image
 
     from bench import imagefolder as imf
-    from bench import train
 
     root, rng = tmp_path / "tree", np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 1)):
@@ -289,8 +288,8 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
                 Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
                 (folder / f"{c}_{i}.JPEG").write_bytes(buf.getvalue())
     tree = imf.scan(root)
-    items = train.tree_sets(tree, recipe("imagenette"))["train"]
-    train.tree_mean(tree, items)  # the mean image made before the damage (rank 0 would meet the file there)
+    items = imf.tree_sets(tree, recipe("imagenette"))["train"]
+    imf.tree_mean(tree, items)  # the mean image made before the damage (rank 0 would meet the file there)
 
     def damage(epoch, position):  # the image at ``position`` of ``epoch``'s order (seed 0): batch of 8, 4 a rank
         path = Path(items.path(int(imf.epoch_order(len(items), 0, epoch)[position])))

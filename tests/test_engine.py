@@ -17,7 +17,8 @@ from bench import records
 from bench.cli import main
 from bench.specs import Execution, RunSpec, SweepSpec, recipe
 from bench.sweep import pending, run_local
-from bench.train import evaluate, run_one
+from bench.sources import evaluate
+from bench.train import run_one
 from bench import data
 
 CPU = Execution.for_device("cpu")

@@ -275,14 +275,14 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
     assert set(les["model"]) == {"plain18", "resnet18"} and (les["images"] == 6).all()
     assert les["error"].between(0, 1).all() and len(les) > 4
     # what they were computed on: the evaluation's centre crops of val/, the run's own mean image, its 7x7 stem
-    from bench import analysis, train
+    from bench import analysis
 
     notes = []
     (_, spec, net, x, y, mean, train_x), *_ = analysis._saved_nets(out, runs, imagenette, notes, "t", tree_images=3)
     tree = imf.scan(imagenette / "imagenette2")
     assert torch.equal(x, torch.stack([imf.centre_crop(imf.decode(i.path)) for i in tree.val[:3]]))
     assert y.tolist() == [i.label for i in tree.val[:3]] and len(train_x) == 40
-    assert torch.equal(mean, train.tree_mean(tree, train.tree_sets(tree, spec.recipe)["train"]))
+    assert torch.equal(mean, imf.tree_mean(tree, imf.tree_sets(tree, spec.recipe)["train"]))
     assert net.stem[0].kernel_size == (7, 7) and notes == ["t: imagenette (ImageNet-style data): the centre crops "
                                                            "of the first 3 of 10 val/ images"]
     # shattered gradients too (in this process, on one image: 65 input gradients at 224 px per net and state)
@@ -333,14 +333,14 @@ def test_the_imagenet_recipe_fields_leave_earlier_run_ids_alone():
 def test_a_tree_is_fingerprinted_by_its_file_names_and_sizes(tree, tmp_path):
     import shutil
 
-    from bench.train import _tree_fingerprint
+    from bench.sources import tree_fingerprint
 
     copy = tmp_path / tree.name
     shutil.copytree(tree, copy)
-    assert _tree_fingerprint(imf.scan(copy)) == _tree_fingerprint(imf.scan(tree))  # where it lies does not count
+    assert tree_fingerprint(imf.scan(copy)) == tree_fingerprint(imf.scan(tree))  # where it lies does not count
     extra = copy / "train" / "n0100" / "n0100_0.JPEG"
     extra.write_bytes(extra.read_bytes() + b"\0")
-    assert _tree_fingerprint(imf.scan(copy)) != _tree_fingerprint(imf.scan(tree))
+    assert tree_fingerprint(imf.scan(copy)) != tree_fingerprint(imf.scan(tree))
 
 
 def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_grid(tree):
@@ -506,19 +506,19 @@ def test_on_cuda_decoding_waits_for_the_kernels_still_queued_on_the_stream(tree)
 
 
 def test_the_trees_fingerprint_is_stated_once_while_its_folders_are_unchanged(tree, tmp_path, monkeypatch):
-    from bench import train
+    from bench import sources
 
     monkeypatch.setenv("RESBENCH_CACHE", str(tmp_path / "cache"))
     t = imf.scan(tree)
     calls = []
     real = os.path.getsize
     monkeypatch.setattr(os.path, "getsize", lambda p: calls.append(p) or real(p))
-    first = imf.cached(t, "fingerprint", lambda: train._tree_fingerprint(t))
+    first = imf.cached(t, "fingerprint", lambda: sources.tree_fingerprint(t))
     assert len(calls) == len(t.train) + len(t.val)  # one stat per file, the first time
-    assert imf.cached(t, "fingerprint", lambda: train._tree_fingerprint(t)) == first and len(calls) == len(t.train) + len(t.val)
+    assert imf.cached(t, "fingerprint", lambda: sources.tree_fingerprint(t)) == first and len(calls) == len(t.train) + len(t.val)
     (tree / "train" / "n0100" / "new.JPEG").write_bytes((tree / "train" / "n0100" / "n0100_0.JPEG").read_bytes())
     try:
         again = imf.scan(tree)
-        assert imf.cached(again, "fingerprint", lambda: train._tree_fingerprint(again)) != first  # an image more
+        assert imf.cached(again, "fingerprint", lambda: sources.tree_fingerprint(again)) != first  # an image more
     finally:
         (tree / "train" / "n0100" / "new.JPEG").unlink()

@@ -21,10 +21,11 @@ from torch import nn
 
 import resnet
 
-from bench import checkpoints, claims, data, env, records, train
+from bench import checkpoints, claims, data, env, records, sources, train
 from bench.specs import Execution, RunSpec, recipe
 from bench.steps import TrainStep, current_lr, load_optimizer_state, make_optimizer, set_lr
-from bench.train import evaluate, run_one, timed_windows
+from bench.sources import evaluate
+from bench.train import run_one, timed_windows
 
 CPU = Execution.for_device("cpu")
 cpu = torch.device("cpu")
@@ -506,7 +507,7 @@ def test_run_row_summary_and_columns_by_hand():
     timed = [dict(img_per_s=100.0, group_size=3, seconds=1.0, steps=10),
              dict(img_per_s=150.0, group_size=1, seconds=3.0, steps=10),
              dict(img_per_s=120.0, seconds=2.0, steps=4)]  # a window of an earlier version: no group size
-    # the trainer's data object (bench.train._TreeData here): where the data came from, how batches were made
+    # the trainer's data object (bench.sources.Streamed here): where the data came from, how batches were made
     source = SimpleNamespace(source="/data/x.tar.gz", sha256="abc", official=False, loader="stream-loader",
                              decode_on="device")
     ex = Execution("cpu", amp=True, channels_last=True, execution="compile", cudnn_benchmark=True)
@@ -599,13 +600,13 @@ def test_the_step_is_built_as_the_execution_asks(tmp_path, tiny, monkeypatch):
 
 
 def test_each_evaluation_point_scores_the_validation_and_test_sets_asked_for(tmp_path, tiny, monkeypatch):
-    seen, real = [], train.evaluate
+    seen, real = [], sources.evaluate
 
     def spy(model, x, y, mean, ex, device, members=None):
         seen.append((len(x), len(y), torch.equal(mean.mean, want_mean) and mean.std is None, members.k))
         return real(model, x, y, mean, ex, device, members)
 
-    monkeypatch.setattr(train, "evaluate", spy)
+    monkeypatch.setattr(sources, "evaluate", spy)
     r = replace(tiny, val_size=48, test_size=40)  # 16 steps, an evaluation every 8
     arrays = data.load("synthetic")
     want_mean = data.pixel_mean(data.split(arrays, r.val_size, r.train_size)["train"][0])  # the training images'
