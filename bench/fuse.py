@@ -25,7 +25,7 @@ from torch import nn
 
 import resnet
 from resnet import group as grouped
-from bench.specs import AUTO_GROUP, Execution, RunSpec, parse_fuse  # noqa: F401 (bench.fuse.parse_fuse)
+from bench.specs import AUTO_GROUP, Execution, Fuse, RunSpec
 
 
 
@@ -46,14 +46,14 @@ def group_key(spec: RunSpec) -> tuple | None:
     return (a.family, a.depth, spec.width, spec.shortcut.upper(), spec.dataset, spec.recipe)
 
 
-def plan(runs: list[RunSpec], fuse: str = "auto", device: str = "cpu", *, ex: Execution | None = None,
+def plan(runs: list[RunSpec], fuse: Fuse | str = Fuse(), device: str = "cpu", *, ex: Execution | None = None,
          memory: int | None = None) -> list[list[RunSpec]]:
     """The groups to train, in the order of ``runs`` (each group where its first member was).
 
     auto groups on CUDA only: on the CPU a grouped convolution is no faster than K separate ones.
     With ``memory`` (bytes free for one trainer) and ``ex``, no group is larger than ``fit`` allows.
     """
-    size = parse_fuse(fuse)
+    size = Fuse.of(fuse).size
     if size is None:
         size = AUTO_GROUP if str(device).startswith("cuda") else 1
     groups: list[list[RunSpec]] = []

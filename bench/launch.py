@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import sweep as sw
-from bench.specs import AUTO_GROUP, parse_fuse
+from bench.specs import AUTO_GROUP, Fuse
 from bench.specs import Execution, RunSpec, SweepSpec
 
 
@@ -24,7 +24,7 @@ class Launch:
     executor: str = "local"  # local | slurm
     device: str = "auto"  # as asked; on Slurm resolved on the compute node
     overrides: dict = field(default_factory=dict)  # Execution fields asked for (None: the device's default)
-    fuse: str = "auto"  # bench.fuse.parse_fuse
+    fuse: Fuse = Fuse()  # auto
     world: int = 1  # processes per run (data-parallel above 1)
     nodes: int = 1  # Slurm: nodes a data-parallel run spans
     sync_bn: bool = False
@@ -35,15 +35,16 @@ class Launch:
 
     @classmethod
     def build(cls, *, executor: str = "local", device: str = "auto", overrides: dict | None = None,
-              fuse: str = "auto", gpus_per_run: int = 1, procs_per_run: int = 1, nodes: int = 1, sync_bn: bool = False,
+              fuse: Fuse | str = Fuse(), gpus_per_run: int = 1, procs_per_run: int = 1, nodes: int = 1, sync_bn: bool = False,
               batch_size: int, **rest) -> "Launch":
         """The launch the options ask for; ValueError naming what does not go together."""
         cuda = executor == "slurm" and gpus_per_run > 0 or executor == "local" and _local_cuda(device)
         world = world_size(executor, cuda, gpus_per_run, procs_per_run, nodes, sync_bn, batch_size)
-        if world > 1 and parse_fuse(fuse) not in (None, 1):
+        fuse = Fuse.of(fuse)
+        if world > 1 and fuse.size not in (None, 1):
             raise ValueError("a data-parallel run trains alone: --fuse K does not go with several processes per run")
         launch = cls(executor=executor, device=device, overrides=dict(overrides or {}),
-                     fuse="off" if world > 1 else fuse, world=world, nodes=nodes, sync_bn=sync_bn,
+                     fuse=Fuse(1) if world > 1 else fuse, world=world, nodes=nodes, sync_bn=sync_bn,
                      slurm=dict(rest.pop("slurm", {})) | dict(gpus_per_run=gpus_per_run), **rest)
         if executor == "local":
             launch.execution()  # resolved now: a device or execution that cannot be is said before anything runs
@@ -183,12 +184,12 @@ def dry_run(runs: list[RunSpec], launch: Launch) -> list[str]:
         f"  task {i}: {', '.join(r.run_id for r in group)}" for i, group in enumerate(groups)]
 
 
-def group_hint(groups, fuse: str, ex: Execution, runs_per_gpu: int) -> str | None:
+def group_hint(groups, fuse: Fuse | str, ex: Execution, runs_per_gpu: int) -> str | None:
     """What to do when --fuse auto on CUDA makes small groups because the grid has one seed: each depth's
     group is then its two twins, and a big GPU stays mostly idle."""
     sizes = [len(g) for g in groups]
     one_seed = len({s.seed for g in groups for s in g}) == 1
-    if (parse_fuse(fuse) is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
+    if (Fuse.of(fuse).size is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
             or max(sizes) >= AUTO_GROUP or not one_seed or runs_per_gpu > 1):
         return None
     return (f"note: with one seed a group holds only the twins of one depth ({max(sizes)} runs); larger groups keep "

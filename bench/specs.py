@@ -354,16 +354,31 @@ FUSE_HELP = ("auto: on CUDA, runs of one shape (depth, width, recipe; plain and 
 LESION_DRAWS = 10  # resbench diagnose: random sets of k deleted blocks per k (bench.analysis)
 
 
-def parse_fuse(value: str) -> int | None:
-    """``--fuse``: "auto" -> None, "off" -> 1, "K" -> K (>= 1); ValueError otherwise. The one parser of it."""
-    v = str(value).strip().lower()
-    if v == "auto":
-        return None
-    if v == "off":
-        return 1
-    if v.isdigit() and int(v) >= 1:
-        return int(v)
-    raise ValueError(f"--fuse must be auto, off or a group size >= 1, got {value!r}")
+@dataclass(frozen=True)
+class Fuse:
+    """``--fuse``, parsed once (``Fuse.of``): ``size`` None for auto (on CUDA as many runs of one shape as fit, up to
+    AUTO_GROUP; on the CPU each alone), 1 for off (each run alone), K for groups of up to K."""
+
+    size: int | None = None
+
+    @classmethod
+    def of(cls, value: "Fuse | str | int") -> "Fuse":
+        """"auto", "off" or "K" (K >= 1), as typed; a Fuse as it is. ValueError otherwise."""
+        if isinstance(value, Fuse):
+            return value
+        v = str(value).strip().lower()
+        if v == "auto":
+            return cls(None)
+        if v == "off":
+            return cls(1)
+        if v.isdigit() and int(v) >= 1:
+            return cls(int(v))
+        raise ValueError(f"--fuse must be auto, off or a group size >= 1, got {value!r}")
+
+    def __str__(self) -> str:
+        return "auto" if self.size is None else "off" if self.size == 1 else str(self.size)
+
+
 EXECUTIONS = ("eager", "compile", "cudagraph")  # Execution.execution: how bench.steps runs a training step
 PAD_INPUTS = (0, 4, 8)  # 0: off; else each member's input channels, zero-padded (bench.fuse, resnet.group)
 

@@ -204,6 +204,7 @@ def swept(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_diagnose_writes_its_parquet_and_the_report_draws_it(swept, tmp_path):
     import shutil
 
@@ -233,6 +234,7 @@ def test_diagnose_writes_its_parquet_and_the_report_draws_it(swept, tmp_path):
     assert bad.exit_code != 0 and "not a results folder" in bad.output
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_an_interrupted_diagnose_resumes_from_its_finished_runs_and_ends_as_one_that_ran_through(swept, tmp_path,
                                                                                                 monkeypatch):
     import shutil

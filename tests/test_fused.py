@@ -22,7 +22,7 @@ import torch
 
 import resnet
 from bench import checkpoints, claims, data, fuse, probes, records
-from bench.specs import Execution, RunSpec, recipe
+from bench.specs import Execution, Fuse, RunSpec, recipe
 from bench.train import run_group, run_one
 
 CPU = Execution.for_device("cpu", amp=False)
@@ -88,6 +88,7 @@ def test_each_member_starts_from_the_weights_its_seed_gives_alone(trained):
         assert all(torch.equal(state[k], alone[k]) for k in alone), s.run_id
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_a_group_of_four_trains_like_four_separate_runs(tmp_path, float64):
     specs = _specs()
     for s in specs:
@@ -185,6 +186,7 @@ def float64(monkeypatch):
     monkeypatch.setattr(data, "eval_batches", lambda *a, **k: (b.double() for b in batches(*a, **k)))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_members_resume_alone_or_in_a_group_and_continue_identically(tmp_path, interrupt, float64):
     specs = _specs(n_eval=64, batch=16)
     for s in specs:
@@ -258,14 +260,14 @@ def test_plan_groups_runs_of_one_shape():
 
 
 def test_fuse_option_values():
-    assert fuse.parse_fuse(" AUTO ") is None and fuse.parse_fuse("Off") == 1
-    assert fuse.parse_fuse("1") == 1 and fuse.parse_fuse("12") == 12
+    assert Fuse.of(" AUTO ").size is None and Fuse.of("Off").size == 1 and Fuse.of(Fuse(3)) == Fuse(3)
+    assert Fuse.of("1").size == 1 and Fuse.of("12").size == 12 and str(Fuse.of("12")) == "12"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", ""])
 def test_fuse_option_refuses_what_is_not_a_group_size(value):
     with pytest.raises(ValueError, match="auto, off or a group size"):
-        fuse.parse_fuse(value)
+        Fuse.of(value)
 
 
 def test_a_group_of_different_shapes_is_refused_before_anything_is_written(tmp_path):
@@ -387,7 +389,7 @@ def test_a_member_held_by_another_trainer_is_skipped_and_the_others_train(tmp_pa
 
 def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_record(tmp_path, tiny, monkeypatch):
     """A diverged member is written when it diverges; an exception later fails only the others."""
-    from bench import sweep, train
+    from bench import sources, sweep
 
     specs = [RunSpec(m, tiny, width=0.25, dataset="synthetic") for m in ("plain8", "resnet8")]
     real = data.group_batch
@@ -401,7 +403,7 @@ def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_recor
         raise RuntimeError("evaluation exploded")
 
     monkeypatch.setattr(data, "group_batch", poisoned)
-    monkeypatch.setattr(train, "evaluate", boom)
+    monkeypatch.setattr(sources, "evaluate", boom)
     lines = []
     sweep.run_local(specs, tmp_path, CPU, fuse="2", progress=False, log=lines.append)
     runs = records.load(tmp_path)[0].set_index("model")

@@ -56,6 +56,7 @@ def test_an_archive_of_the_tree_holds_the_same_images(tree, tmp_path):
         assert torch.equal(imf.decode(x.path), imf.decode(y.path))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 @pytest.mark.parametrize("mode", ["w", "w:gz"])
 def test_an_archive_read_by_workers_after_the_parent_read_it_gives_every_image(tree, tmp_path, mode):
     # the parent reads (and opens the archive) first; then two worker processes read the same archive: each must
@@ -75,6 +76,7 @@ def test_an_archive_read_by_workers_after_the_parent_read_it_gives_every_image(t
     assert torch.equal(got, torch.stack([imf.centre_crop(img) for img in want]))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_a_stalled_worker_ends_with_an_error_and_leaves_no_process_behind(monkeypatch):
     import multiprocessing
 
@@ -171,6 +173,7 @@ def test_batches_are_a_function_of_seed_and_step_and_split_over_processes(tree):
         imf.StreamLoader(t.train, mean, batch_size=6, seed=1, device=torch.device("cpu"), world=4)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 @pytest.mark.parametrize("workers", [0, 2])
 def test_decoding_on_the_device_gives_the_workers_batches_exactly_on_the_cpu(tree, tmp_path, workers):
     """decode_on="device": the workers only read, the device decodes and augments, with the same random
@@ -343,6 +346,7 @@ def test_a_tree_is_fingerprinted_by_its_file_names_and_sizes(tree, tmp_path):
     assert tree_fingerprint(imf.scan(copy)) != tree_fingerprint(imf.scan(tree))
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_the_decode_profile_times_the_pipeline_per_core_and_stays_out_of_the_grid(tree):
     from bench import profile as prof
 
@@ -447,6 +451,7 @@ def test_the_papers_colour_augmentation_is_a_recorded_option_of_imagenet_style_r
     assert "unknown key" not in res.output and "imagenet not found" in res.output or "no train/" in res.output
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_check_data_decodes_every_file_once_and_lists_the_bad_ones(tree, tmp_path):
     import shutil
 

@@ -262,17 +262,3 @@ def test_the_main_command_as_typed_writes_only_into_the_clone_and_the_users_cach
     assert (clone / "results" / "smoke" / "report" / "report.html").exists()
 
 
-def test_each_recipe_field_is_one_option_or_said_to_be_fixed_and_a_config_key():
-    """A Recipe field is declared once as an option (RECIPE_OPTIONS or an on/off flag), or named as one no option
-    sets; the sweep's help lists exactly those options, and a --config file takes each as a key."""
-    from dataclasses import fields
-
-    from bench import cli
-    from bench.specs import Recipe
-
-    options = [f for _, f, _, _ in cli.RECIPE_OPTIONS] + list(cli.RECIPE_FLAGS)
-    assert len(options) == len(set(options))  # each once
-    assert sorted(options + list(cli.RECIPE_FIXED)) == sorted(f.name for f in fields(Recipe))
-    params = {p.name for p in cli.sweep.params} & {p.name for p in cli.run.params}
-    assert set(options) <= params and not set(cli.RECIPE_FIXED) & params
-    assert cli.sweep.sections["Recipe (overrides the preset's)"] == options

@@ -137,6 +137,7 @@ def test_runs_of_these_settings_train_alone_and_record_them(tmp_path):
         assert saved["in_channels"] == (4 if settings.get("normalize") == "pln" else 3)
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_the_fixup_preset_follows_its_script_and_its_report_puts_each_net_beside_its_papers(tmp_path):
     from click.testing import CliRunner
 

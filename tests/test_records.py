@@ -129,6 +129,7 @@ def test_files_of_earlier_versions_are_read_into_the_current_schema(tmp_path):
     assert opens_everywhere(tmp_path)["runs"] == 2
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_a_packed_folder_reads_as_the_unpacked_one_and_packing_again_takes_what_came_since(mixed, tmp_path):
     folder = tmp_path / "f"
     shutil.copytree(mixed, folder)

@@ -144,6 +144,7 @@ def test_checkpoints_and_weights_load_without_pickled_code(tmp_path, tiny, inter
     assert RunSpec.from_dict(w["spec"]) == spec
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_an_unreadable_weights_file_costs_its_figure7_line_not_the_diagnosis_or_the_report(tmp_path, tiny, cifar_root):
     from bench.analysis import diagnose
 

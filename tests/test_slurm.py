@@ -59,6 +59,7 @@ def _sweep(out, *extra, timeout=300):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a real Slurm: out of the fast loop
 def test_slurm_sweep_lands_every_row(slurm, tmp_path):
     res = _sweep(tmp_path, "--seeds", "0,1", "--iterations", "8", "--fuse", "2")
     assert res.returncode == 0, res.stdout + res.stderr
@@ -78,6 +79,7 @@ def test_slurm_sweep_lands_every_row(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a real Slurm: out of the fast loop
 def test_scancel_then_resubmit_redoes_only_the_missing_run(slurm, tmp_path):
     args = ["--seeds", "0,1,2", "--iterations", "100", "--models", "plain"]
     first = _sweep(tmp_path, *args, "--no-wait")
@@ -109,6 +111,7 @@ def records_jobs(out):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a real Slurm: out of the fast loop
 def test_preempted_task_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path):
     """USR2 is how Slurm warns of preemption or the time limit: submitit checkpoints and requeues
     the task, which continues from the run's own checkpoint."""
@@ -155,6 +158,7 @@ def _sweep_local(out, *extra, threads=None):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a real Slurm: out of the fast loop
 def test_a_two_task_data_parallel_run_through_slurm(slurm, tmp_path):
     """One run, two Slurm tasks on CPU nodes (gloo), numbered by submitit's distributed environment."""
     res = _sweep(tmp_path, "--seeds", "0", "--models", "resnet", "--iterations", "8", "--procs-per-run", "2")
@@ -166,6 +170,7 @@ def test_a_two_task_data_parallel_run_through_slurm(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a real Slurm: out of the fast loop
 def test_a_tuned_sweep_submits_its_grid_then_the_chosen_lr_as_two_job_arrays(slurm, tmp_path):
     """The chosen runs are knowable only once the grid is recorded: one array per phase, the grid's runs fused
     in groups like any sweep's; with --no-wait the chosen runs are submitted by the next call."""

@@ -196,6 +196,7 @@ SWEEP = ["sweep", "--dataset", "synthetic", "--depths", "8", "--width", "0.25", 
          "2", "--train-size", "64", "--val-size", "64", "--test-size", "32", "--batch-size", "32"]
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_a_tuned_sweep_trains_the_grid_then_the_chosen_lr_and_resumes_without_retraining(tmp_path, monkeypatch):
     from bench import sweep as sw
 
@@ -241,6 +242,7 @@ def test_a_tuned_sweep_trains_the_grid_then_the_chosen_lr_and_resumes_without_re
     assert (tmp_path / "sweep.toml").read_text().count("lr_grid = [0.01, 0.05, 0.2]") == 1
 
 
+@pytest.mark.slow  # over ~5 s on 2 cores: out of the fast loop
 def test_the_report_of_a_tuned_sweep_shows_each_net_at_its_chosen_lr_and_the_grid_apart(tmp_path):
     from bench.report import build_report
 

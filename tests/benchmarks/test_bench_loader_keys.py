@@ -15,7 +15,7 @@ import torch
 
 from bench import imagefolder as imf
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # timings, never in the fast loop
 IMAGES, BATCHES, BATCH = 1_281_167, 10_000, 32
 
 

@@ -15,7 +15,7 @@ from bench import data
 from bench.specs import Execution
 from bench.steps import TrainStep, make_optimizer
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # timings, never in the fast loop
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BLOCK = {"cpu": 1, "cuda": 20}  # steps per timed call
 

@@ -16,7 +16,7 @@ import pytest
 
 from bench import imagefolder as imf
 
-pytestmark = pytest.mark.benchmark
+pytestmark = [pytest.mark.benchmark, pytest.mark.slow]  # timings, never in the fast loop
 FILES, CLASSES, SIZE, READS = 100_000, 100, 1024, 2_000
 
 
