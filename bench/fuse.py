@@ -78,7 +78,7 @@ def plan(runs: list[RunSpec], fuse: Fuse | str = Fuse(), device: str = "cpu", *,
 # image's worth). Measured on the CPU (2 cores, torch 2.14.1, glibc told to return freed memory so the
 # resident set follows the live tensors): a training step's peak above its start was 1.00 to 1.08
 # times that count for ResNet-8/20/56 and plain-20 at batch 128 to 512, fp32 and bf16
-# (tests/test_fused.py checks it). ACTIVATION_OVERHEAD adds room for what a GPU adds and the CPU
+# (tests/bench/test_fuse.py checks it). ACTIVATION_OVERHEAD adds room for what a GPU adds and the CPU
 # does not show (the caching allocator's rounding and fragmentation, cuDNN workspaces): a margin, not
 # a GPU measurement. RESERVE_BYTES stays free for the CUDA context's allocations, the training set
 # on the device (150 MB for CIFAR) and the evaluation sets.

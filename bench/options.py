@@ -1,7 +1,7 @@
 """The command line's options, each declared once: typed option groups, frozen dataclasses whose fields are
 Click options (``opt``), shown in ``--help`` under the group's heading and taken as keys by ``--config FILE.toml``
 (the option's name, dashes or underscores). A command is decorated with its groups (``with_groups``) and
-takes each back as a typed value (``Group.take``); tests/test_options.py checks that every Click option of
+takes each back as a typed value (``Group.take``); tests/bench/test_options.py checks that every Click option of
 sweep, run and profile is a field of one of its groups and a key its --config takes.
 
 No torch here: ``resbench --help`` reads this module (tests/test_layout.py).

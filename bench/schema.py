@@ -6,7 +6,7 @@ an error), so any parquet reader opens a results folder as it is: ``pandas.read_
 ``pyarrow.dataset``, DuckDB's ``read_parquet('DIR/runs/*.parquet')``, polars. Files written before the schema
 was declared (version 1: a column added mid-sweep, an ``error`` column typed null in one file and string in
 the next, ``lr_grid`` as text) are read into the current schema by ``upgrade``, so the readers need no guards.
-The README's "Reading the records" section is generated from the docs here (tests/test_records.py checks it).
+The README's "Reading the records" section is generated from the docs here (tests/bench/test_records.py checks it).
 
 Reads no torch: the reader side (report, status, tuning, verdicts) imports this module.
 """

@@ -217,7 +217,7 @@ def test_of_several_trainers_that_find_one_stale_claim_at_once_exactly_one_takes
     path = claims.path(tmp_path, "r")
     path.write_text(json.dumps(json.loads(path.read_text()) | dict(host="stalled-node")))
     go = tmp_path / "go"
-    env = os.environ | {"PYTHONPATH": str(records.Path(__file__).resolve().parent.parent)}
+    env = os.environ | {"PYTHONPATH": str(records.Path(__file__).resolve().parents[2])}
     procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path), str(go)], stdout=subprocess.PIPE,
                               text=True, env=env) for _ in range(6)]
     time.sleep(2.0)  # every contender is waiting
@@ -255,7 +255,7 @@ def test_two_sweeps_on_one_folder_train_each_run_exactly_once(tmp_path, flock):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_FLOCK)
-    root = str(records.Path(__file__).resolve().parent.parent)
+    root = str(records.Path(__file__).resolve().parents[2])
     env = os.environ | {"PYTHONPATH": f"{site}:{root}", "RESBENCH_TEST_FLOCK": flock}
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bench", "sweep", "--dataset", "synthetic", "--models", "plain,resnet", "--depths",

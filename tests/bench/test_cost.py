@@ -9,7 +9,7 @@ from bench import cost
 from bench.cli import main
 from bench.profile_tables import read_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 H200 = ROOT / "results" / "reference-profile-h200"
 
 

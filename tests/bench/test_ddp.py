@@ -16,7 +16,7 @@ from bench import checkpoints, records
 from bench.specs import Execution, RunSpec, recipe
 from bench.sources import evaluate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "synthetic", "--models", "resnet", "--depths", "8", "--width", "0.25", "--batch-size", "32",
         "--train-size", "256", "--val-size", "64", "--test-size", "200", "--device", "cpu"]
 
@@ -270,7 +270,7 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     """Four attempts at one 2-process run: a bad file rank 1 reads, rank 1 killed from outside, a bad file rank 0
     reads (the first fixed), all fixed. Each record names this attempt's rank and cause, never an earlier
     attempt's; status says a run is being retried, with the last attempt's error; every rank that raised
-    leaves its traceback. (status's "retrying" while a retry runs: tests/test_records.py.)"""
+    leaves its traceback. (status's "retrying" while a retry runs: tests/bench/test_records.py.)"""
     import io
 
     import numpy as np

@@ -14,7 +14,7 @@ from bench import records
 from bench.specs import RunSpec, recipe
 from bench.sweep import _eta, run_cost
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "synthetic", "--width", "0.25", "--batch-size", "16", "--train-size", "64", "--val-size", "32",
         "--test-size", "32"]
 

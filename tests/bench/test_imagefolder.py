@@ -250,7 +250,7 @@ def test_an_imagenet_style_sweep_trains_at_224_with_the_10_crop_test_and_reports
 
     from bench import records
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = os.environ | {"PYTHONPATH": str(root)}
     out = tmp_path / "out"
     args = [sys.executable, "-m", "bench", "sweep", "--preset", "imagenette", "--data-root", str(imagenette),

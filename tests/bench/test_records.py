@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from bench import records, schema
 from bench.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RESULTS = sorted(p for p in (ROOT / "results").glob("reference-*") if p.is_dir())
 
 

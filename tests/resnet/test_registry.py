@@ -13,7 +13,7 @@ import pytest
 
 from bench import records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PLUGIN = textwrap.dedent('''
     """A residual net whose classifier starts scaled: a family registered from outside resbench."""

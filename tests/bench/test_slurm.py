@@ -18,7 +18,7 @@ from bench.slurm import read_jobs
 from bench.specs import Execution, RunSpec, recipe
 from bench.sweep import run_parallel, worker_slots
 
-START = Path(__file__).parent / "slurm" / "start.sh"
+START = Path(__file__).resolve().parents[1] / "slurm" / "start.sh"
 TINY = ["--dataset", "synthetic", "--depths", "8", "--width", "0.25", "--batch-size", "32", "--train-size", "256",
         "--val-size", "64", "--test-size", "64", "--eval-every", "4", "--device", "cpu"]
 
