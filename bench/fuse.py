@@ -8,7 +8,7 @@ momentum and gradients are slices of the grouped tensors, so checkpoints, weight
 records stay one per run in the format a run trained alone writes. A group of one is the run's
 own network, untouched: the same trainer serves both.
 
-    plan(runs, fuse="auto", device="cuda")   # [[RunSpec, ...], ...]: the groups a sweep trains
+    plan(runs, Fuse(), device="cuda")   # [[RunSpec, ...], ...]: the groups a sweep trains
 
 A group must fit the device: ``member_bytes`` estimates what one member needs to train, ``fit``
 cuts a group into the largest pieces the free memory holds (the planner does it where it knows the
@@ -46,14 +46,14 @@ def group_key(spec: RunSpec) -> tuple | None:
     return (a.family, a.depth, spec.width, spec.shortcut.upper(), spec.dataset, spec.recipe)
 
 
-def plan(runs: list[RunSpec], fuse: Fuse | str = Fuse(), device: str = "cpu", *, ex: Execution | None = None,
+def plan(runs: list[RunSpec], fuse: Fuse = Fuse(), device: str = "cpu", *, ex: Execution | None = None,
          memory: int | None = None) -> list[list[RunSpec]]:
     """The groups to train, in the order of ``runs`` (each group where its first member was).
 
     auto groups on CUDA only: on the CPU a grouped convolution is no faster than K separate ones.
     With ``memory`` (bytes free for one trainer) and ``ex``, no group is larger than ``fit`` allows.
     """
-    size = Fuse.of(fuse).size
+    size = fuse.size
     if size is None:
         size = AUTO_GROUP if str(device).startswith("cuda") else 1
     groups: list[list[RunSpec]] = []

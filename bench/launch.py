@@ -35,12 +35,11 @@ class Launch:
 
     @classmethod
     def build(cls, *, executor: str = "local", device: str = "auto", overrides: dict | None = None,
-              fuse: Fuse | str = Fuse(), gpus_per_run: int = 1, procs_per_run: int = 1, nodes: int = 1, sync_bn: bool = False,
+              fuse: Fuse = Fuse(), gpus_per_run: int = 1, procs_per_run: int = 1, nodes: int = 1, sync_bn: bool = False,
               batch_size: int, **rest) -> "Launch":
         """The launch the options ask for; ValueError naming what does not go together."""
         cuda = executor == "slurm" and gpus_per_run > 0 or executor == "local" and _local_cuda(device)
         world = world_size(executor, cuda, gpus_per_run, procs_per_run, nodes, sync_bn, batch_size)
-        fuse = Fuse.of(fuse)
         if world > 1 and fuse.size not in (None, 1):
             raise ValueError("a data-parallel run trains alone: --fuse K does not go with several processes per run")
         launch = cls(executor=executor, device=device, overrides=dict(overrides or {}),
@@ -184,12 +183,12 @@ def dry_run(runs: list[RunSpec], launch: Launch) -> list[str]:
         f"  task {i}: {', '.join(r.run_id for r in group)}" for i, group in enumerate(groups)]
 
 
-def group_hint(groups, fuse: Fuse | str, ex: Execution, runs_per_gpu: int) -> str | None:
+def group_hint(groups, fuse: Fuse, ex: Execution, runs_per_gpu: int) -> str | None:
     """What to do when --fuse auto on CUDA makes small groups because the grid has one seed: each depth's
     group is then its two twins, and a big GPU stays mostly idle."""
     sizes = [len(g) for g in groups]
     one_seed = len({s.seed for g in groups for s in g}) == 1
-    if (Fuse.of(fuse).size is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
+    if (fuse.size is not None or not ex.device.startswith("cuda") or not sizes or max(sizes) < 2
             or max(sizes) >= AUTO_GROUP or not one_seed or runs_per_gpu > 1):
         return None
     return (f"note: with one seed a group holds only the twins of one depth ({max(sizes)} runs); larger groups keep "

@@ -113,7 +113,7 @@ MEM_GB_WORKER = 2  # a decoding worker: its copy of the modules, prefetched batc
 
 def array_plan(runs: list[RunSpec], *, device: str = "auto", partition: str | None = None, gpus_per_run: int = 0,
                time_min: int = 60, max_parallel: int = 16, cpus_per_task: int | None = None,
-               mem_gb: int | None = None, extra: dict | None = None, fuse: Fuse | str = Fuse(1), world: int = 1,
+               mem_gb: int | None = None, extra: dict | None = None, fuse: Fuse = Fuse(1), world: int = 1,
                nodes: int = 1) -> tuple[dict, list[list[RunSpec]]]:
     """(the array's submitit parameters, its groups: one array task each) for ``runs``; nothing is submitted."""
     from bench.fuse import plan

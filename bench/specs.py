@@ -356,8 +356,9 @@ LESION_DRAWS = 10  # resbench diagnose: random sets of k deleted blocks per k (b
 
 @dataclass(frozen=True)
 class Fuse:
-    """``--fuse``, parsed once (``Fuse.of``): ``size`` None for auto (on CUDA as many runs of one shape as fit, up to
-    AUTO_GROUP; on the CPU each alone), 1 for off (each run alone), K for groups of up to K."""
+    """``--fuse``, parsed once on the command line (``Fuse.of``; the code passes this type on): ``size`` None for
+    auto (on CUDA as many runs of one shape as fit, up to AUTO_GROUP; on the CPU each alone), 1 for off (each run
+    alone), K for groups of up to K."""
 
     size: int | None = None
 

@@ -8,7 +8,7 @@ Executors:
   slurm             one array task per group, see bench.slurm
 
 A group is what ``fuse`` asks for (bench.fuse.plan): runs of one shape trained as one grouped
-network, or each run alone (``fuse="off"``, a group of one).
+network, or each run alone (``Fuse(1)``, off: a group of one).
 """
 from __future__ import annotations
 
@@ -123,11 +123,11 @@ def read_sweep_toml(out: Path) -> SweepSpec | None:
     return SweepSpec.from_toml(path.read_text()) if path.exists() else None
 
 
-def plan_groups(runs: list[RunSpec], fuse: Fuse | str, ex: Execution, *, in_process: bool = True) -> list[list[RunSpec]]:
+def plan_groups(runs: list[RunSpec], fuse: Fuse, ex: Execution, *, in_process: bool = True) -> list[list[RunSpec]]:
     """The groups to train (bench.fuse.plan). Trained in this process, none larger than the device's free
     memory holds; a worker process is not asked here (that would start CUDA in this one): it fits its
     group to its own device when it starts (bench.train.run_group)."""
-    memory = fusing.free_memory(ex.device) if in_process and Fuse.of(fuse).size != 1 else None
+    memory = fusing.free_memory(ex.device) if in_process and fuse.size != 1 else None
     return fusing.plan(runs, fuse, ex.device, ex=ex, memory=memory)
 
 
@@ -142,7 +142,7 @@ def describe_groups(groups: list[list[RunSpec]]) -> str:
     return " and ".join(parts) + (f", {alone} alone" if alone else "")
 
 
-def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: Fuse | str = Fuse(1), data_root=None, download=False,
+def run_local(runs: list[RunSpec], out: Path, ex: Execution, *, fuse: Fuse = Fuse(1), data_root=None, download=False,
               progress=True, log=print, groups: list[list[RunSpec]] | None = None) -> None:
     """One group after another in this process (``groups``: plan_groups(runs, fuse, ex) unless given)."""
     n, i, t0 = len(runs), 0, time.perf_counter()
@@ -224,7 +224,7 @@ def worker_slots(device: str, jobs: int | None, runs_per_gpu: int, visible: list
     return [{"OMP_NUM_THREADS": str(threads)} for _ in range(n)]
 
 
-def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, fuse: Fuse | str = Fuse(1),
+def run_parallel(runs: list[RunSpec], out: Path, ex: Execution, slots: list[dict], *, fuse: Fuse = Fuse(1),
                  data_root=None, download=False, log=print, poll_s: float = 0.2) -> None:
     """The groups over len(slots) worker processes (`python -m bench serve`), one group at a time each.
 

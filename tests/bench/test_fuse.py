@@ -246,17 +246,17 @@ def test_plan_groups_runs_of_one_shape():
         return [[f"{s.model}/{s.seed}" for s in g] for g in groups]
 
     assert names(fuse.plan(runs)) == [[f"{s.model}/{s.seed}"] for s in runs]  # auto, on the CPU: alone
-    assert names(fuse.plan(runs, "auto", "cpu")) == [[f"{s.model}/{s.seed}"] for s in runs]
-    assert names(fuse.plan(runs, "off", "cuda")) == [[f"{s.model}/{s.seed}"] for s in runs]
-    auto = names(fuse.plan(runs, "auto", "cuda"))
+    assert names(fuse.plan(runs, Fuse(), "cpu")) == [[f"{s.model}/{s.seed}"] for s in runs]
+    assert names(fuse.plan(runs, Fuse(1), "cuda")) == [[f"{s.model}/{s.seed}"] for s in runs]
+    auto = names(fuse.plan(runs, Fuse(), "cuda"))
     assert auto[:2] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1", "plain20/2", "resnet20/2"],
                         ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1", "plain32/2", "resnet32/2"]]
     assert auto[2:] == [["resnet110/0"], ["preresnet20/0"], ["resnet20/0"], ["resnet20/1"], ["resnet18/0"]]  # alone
-    four = names(fuse.plan(runs, "4", "cpu"))
+    four = names(fuse.plan(runs, Fuse(4), "cpu"))
     assert four[:4] == [["plain20/0", "resnet20/0", "plain20/1", "resnet20/1"],
                         ["plain32/0", "resnet32/0", "plain32/1", "resnet32/1"],
                         ["plain20/2", "resnet20/2"], ["plain32/2", "resnet32/2"]]
-    assert sorted(sum(four, [])) == sorted(sum(names(fuse.plan(runs, "off")), []))  # every run, once
+    assert sorted(sum(four, [])) == sorted(sum(names(fuse.plan(runs, Fuse(1))), []))  # every run, once
 
 
 def test_fuse_option_values():
@@ -405,7 +405,7 @@ def test_a_group_that_raises_records_its_members_and_keeps_a_diverged_ones_recor
     monkeypatch.setattr(data, "group_batch", poisoned)
     monkeypatch.setattr(sources, "evaluate", boom)
     lines = []
-    sweep.run_local(specs, tmp_path, CPU, fuse="2", progress=False, log=lines.append)
+    sweep.run_local(specs, tmp_path, CPU, fuse=Fuse(2), progress=False, log=lines.append)
     runs = records.load(tmp_path)[0].set_index("model")
     assert runs.loc["plain8", "status"] == "diverged" and runs.loc["plain8", "group_size"] == 2
     assert runs.loc["resnet8", "status"] == "failed" and "evaluation exploded" in runs.loc["resnet8", "error"]
@@ -485,8 +485,8 @@ def test_the_planner_makes_groups_the_memory_holds():
     memory = fuse.RESERVE_BYTES + 3.5 * member
     assert fuse.max_members(runs[0], ex, memory) == 3
     assert fuse.max_members(runs[0], ex, fuse.RESERVE_BYTES) == 1  # too little: alone, and let it fail as it would
-    sizes = [len(g) for g in fuse.plan(runs, "auto", "cuda", ex=ex, memory=memory)]
-    assert sizes == [3, 3, 2] and [len(g) for g in fuse.plan(runs, "auto", "cuda")] == [8]
+    sizes = [len(g) for g in fuse.plan(runs, Fuse(), "cuda", ex=ex, memory=memory)]
+    assert sizes == [3, 3, 2] and [len(g) for g in fuse.plan(runs, Fuse(), "cuda")] == [8]
     assert [len(g) for g in fuse.fit(runs, ex, memory)] == [3, 3, 2]
     assert [len(g) for g in fuse.fit(runs[:7], ex, fuse.RESERVE_BYTES + 6.5 * member)] == [4, 3]  # even pieces
     assert fuse.fit(runs, ex, None) == [runs]
@@ -538,13 +538,13 @@ def test_the_sweep_says_its_group_sizes_and_how_to_get_larger_ones():
                                  + [[RunSpec("resnet110", r)]]) == "3 groups of 10 and 1 of 2, 1 alone"
     assert sweep.describe_groups([[RunSpec("resnet20", r)]]) == ""
     cuda = Execution(device="cuda")
-    hint = _group_hint(one, "auto", cuda, runs_per_gpu=1)
+    hint = _group_hint(one, Fuse(), cuda, runs_per_gpu=1)
     assert hint.startswith("note: with one seed a group holds only the twins of one depth (2 runs)")
     assert "--seeds 0,1,2,3,4" in hint and "--runs-per-gpu" in hint
-    assert _group_hint(one, "auto", Execution(device="cpu"), 1) is None  # the CPU trains each alone anyway
-    assert _group_hint(one, "2", cuda, 1) is None and _group_hint(one, "auto", cuda, 4) is None  # as asked
+    assert _group_hint(one, Fuse(), Execution(device="cpu"), 1) is None  # the CPU trains each alone anyway
+    assert _group_hint(one, Fuse(2), cuda, 1) is None and _group_hint(one, Fuse(), cuda, 4) is None  # as asked
     five = [[RunSpec(m, r, seed=s) for s in range(5) for m in ("plain20", "resnet20")]]
-    assert _group_hint(five, "auto", cuda, 1) is None
+    assert _group_hint(five, Fuse(), cuda, 1) is None
 
 
 def test_layer_rows_are_each_members_norms_read_in_one_transfer(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 from bench import records
 from bench.slurm import read_jobs
-from bench.specs import Execution, RunSpec, recipe
+from bench.specs import Execution, Fuse, RunSpec, recipe
 from bench.sweep import run_parallel, worker_slots
 
 START = Path(__file__).resolve().parents[1] / "slurm" / "start.sh"
@@ -35,7 +35,7 @@ def test_parallel_workers_get_their_device(tmp_path):
     runs = [RunSpec("plain8", r, seed=s, width=0.25, dataset="synthetic") for s in range(6)]
     slots = [{"CUDA_VISIBLE_DEVICES": g} for g in ("0", "1")]  # a fake two-GPU list; the runs use the CPU
     lines = []
-    run_parallel(runs, tmp_path, Execution.for_device("cpu"), slots, fuse="2", log=lines.append)
+    run_parallel(runs, tmp_path, Execution.for_device("cpu"), slots, fuse=Fuse(2), log=lines.append)
     got = records.load(tmp_path)[0]
     assert len(got) == 6 and (got["status"] == "ok").all() and len(lines) == 6
     assert set(got["cuda_visible_devices"]) == {"0", "1"}
