@@ -720,7 +720,8 @@ SECTIONS = [("Verdicts: every comparison, with its interval", "verdicts",
              "test error; a choice at an edge widened the grid by factors of 2 (at most twice a side); 'edge': "
              "still at the grid's smallest or largest lr, so a wider grid might find a better one. Train / test "
              "error of the chosen lr on the seeds that took no part in the choice (the grid seeds' runs are "
-             "left out: their lr was picked for doing well on them), mean ± sd over the runs that trained."),
+             "left out: their lr was picked for doing well on them), mean [95 % t-interval] over the runs that "
+             "trained."),
             ("Comparison with He et al. 2015, Table 6", "comparison",
              f"Final test error. Source of the published numbers: {published.CITATION}. "
              "Plain nets are published only as curves (Fig. 6). Numbers from another recipe, width or data "
