@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -186,12 +186,11 @@ class Group:
     @classmethod
     def decorate(cls, fn):
         for f in reversed(fields(cls)):
-            meta = f.metadata
-            default = None if f.default is MISSING else f.default
+            meta = f.metadata  # every field is an ``opt``: it has a default
             if meta["old"]:
-                fn = renamed(*meta["decls"], meta["old"], f.name, default=default, **meta["click"])(fn)
+                fn = renamed(*meta["decls"], meta["old"], f.name, default=f.default, **meta["click"])(fn)
             else:
-                fn = click.option(*meta["decls"], f.name, default=default, **meta["click"])(fn)
+                fn = click.option(*meta["decls"], f.name, default=f.default, **meta["click"])(fn)
         return fn
 
     @classmethod
@@ -201,8 +200,7 @@ class Group:
 
 
 def with_groups(*groups: type[Group]):
-    """Decorate a command with each group's options, in order; its ``sections`` (Sectioned's help headings) follow
-    the groups (groups of one heading share it)."""
+    """Decorate a command with each group's options, in order (``sections`` gives its help headings)."""
 
     def decorate(fn):
         for g in reversed(groups):
@@ -257,9 +255,8 @@ def config_keys(command: click.Command) -> dict[str, str]:
 
 # -- the groups --------------------------------------------------------------------------------------------
 
-def _preset(**kw):
-    return opt("--preset", type=click.Choice(presets()), default="smoke", help="Recipe and grid defaults (see README).",
-               **kw)
+def _preset():
+    return opt("--preset", type=click.Choice(presets()), default="smoke", help="Recipe and grid defaults (see README).")
 
 
 def _width():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -176,4 +175,4 @@ def load(specs: list[RunSpec], ex: Execution, device: torch.device, data_root, d
     return Held(data.load(specs[0].dataset, data_root, download), r, device)
 
 
-Source = Union[Held, Streamed]  # loaders(), batch(), evaluate(), final(), and the set's description
+Source = Held | Streamed  # loaders(), batch(), evaluate(), final(), and the set's description

@@ -250,22 +250,6 @@ def test_each_process_of_a_data_parallel_run_gets_its_share_of_the_batch():
 
 
 @pytest.mark.slow  # subprocesses: left out of mutation runs
-def _rank_pid(out: Path, rank: int) -> int | None:
-    """The pid of rank ``rank``'s worker process training into ``out`` (from /proc), or None."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"worker" in cmd and str(out).encode() in cmd and f"RANK={rank}".encode() in env:
-            return int(proc.name)
-    return None
-
-
-@pytest.mark.slow  # subprocesses: left out of mutation runs
 def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     """Four attempts at one 2-process run: a bad file rank 1 reads, rank 1 killed from outside, a bad file rank 0
     reads (the first fixed), all fixed. Each record names this attempt's rank and cause, never an earlier
@@ -324,7 +308,7 @@ def test_each_attempt_of_a_data_parallel_run_records_its_own_failure(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not list((out / "ckpt").glob("*.pt")):
         time.sleep(0.05)
-    pid = _rank_pid(out, 1)
+    pid = _rank_process(1, out)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=300)
